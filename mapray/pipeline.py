@@ -1,0 +1,199 @@
+"""The one place that knows the order: read -> normalize -> rewards -> policy -> reference -> row metrics ->
+staged rows; then the global pass: pool moments -> map_z -> selection -> scored/, selected/, rejects/ ->
+manifest.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+
+from mapray import columns as C
+from mapray import selection as S
+from mapray.config import ConfigError, ModelConfig, RayConfig, RunConfig, SelectionConfig, _models, to_dict
+from mapray.formats import RejectRow, detect_format
+from mapray.inputs import InputFiles, discover, read_dataset, sample_records
+from mapray.manifest import build_manifest, identify_models
+from mapray.models import check_model_path
+from mapray.normalize import Normalizer, NormalizeSpec, infer_passthrough_schema
+from mapray.outputs import OutputLayout, read_manifest, reject_rows, scored_rows
+from mapray.stages import LogprobStage, RewardStage, add_row_metrics
+
+log = logging.getLogger(__name__)
+
+# Reading, normalizing and the per-row metrics are light, I/O-bound tasks: asking a whole CPU each would leave
+# them waiting behind the model actors on small machines (Ray Data budgets CPUs across operators).
+LIGHT_TASK_CPUS = 0.25
+
+
+@dataclass
+class Plan:
+    """Everything checked and decided before Ray starts or a model loads."""
+
+    cfg: RunConfig
+    files: InputFiles
+    spec: NormalizeSpec
+    layout: OutputLayout
+    warnings: list[str]
+
+
+def plan(cfg: RunConfig) -> Plan:
+    for key, model in _models(cfg):
+        check_model_path(model.path, f"{key}.path")
+    files = discover(cfg.input)
+    layout = OutputLayout(cfg.output)
+    layout.check_writable()
+    sample = sample_records(files, cfg.input.schema_sample_rows)
+    fmt = cfg.input.format
+    if fmt == "auto":
+        if not sample:
+            raise ConfigError(f"input.format: no parseable row in {files.uris[0]} to detect the format from")
+        try:
+            fmt = detect_format(sample[0], cfg.input.columns)
+        except RejectRow as e:
+            raise ConfigError(f"input.format: {e}") from None
+        log.info("input format detected: %s", fmt)
+    passthrough = infer_passthrough_schema(sample) if files.file_format == "jsonl" else None
+    spec = NormalizeSpec(fmt, cfg.input.columns, cfg.reward.source == "columns", passthrough)
+    warnings = []
+    if cfg.metric.implicit == "dpo" and cfg.reference is not None and cfg.reference.path == cfg.policy.path:
+        warnings.append("reference.path equals policy.path: the DPO implicit margin is identically 0, "
+                        "so MAP ranks by the explicit margin alone")
+    for w in warnings:
+        log.warning(w)
+    return Plan(cfg, files, spec, layout, warnings)
+
+
+def init_ray(cfg: RayConfig, models: list[ModelConfig]) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    env_vars = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **cfg.env_vars}
+    kwargs = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+        return
+    num_cpus = cfg.num_cpus or os.cpu_count() or 1
+    needed = sum(m.actors * m.cpus_per_actor for m in models)
+    # Actor pools hold their CPUs for the whole run; the read and normalize tasks need some left over, or the
+    # pipeline waits forever (seen with two 1-CPU actors on a 2-CPU machine).
+    if needed > num_cpus - 2 * LIGHT_TASK_CPUS:
+        raise ConfigError(f"the model stages' actors need {needed:g} CPUs but the local Ray has {num_cpus}; "
+                          "lower actors or cpus_per_actor (fractions are fine)")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+def _map_stage(ds, stage_cls, model: ModelConfig, **kwargs):
+    import ray.data
+
+    return ds.map_batches(
+        stage_cls, fn_constructor_kwargs={"cfg": model, **kwargs}, batch_format="pyarrow",
+        batch_size=model.batch_size, compute=ray.data.ActorPoolStrategy(size=model.actors),
+        num_cpus=model.cpus_per_actor, num_gpus=model.gpus_per_actor,
+    )
+
+
+def score_rows(p: Plan):
+    """The streaming part: every input row, scored or carrying its reject reason."""
+    cfg = p.cfg
+    ds = read_dataset(p.files, cfg.input.limit, num_cpus=LIGHT_TASK_CPUS)
+    ds = ds.map_batches(Normalizer(p.spec), batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
+    if cfg.reward.source == "model":
+        ds = _map_stage(ds, RewardStage, cfg.reward.model)
+    ds = _map_stage(ds, LogprobStage, cfg.policy, role="policy")
+    if cfg.metric.needs_reference_model:
+        ds = _map_stage(ds, LogprobStage, cfg.reference, role="reference")
+    return ds.map_batches(add_row_metrics, fn_kwargs={"metric": cfg.metric,
+                                                      "rewards_from_columns": cfg.reward.source == "columns"},
+                          batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
+
+
+def score(cfg: RunConfig) -> dict:
+    """Runs a full scoring job and returns its manifest."""
+    started = time.time()
+    p = plan(cfg)
+    init_ray(cfg.ray, [m for _, m in _models(cfg)])
+    import ray.data
+
+    models = identify_models(cfg)
+    rows_uri = p.layout.staged("rows")
+    score_rows(p).write_parquet(rows_uri)
+    scored_at = time.time()
+    counts, moments = finish(ray.data.read_parquet(rows_uri), p.layout, cfg.metric.alpha, cfg.selection)
+    manifest = build_manifest(cfg, models, counts, moments, p.warnings,
+                              {"scoring_s": scored_at - started, "global_pass_s": time.time() - scored_at,
+                               "total_s": time.time() - started}, p.layout.run_id)
+    p.layout.remove(rows_uri)
+    p.layout.publish(manifest)
+    return manifest
+
+
+def finish(rows, layout: OutputLayout, alpha: float, sel: SelectionConfig) -> tuple[dict, dict]:
+    """The global pass over staged rows: writes scored/, selected/ and rejects/ into the staging folder."""
+    good = rows.map_batches(S.only_good, batch_format="pyarrow")
+    pool = S.pool_moments(good)
+    cut = S.find_cutoff(good, pool, alpha, sel)
+    scored = good.map_batches(partial(S.mark_selected, selection=cut, alpha=alpha, sel=sel),
+                              batch_format="pyarrow").map_batches(scored_rows, batch_format="pyarrow")
+    for name in ("scored", "selected", "rejects"):
+        layout.ensure(layout.staged(name))
+    scored.write_parquet(layout.staged("scored"))
+    import ray.data
+
+    written = ray.data.read_parquet(layout.staged("scored")) if pool.explicit.count else None
+    if written is not None:
+        written.map_batches(S.only_selected, batch_format="pyarrow").write_parquet(layout.staged("selected"))
+    rejects = rows.map_batches(S.only_rejected, batch_format="pyarrow").map_batches(
+        reject_rows, batch_format="pyarrow").materialize()
+    n_rejected = rejects.count()
+    if n_rejected:
+        rejects.write_parquet(layout.staged("rejects"))
+    counts = {"input": pool.explicit.count + n_rejected, "scored": pool.explicit.count,
+              "rejected": n_rejected, "selected": cut.count,
+              "rejected_by_reason": _reason_counts(rejects) if n_rejected else {}}
+    moments = {"explicit_margin": pool.explicit.to_dict(), "abs_implicit_margin": pool.implicit_abs.to_dict()}
+    return counts, moments
+
+
+def _reason_counts(rejects) -> dict:
+    out: dict[str, int] = {}
+    for row in rejects.groupby("reason").count().take_all():
+        out[row["reason"]] = row["count()"]
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def reselect(uri: str, sel: SelectionConfig, alpha: float | None = None) -> dict:
+    """Selects again from an existing scored/ with another metric, ratio or alpha; no model runs."""
+    previous = read_manifest(uri)
+    alpha = previous["config"]["metric"]["alpha"] if alpha is None else alpha
+    init_ray(RayConfig(), [])
+    import ray.data
+
+    layout = OutputLayout(uri)
+    started = time.time()
+    rows = ray.data.read_parquet(layout.final("scored")).map_batches(_as_good_rows, batch_format="pyarrow")
+    counts, moments = finish(rows.materialize(), layout, alpha, sel)
+    counts.update(input=previous["counts"]["input"], rejected=previous["counts"]["rejected"],
+                  rejected_by_reason=previous["counts"].get("rejected_by_reason", {}))
+    config = dict(previous["config"], selection=to_dict(sel))
+    config["metric"] = dict(config["metric"], alpha=alpha)
+    manifest = dict(previous, config=config, counts=counts, pool_moments=moments, run_id=layout.run_id,
+                    reselected_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    timings=dict(previous.get("timings", {}), reselect_s=time.time() - started))
+    layout.remove(layout.staged("rejects"))  # empty here: the published rejects/ stays as it was
+    layout.publish(manifest)
+    return manifest
+
+
+def _as_good_rows(table):
+    """scored/ rows back into the shape of staged rows (no reject reason), recomputing map_z/selected."""
+    table = table.drop_columns([c for c in ("map_z", "selected") if c in table.column_names])
+    for name in (C.REJECT, C.REJECT_STAGE, C.RAW, C.SOURCE):
+        table = C.set_column(table, name, [None] * table.num_rows, C.INTERNAL_TYPES[name])
+    return table
+

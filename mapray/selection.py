@@ -1,0 +1,95 @@
+"""The global pass: pool moments, map_z and the selection over the whole scored pool, not per block.
+
+z-scoring is affine, so the pool needs only count / mean / M2 of m_ex and |m_im| from every block (merged
+exactly). The k-th best row is found with Ray's distributed sort; a row is selected when its score beats that
+row's (score, pair_id), so ties at the boundary are broken by pair_id and exactly k rows are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import pyarrow as pa
+
+from mapray import columns as C
+from mapray import metrics
+from mapray.config import SelectionConfig
+
+SCORE = "_m_selection_score"
+
+
+@dataclass(frozen=True)
+class Selection:
+    pool: metrics.PoolMoments
+    count: int  # k
+    cutoff: tuple[float, str] | None  # (score, pair_id) of the k-th row; None selects nothing
+
+
+def only_good(table: pa.Table) -> pa.Table:
+    return table.filter(pa.compute.is_null(table.column(C.REJECT)))
+
+
+def only_rejected(table: pa.Table) -> pa.Table:
+    return table.filter(pa.compute.is_valid(table.column(C.REJECT)))
+
+
+def only_selected(table: pa.Table) -> pa.Table:
+    return table.filter(table.column("selected"))
+
+
+def _block_moments(table: pa.Table) -> pa.Table:
+    m = metrics.PoolMoments.of(_numpy(table, "explicit_margin"), _numpy(table, "implicit_margin"))
+    return pa.table({"n": [m.explicit.count], "ex_mean": [m.explicit.mean], "ex_m2": [m.explicit.m2],
+                     "im_mean": [m.implicit_abs.mean], "im_m2": [m.implicit_abs.m2]})
+
+
+def pool_moments(good) -> metrics.PoolMoments:
+    pool = metrics.PoolMoments(metrics.Moments(), metrics.Moments())
+    for row in good.map_batches(_block_moments, batch_format="pyarrow").take_all():
+        n = int(row["n"])
+        pool = pool.merge(metrics.PoolMoments(metrics.Moments(n, row["ex_mean"], row["ex_m2"]),
+                                              metrics.Moments(n, row["im_mean"], row["im_m2"])))
+    return pool
+
+
+def add_scores(table: pa.Table, pool: metrics.PoolMoments, alpha: float, sel: SelectionConfig) -> pa.Table:
+    """Adds map_z and the selection score (internal column) to a block of good rows."""
+    m_z = metrics.map_z(_numpy(table, "explicit_margin"), _numpy(table, "implicit_margin"), alpha, pool)
+    table = C.set_column(table, "map_z", m_z, pa.float64())
+    cols = {name: _numpy(table, name) for name in ("map_z", "map", "map_unreg", "explicit_margin",
+                                                    "implicit_margin")}
+    cols[C.PAIR_ID] = table.column(C.PAIR_ID).to_pylist()
+    return C.set_column(table, SCORE, metrics.selection_score(sel.metric, cols, sel.seed), pa.float64())
+
+
+def find_cutoff(good, pool: metrics.PoolMoments, alpha: float, sel: SelectionConfig) -> Selection:
+    k = metrics.selection_count(pool.explicit.count, sel.ratio, sel.top_k)
+    if k == 0:
+        return Selection(pool, 0, None)
+    ranked = (good.map_batches(partial(add_scores, pool=pool, alpha=alpha, sel=sel), batch_format="pyarrow")
+              .select_columns([SCORE, C.PAIR_ID])
+              .sort([SCORE, C.PAIR_ID], descending=[True, False])
+              .limit(k))
+    last = None
+    for batch in ranked.iter_batches(batch_format="pyarrow", batch_size=65536):
+        last = batch.slice(batch.num_rows - 1).to_pylist()[0] if batch.num_rows else last
+    return Selection(pool, k, (last[SCORE], last[C.PAIR_ID]))
+
+
+def mark_selected(table: pa.Table, selection: Selection, alpha: float, sel: SelectionConfig) -> pa.Table:
+    table = add_scores(table, selection.pool, alpha, sel)
+    if selection.cutoff is None:
+        chosen = np.zeros(table.num_rows, dtype=bool)
+    else:
+        score, pid = selection.cutoff
+        values = _numpy(table, SCORE)
+        ids = np.array(table.column(C.PAIR_ID).to_pylist(), dtype=object)
+        chosen = (values > score) | ((values == score) & (ids <= pid))
+    table = C.set_column(table, "selected", chosen, pa.bool_())
+    return table.drop_columns([SCORE])
+
+
+def _numpy(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)

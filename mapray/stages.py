@@ -1,0 +1,181 @@
+"""Ray Data stages: callable classes mapped over actor pools, each loading its model once per actor.
+
+Every stage takes and returns pyarrow batches, adds its columns to the same rows (no joins), leaves rows that
+an earlier step rejected untouched (nulls in its columns), and rejects a row it cannot score by setting
+`_m_reject` with the reason, never by raising.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pyarrow as pa
+
+from mapray import columns as C
+from mapray import metrics
+from mapray.config import MetricConfig, ModelConfig
+from mapray.formats import RejectRow, pick_pair
+
+log = logging.getLogger(__name__)
+
+
+def _load_encoder(cfg: ModelConfig):
+    """Resolves the model's files on this node and builds its tokenizer + chat-template encoder."""
+    from transformers import AutoTokenizer
+
+    from mapray.models import resolve_model_path
+    from mapray.templates import ChatEncoder
+
+    if cfg.device != "cuda":
+        import torch
+
+        torch.set_num_threads(max(1, math.ceil(cfg.cpus_per_actor)))
+    local = resolve_model_path(cfg.path)
+    tokenizer = AutoTokenizer.from_pretrained(local)
+    return ChatEncoder(tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.chat_template), local
+
+
+def _reject(table: pa.Table, reasons: dict[int, str], stage: str) -> pa.Table:
+    if not reasons:
+        return table
+    reject = table.column(C.REJECT).to_pylist()
+    where = table.column(C.REJECT_STAGE).to_pylist()
+    for i, reason in reasons.items():
+        reject[i], where[i] = reason, stage
+    table = C.set_column(table, C.REJECT, reject, pa.string())
+    return C.set_column(table, C.REJECT_STAGE, where, pa.string())
+
+
+class LogprobStage:
+    """Policy or reference log-probs of the chosen and rejected responses.
+
+    In: `_m_prompt`, `_m_chosen`, `_m_rejected`, `_m_reject`.
+    Out (policy): `chosen_logps`, `rejected_logps`, `chosen_tokens`, `rejected_tokens`, `chosen_truncated`,
+    `rejected_truncated`. Out (reference): `ref_chosen_logps`, `ref_rejected_logps`.
+    """
+
+    INPUTS = [C.PROMPT, C.CHOSEN, C.REJECTED, C.REJECT]
+
+    def __init__(self, cfg: ModelConfig, role: str = "policy"):
+        from mapray.scoring import load_logprob_engine
+
+        self.role = role
+        self.prefix = "ref_" if role == "reference" else ""
+        self.encoder, local = _load_encoder(cfg)
+        self.engine = load_logprob_engine(cfg, local)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        C.require(table, self.INPUTS, f"{self.role} log-probs")
+        prompts, chosen, rejected = (table.column(c).to_pylist() for c in (C.PROMPT, C.CHOSEN, C.REJECTED))
+        rows, encoded, reasons = [], [], {}
+        for i in C.good_rows(table):
+            try:
+                pair = self.encoder.encode_pair(json.loads(prompts[i]), chosen[i], rejected[i])
+            except RejectRow as e:
+                reasons[i] = str(e)
+                continue
+            rows.append(i)
+            encoded.append(pair)
+        sums = self.engine.logprobs([seq for pair in encoded for seq in pair.sequences()])
+        n = table.num_rows
+        out = {f"{self.prefix}chosen_logps": [None] * n, f"{self.prefix}rejected_logps": [None] * n}
+        if not self.prefix:
+            out.update(chosen_tokens=[None] * n, rejected_tokens=[None] * n,
+                       chosen_truncated=[None] * n, rejected_truncated=[None] * n)
+        for k, (i, pair) in enumerate(zip(rows, encoded)):
+            out[f"{self.prefix}chosen_logps"][i] = sums[2 * k]
+            out[f"{self.prefix}rejected_logps"][i] = sums[2 * k + 1]
+            if not self.prefix:
+                out["chosen_tokens"][i], out["rejected_tokens"][i] = len(pair.chosen), len(pair.rejected)
+                out["chosen_truncated"][i] = pair.chosen_truncated
+                out["rejected_truncated"][i] = pair.rejected_truncated
+        for name, values in out.items():
+            table = C.set_column(table, name, values, C.SCORED[name])
+        return _reject(table, reasons, self.role)
+
+
+class RewardStage:
+    """Explicit rewards from a reward model: the raw logit of a single-label sequence classifier, on the prompt
+    and response through the reward model's own chat template.
+
+    In: `_m_prompt`, `_m_chosen`, `_m_rejected`, `_m_candidates`, `_m_reject`.
+    Out: `reward_chosen`, `reward_rejected`; for unscored N-candidates rows every candidate is scored, then
+    `_m_chosen` / `_m_rejected` are set to the argmax / argmin (ties: `mapray.formats.pick_pair`).
+    """
+
+    INPUTS = [C.PROMPT, C.CHOSEN, C.REJECTED, C.CANDIDATES, C.REJECT]
+
+    def __init__(self, cfg: ModelConfig):
+        from mapray.scoring import load_reward_engine
+
+        self.encoder, local = _load_encoder(cfg)
+        self.engine = load_reward_engine(cfg, local)
+        self.truncated = 0
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        C.require(table, self.INPUTS, "rewards")
+        prompts = table.column(C.PROMPT).to_pylist()
+        chosen, rejected = table.column(C.CHOSEN).to_pylist(), table.column(C.REJECTED).to_pylist()
+        candidates = table.column(C.CANDIDATES).to_pylist()
+        # every response of a row to score: [chosen, rejected] or all its candidates
+        responses = {i: json.loads(candidates[i]) if candidates[i] is not None else [chosen[i], rejected[i]]
+                     for i in C.good_rows(table)}
+        sequences, owners, reasons = [], [], {}
+        for i, texts in responses.items():
+            try:
+                encoded = [self.encoder.encode_full(json.loads(prompts[i]), t) for t in texts]
+            except RejectRow as e:
+                reasons[i] = str(e)
+                continue
+            self.truncated += sum(cut for _, cut in encoded)
+            sequences += [ids for ids, _ in encoded]
+            owners.append(i)
+        scores = iter(self.engine.rewards(sequences))
+        reward_c, reward_r = [None] * table.num_rows, [None] * table.num_rows
+        for i in owners:
+            values = [next(scores) for _ in responses[i]]
+            if candidates[i] is None:
+                reward_c[i], reward_r[i] = values
+                continue
+            best, worst = pick_pair(responses[i], values)
+            chosen[i], rejected[i] = responses[i][best], responses[i][worst]
+            reward_c[i], reward_r[i] = values[best], values[worst]
+        table = C.set_column(table, C.CHOSEN, chosen, pa.string())
+        table = C.set_column(table, C.REJECTED, rejected, pa.string())
+        table = C.set_column(table, "reward_chosen", reward_c, pa.float64())
+        table = C.set_column(table, "reward_rejected", reward_r, pa.float64())
+        return _reject(table, reasons, "reward")
+
+
+def add_row_metrics(table: pa.Table, metric: MetricConfig, rewards_from_columns: bool) -> pa.Table:
+    """Per-row margins and MAP forms (everything but the pool-level map_z and selection)."""
+    if rewards_from_columns:
+        table = C.set_column(table, "reward_chosen", table.column(C.SCORE_CHOSEN), pa.float64())
+        table = C.set_column(table, "reward_rejected", table.column(C.SCORE_REJECTED), pa.float64())
+    for name in ("ref_chosen_logps", "ref_rejected_logps"):
+        if name not in table.column_names:
+            table = C.set_column(table, name, pa.nulls(table.num_rows, pa.float64()), pa.float64())
+
+    def num(name: str) -> np.ndarray:
+        return table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+
+    good = np.array([r is None for r in table.column(C.REJECT).to_pylist()], dtype=bool)
+    beta, form = metric.resolved_beta, metric.implicit
+    ref_c = num("ref_chosen_logps") if form == "dpo" else None
+    ref_r = num("ref_rejected_logps") if form == "dpo" else None
+    with np.errstate(all="ignore"):  # rejected rows hold nulls (NaN here) and are masked below
+        m_ex = metrics.explicit_margin(num("reward_chosen"), num("reward_rejected"))
+        r_c = metrics.implicit_reward(form, beta, num("chosen_logps"), num("chosen_tokens"), ref_c)
+        r_r = metrics.implicit_reward(form, beta, num("rejected_logps"), num("rejected_tokens"), ref_r)
+        m_im = r_c - r_r
+        values = {
+            "explicit_margin": m_ex, "implicit_reward_chosen": r_c, "implicit_reward_rejected": r_r,
+            "implicit_margin": m_im, "map": metrics.map_score(m_ex, m_im, metric.alpha),
+            "map_unreg": metrics.map_unregularised(m_ex, m_im, metric.alpha),
+        }
+    for name, array in values.items():
+        table = C.set_column(table, name, pa.array(array, pa.float64(), mask=~good), pa.float64())
+    return table
