@@ -69,7 +69,8 @@ class Normalizer:
             pairs.append(pair)
         if base is None:
             base = self._passthrough(records, reasons)
-        return _with_canonical(base, pairs, reasons, records, sources)
+        ids = [p.pair_id if p is not None else _raw_id(rec, self.spec.columns.id) for p, rec in zip(pairs, records)]
+        return _with_canonical(base, pairs, ids, reasons, records, sources)
 
     def _normalize(self, rec: dict) -> Pair:
         pair = normalize_record(rec, self.spec.format, self.spec.columns)
@@ -128,14 +129,22 @@ def _parse_lines(lines: list[bytes]) -> tuple[list, list]:
     return records, reasons
 
 
-def _with_canonical(base: pa.Table, pairs: list, reasons: list, records: list, sources: list) -> pa.Table:
+def _raw_id(rec, id_column: str | None) -> str | None:
+    """A rejected row keeps its own id where it has one, so rejects/ can be joined back to the input."""
+    if id_column is None or not isinstance(rec, dict) or rec.get(id_column) is None:
+        return None
+    return str(rec[id_column])
+
+
+def _with_canonical(base: pa.Table, pairs: list, ids: list, reasons: list, records: list,
+                    sources: list) -> pa.Table:
     good = [r is None for r in reasons]
 
     def col(get):
         return [get(p) if ok else None for p, ok in zip(pairs, good)]
 
     new = {
-        C.PAIR_ID: [p.pair_id if p is not None else None for p in pairs],
+        C.PAIR_ID: ids,
         C.PROMPT: col(lambda p: json.dumps(p.prompt, ensure_ascii=False)),
         C.CHOSEN: col(lambda p: p.chosen),
         C.REJECTED: col(lambda p: p.rejected),

@@ -6,6 +6,7 @@ manifest.json.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 import os
 import time
 from dataclasses import dataclass
@@ -161,10 +162,8 @@ def finish(rows, layout: OutputLayout, alpha: float, sel: SelectionConfig) -> tu
 
 
 def _reason_counts(rejects) -> dict:
-    out: dict[str, int] = {}
-    for row in rejects.groupby("reason").count().take_all():
-        out[row["reason"]] = row["count()"]
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+    counts = Counter(row["reason"] for row in rejects.select_columns(["reason"]).iter_rows())
+    return dict(counts.most_common())
 
 
 def reselect(uri: str, sel: SelectionConfig, alpha: float | None = None) -> dict:

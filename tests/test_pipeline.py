@@ -1,0 +1,185 @@
+"""End to end on a real local Ray with tiny policy, reference and reward models built at test time."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mapray import columns as C
+from mapray import metrics
+from mapray.config import ColumnNames, ModelConfig, load_config
+from mapray.formats import normalize_record
+from mapray.pipeline import reselect, score
+from mapray.scoring.torch_engine import TorchLogprobEngine, TorchRewardEngine
+from mapray.templates import ChatEncoder
+from tests.conftest import HH, UF
+
+N_GOOD = 30
+BAD_LINES = [
+    b'{"prompt_id": "bad-json", "prompt": ',
+    json.dumps({"prompt_id": "empty", "prompt": "q", "chosen": [{"role": "user", "content": "q"},
+               {"role": "assistant", "content": "  "}], "rejected": [{"role": "user", "content": "q"},
+               {"role": "assistant", "content": "b"}], "score_chosen": 1.0, "score_rejected": 2.0}).encode(),
+    json.dumps({"prompt_id": "nan", "prompt": "q", "chosen": [{"role": "user", "content": "q"},
+               {"role": "assistant", "content": "a"}], "rejected": [{"role": "user", "content": "q"},
+               {"role": "assistant", "content": "b"}], "score_chosen": float("nan"), "score_rejected": 2.0}).encode(),
+]
+
+
+def _model(path, **kw):
+    return {"path": path, "max_length": 192, "token_budget": 2048, "batch_size": 8, "cpus_per_actor": 0.5, **kw}
+
+
+def _uf_input(tmp_path):
+    lines = UF.read_bytes().splitlines()[:N_GOOD]
+    path = tmp_path / "uf.jsonl"
+    path.write_bytes(b"\n".join(lines[:10] + BAD_LINES + lines[10:]) + b"\n")
+    return path, [json.loads(x) for x in lines]
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory, tiny, local_ray):
+    tmp = tmp_path_factory.mktemp("dpo")
+    path, records = _uf_input(tmp)
+    cfg = load_config(None, base={
+        "input": {"uri": str(path), "columns": {"id": "prompt_id"}},
+        "output": str(tmp / "out"),
+        "policy": _model(tiny["policy"]), "reference": _model(tiny["reference"]),
+        "reward": {"source": "model", "model": _model(tiny["reward"])},
+        "metric": {"implicit": "dpo", "beta": 0.1, "alpha": 2.5},
+        "selection": {"metric": "map_z", "ratio": 0.4},
+    })
+    manifest = score(cfg)
+    return cfg, manifest, records, tmp / "out"
+
+
+def test_outputs_schema_and_counts(dpo_run):
+    cfg, manifest, records, out = dpo_run
+    scored = pq.read_table(out / "scored")
+    own = ["prompt_id", "prompt", "chosen", "rejected", "score_chosen", "score_rejected"]
+    assert scored.column_names == own + list(C.SCORED)
+    for name, type_ in C.SCORED.items():
+        assert scored.schema.field(name).type == type_, name
+    assert sorted(scored.column("pair_id").to_pylist()) == sorted(r["prompt_id"] for r in records)
+    counts = manifest["counts"]
+    assert counts == {"input": N_GOOD + 3, "scored": N_GOOD, "rejected": 3, "selected": 12,
+                      "rejected_by_reason": counts["rejected_by_reason"]}
+    rejects = pq.read_table(out / "rejects").to_pylist()
+    by_id = {r["pair_id"]: r for r in rejects}
+    assert by_id["empty"]["reason"] == "empty chosen response" and by_id["empty"]["stage"] == "normalize"
+    assert by_id["nan"]["reason"] == "score_chosen is NaN"
+    assert json.loads(by_id["empty"]["raw"])["prompt_id"] == "empty"
+    bad_json = next(r for r in rejects if r["pair_id"] is None)
+    assert bad_json["reason"].startswith("invalid JSON") and bad_json["source"].endswith("uf.jsonl:11")
+    selected = pq.read_table(out / "selected")
+    assert sorted(selected.column("pair_id").to_pylist()) == sorted(
+        p for p, s in zip(scored.column("pair_id").to_pylist(), scored.column("selected").to_pylist()) if s)
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["counts"] == counts and on_disk["models"]["policy"]["sha256"] == manifest["models"]["policy"][
+        "sha256"] and len(on_disk["models"]) == 3
+    assert not (out / "_staging" / manifest["run_id"]).exists()
+
+
+def test_values_match_a_direct_computation(dpo_run, tiny):
+    cfg, manifest, records, out = dpo_run
+    rows = {r["pair_id"]: r for r in pq.read_table(out / "scored").to_pylist()}
+    encoders, engines = {}, {}
+    for role in ("policy", "reference", "reward"):
+        from transformers import AutoTokenizer
+
+        encoders[role] = ChatEncoder(AutoTokenizer.from_pretrained(tiny[role]), 192)
+    engines["policy"] = TorchLogprobEngine(ModelConfig(path=tiny["policy"]), tiny["policy"])
+    engines["reference"] = TorchLogprobEngine(ModelConfig(path=tiny["reference"]), tiny["reference"])
+    reward = TorchRewardEngine(ModelConfig(path=tiny["reward"]), tiny["reward"])
+    for rec in records[:8]:
+        pair = normalize_record(rec, "chat", ColumnNames(id="prompt_id"))
+        row = rows[pair.pair_id]
+        enc = encoders["policy"].encode_pair(pair.prompt, pair.chosen, pair.rejected)
+        lp = engines["policy"].logprobs(enc.sequences())
+        ref = engines["reference"].logprobs(enc.sequences())
+        rw = reward.rewards([encoders["reward"].encode_full(pair.prompt, t)[0] for t in (pair.chosen, pair.rejected)])
+        assert (row["chosen_logps"], row["rejected_logps"]) == pytest.approx(lp, abs=1e-4)
+        assert (row["ref_chosen_logps"], row["ref_rejected_logps"]) == pytest.approx(ref, abs=1e-4)
+        assert (row["reward_chosen"], row["reward_rejected"]) == pytest.approx(rw, abs=1e-4)
+        assert (row["chosen_tokens"], row["rejected_tokens"]) == (len(enc.chosen), len(enc.rejected))
+        assert (row["chosen_truncated"], row["rejected_truncated"]) == (enc.chosen_truncated, enc.rejected_truncated)
+        m_ex = rw[0] - rw[1]
+        m_im = 0.1 * (lp[0] - ref[0]) - 0.1 * (lp[1] - ref[1])
+        assert row["explicit_margin"] == pytest.approx(m_ex, abs=1e-4)
+        assert row["implicit_margin"] == pytest.approx(m_im, abs=1e-4)
+        assert row["map"] == pytest.approx(abs(m_ex) - 2.5 * abs(m_im), abs=1e-4)
+        assert row["map_unreg"] == pytest.approx(m_ex - 2.5 * m_im, abs=1e-4)
+    assert any(r["chosen_truncated"] or r["rejected_truncated"] for r in rows.values())  # max_length 192 bites
+
+
+def test_map_z_and_selection_equal_a_direct_top_k(dpo_run):
+    _, manifest, _, out = dpo_run
+    t = pq.read_table(out / "scored")
+    m_ex, m_im = t.column("explicit_margin").to_numpy(), t.column("implicit_margin").to_numpy()
+    z = (m_ex - m_ex.mean()) / m_ex.std() - 2.5 * (np.abs(m_im) - np.abs(m_im).mean()) / np.abs(m_im).std()
+    assert t.column("map_z").to_numpy() == pytest.approx(z, abs=1e-9)
+    ids = t.column("pair_id").to_pylist()
+    expected = metrics.top_k_mask(z, ids, int(len(ids) * 0.4))
+    assert t.column("selected").to_pylist() == expected.tolist()
+    assert manifest["pool_moments"]["explicit_margin"]["std"] == pytest.approx(m_ex.std())
+
+
+def test_reselect_by_another_metric_without_models(dpo_run):
+    _, manifest, _, out = dpo_run
+    again = reselect(str(out), load_config(None, base={"input": {"uri": "x"}, "output": "x", "policy": {
+        "path": "x"}, "selection": {"metric": "explicit_margin", "top_k": 5}}, ).selection)
+    t = pq.read_table(out / "scored")
+    expected = metrics.top_k_mask(t.column("explicit_margin").to_numpy(), t.column("pair_id").to_pylist(), 5)
+    assert t.column("selected").to_pylist() == expected.tolist()
+    assert pq.read_table(out / "selected").num_rows == 5
+    assert again["counts"]["input"] == manifest["counts"]["input"] and again["counts"]["selected"] == 5
+    assert pq.read_table(out / "rejects").num_rows == 3  # rejects/ untouched
+    assert json.loads((out / "manifest.json").read_text())["config"]["selection"]["metric"] == "explicit_margin"
+
+
+def test_candidates_without_scores_are_picked_by_the_reward_model(tmp_path, tiny, local_ray):
+    rows = [{"uid": f"p{i}", "prompt": f"question {i}: how to cook?",
+             "all_generated_responses": [f"answer {j} for {i}" * (j + 1) for j in range(4)]} for i in range(6)]
+    rows.append({"uid": "dup", "prompt": "q", "all_generated_responses": ["same", "same"]})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "cands.parquet")
+    cfg = load_config(None, base={
+        "input": {"uri": f"file://{tmp_path}/cands.parquet", "columns": {"id": "uid"}},
+        "output": str(tmp_path / "out"), "policy": _model(tiny["policy"]),
+        "reward": {"source": "model", "model": _model(tiny["reward"])}, "selection": {"top_k": 2},
+    })
+    manifest = score(cfg)
+    assert manifest["counts"]["scored"] == 6 and manifest["counts"]["rejected"] == 1
+    assert pq.read_table(tmp_path / "out" / "rejects").column("reason").to_pylist() == [
+        "fewer than 2 distinct candidates"]
+    from transformers import AutoTokenizer
+
+    enc = ChatEncoder(AutoTokenizer.from_pretrained(tiny["reward"]), 192)
+    reward = TorchRewardEngine(ModelConfig(path=tiny["reward"]), tiny["reward"])
+    scored = {r["pair_id"]: r for r in pq.read_table(tmp_path / "out" / "scored").to_pylist()}
+    for rec in rows[:6]:
+        prompt = [{"role": "user", "content": rec["prompt"]}]
+        values = reward.rewards([enc.encode_full(prompt, t)[0] for t in rec["all_generated_responses"]])
+        row = scored[rec["uid"]]
+        assert row["reward_chosen"] == pytest.approx(max(values), abs=1e-4)
+        assert row["reward_rejected"] == pytest.approx(min(values), abs=1e-4)
+        assert row["explicit_margin"] >= 0
+    assert sum(r["selected"] for r in scored.values()) == 2
+
+
+def test_hh_transcripts_with_real_defects(tmp_path, tiny, local_ray):
+    lines = HH.read_bytes().splitlines()[80:100]  # holds the file's empty-response row
+    (tmp_path / "hh.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    cfg = load_config(None, base={
+        "input": {"uri": str(tmp_path)}, "output": str(tmp_path / "out"), "policy": _model(tiny["policy"]),
+        "reward": {"source": "model", "model": _model(tiny["reward"])},
+    })
+    manifest = score(cfg)
+    assert manifest["counts"]["input"] == 20 and manifest["counts"]["rejected"] == 1
+    assert manifest["counts"]["rejected_by_reason"] == {"empty chosen response": 1}
+    scored = pq.read_table(tmp_path / "out" / "scored")
+    assert scored.num_rows == 19 and scored.column("ref_chosen_logps").null_count == 19
+    # simpo: beta / |y| * logp with the default beta 2.0
+    r = scored.slice(0, 1).to_pylist()[0]
+    assert r["implicit_reward_chosen"] == pytest.approx(2.0 * r["chosen_logps"] / r["chosen_tokens"])
