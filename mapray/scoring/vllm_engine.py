@@ -1,0 +1,107 @@
+"""The vLLM engine: prompt log-probs and reward scores from a vLLM `LLM` per actor.
+
+Log-probs: each (prompt, response) goes in as token ids (the token convention of `mapray.templates`, so no
+re-templating and no double BOS), with `SamplingParams(max_tokens=1, prompt_logprobs=0)`; entry j of
+`prompt_logprobs` is log p(t_j | t_<j) of the actual token (entry 0 is None), so the response sum is over
+j in [len(prompt), len(prompt) + len(response)). Prefix caching is off: cached prefixes get no prompt log-probs.
+`max_num_batched_tokens` bounds the tokens per engine step, and so the full-vocabulary prompt logits vLLM
+materialises for them (tokens x vocab x 4 bytes: 8192 x 49k x 4 = 1.6 GB for SmolLM2, 4 GB at a 128k vocab).
+
+Rewards: `runner="pooling"` turns a single-label `*ForSequenceClassification` checkpoint into a classify model;
+`PoolingParams(use_activation=False)` returns the raw logit (without it a one-label head returns a sigmoid).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from mapray.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+def _engine_kwargs(cfg: ModelConfig, local_path: str, max_model_len: int) -> dict:
+    kwargs = {
+        "model": local_path, "dtype": cfg.dtype, "tensor_parallel_size": cfg.tensor_parallel_size,
+        "max_model_len": max_model_len, "enable_prefix_caching": False, "seed": 0,
+        "max_num_batched_tokens": max(cfg.max_num_batched_tokens, max_model_len),
+    }
+    import torch
+
+    if torch.cuda.is_available() and cfg.device != "cpu":
+        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    else:
+        kwargs["enforce_eager"] = True  # CPU backend: no graph capture
+    if cfg.tensor_parallel_size > 1:
+        kwargs["distributed_executor_backend"] = "ray"  # shards placed by Ray, inside this actor's cluster
+    return kwargs
+
+
+def _start(kwargs: dict, what: str):
+    from vllm import LLM
+
+    try:
+        return LLM(**kwargs)
+    except Exception as e:  # an engine that cannot start must end the job with a reason, not hang it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"vLLM could not start the {what} engine for {kwargs['model']}: {first}") from e
+
+
+class VllmLogprobEngine:
+    def __init__(self, cfg: ModelConfig, local_path: str):
+        self.llm = _start(_engine_kwargs(cfg, local_path, cfg.max_length + 1), "log-prob")
+
+    def logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[float]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        # all requests go in at once: vLLM's scheduler keeps the engine saturated within its token bound
+        prompts = [TokensPrompt(prompt_token_ids=p + r) for p, r in sequences]
+        outputs = self.llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        sums = []
+        for (prompt, response), out in zip(sequences, outputs):
+            ids = prompt + response
+            entries = out.prompt_logprobs
+            sums.append(sum(entries[j][ids[j]].logprob for j in range(len(prompt), len(ids))))
+        return sums
+
+
+class VllmRewardEngine:
+    def __init__(self, cfg: ModelConfig, local_path: str):
+        kwargs = _engine_kwargs(cfg, local_path, cfg.max_length)
+        self.llm = _start({**kwargs, "runner": "pooling"}, "reward")
+
+    def rewards(self, sequences: list[list[int]]) -> list[float]:
+        from vllm import PoolingParams
+        from vllm.inputs import TokensPrompt
+
+        outputs = self.llm.classify([TokensPrompt(prompt_token_ids=s) for s in sequences],
+                                    pooling_params=PoolingParams(use_activation=False), use_tqdm=False)
+        return [float(o.outputs.probs[0]) for o in outputs]
+
+
+def vllm_supports(local_path: str, runner: str) -> tuple[bool, str]:
+    """Whether vLLM has an implementation for the checkpoint's architecture (custom heads such as ArmoRM's
+    do not), decided from config.json before an engine is started."""
+    from vllm import ModelRegistry
+
+    config = json.loads((Path(local_path) / "config.json").read_text())
+    archs = config.get("architectures") or []
+    supported = set(ModelRegistry.get_supported_archs())
+    if not archs or not any(a in supported for a in archs):
+        return False, f"architecture {archs or '(none)'} is not implemented in vLLM"
+    if runner == "pooling" and not any(a.endswith("ForSequenceClassification") for a in archs):
+        return False, f"architecture {archs} is not a sequence-classification reward model"
+    return True, ""
+
+
+def load_vllm_reward_engine(cfg: ModelConfig, local_path: str):
+    ok, why = vllm_supports(local_path, "pooling")
+    if not ok:
+        from mapray.scoring.torch_engine import TorchRewardEngine
+
+        log.warning("reward model %s: %s; falling back to the torch engine", local_path, why)
+        return TorchRewardEngine(cfg, local_path)
+    return VllmRewardEngine(cfg, local_path)

