@@ -122,6 +122,13 @@ def run_method(method: str, path: str, args, seqs):
     return values, elapsed, model
 
 
+def load_model_for_reference(path: str, args):
+    from mapray.config import ModelConfig
+    from mapray.scoring.torch_engine import TorchLogprobEngine
+
+    return TorchLogprobEngine(ModelConfig(path=path, dtype=args.dtype), path).model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model path (mapray model path syntax)")
@@ -136,6 +143,8 @@ def main() -> None:
     parser.add_argument("--lm-head-chunk", type=int, default=4096)
     parser.add_argument("--naive-batch", type=int, default=8, help="sequences per naive batch (4 pairs)")
     parser.add_argument("--peak-tflops", type=float, help="measured matmul peak, for the fraction-of-peak column")
+    parser.add_argument("--check-pairs", type=int, default=4,
+                        help="pairs checked against the exact (float64 log_softmax) reference, untimed")
     parser.add_argument("--workdir", default="/tmp/mapray-bench")
     args = parser.parse_args()
 
@@ -148,16 +157,22 @@ def main() -> None:
         path = resolve_model_path(args.model)
         seqs = real_pairs(path, args.data, args.pairs, args.token_budget)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    check = seqs[: 2 * args.check_pairs]
     reference = None
     for method in args.methods.split(","):
         values, elapsed, model = run_method(method, path, args, seqs)
-        reference = reference or values
+        if reference is None:  # exact reference on the check subset, from the first method's loaded weights
+            from mapray.testing.naive import naive_logprobs
+
+            exact_model = model or load_model_for_reference(path, args)
+            reference = naive_logprobs(exact_model, check, batch_size=1, softmax_dtype=torch.float64)
+            del exact_model
         tokens = sum(len(p) + len(r) for p, r in seqs)
         row = {
             "device": device, "model": args.shape or args.model, "dtype": args.dtype, "method": method,
             "pairs": len(seqs) // 2, "seconds": round(elapsed, 3),
             "pairs_per_s": round(len(seqs) / 2 / elapsed, 3), "tokens_per_s": round(tokens / elapsed, 1),
-            "max_abs_diff_vs_first": max(abs(a - b) for a, b in zip(values, reference)),
+            "max_abs_diff_vs_exact": max(abs(a - b) for a, b in zip(values, reference)),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         }
         if model is not None and args.peak_tflops:

@@ -29,7 +29,7 @@ def _load_encoder(cfg: ModelConfig):
     from mapray.models import resolve_model_path
     from mapray.templates import ChatEncoder
 
-    if cfg.device != "cuda":
+    if cfg.device != "cuda" and cfg.engine == "torch":  # vLLM's CPU backend binds its own OpenMP threads
         import torch
 
         torch.set_num_threads(max(1, math.ceil(cfg.cpus_per_actor)))

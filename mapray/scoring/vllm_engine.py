@@ -90,7 +90,13 @@ def vllm_supports(local_path: str, runner: str) -> tuple[bool, str]:
     config = json.loads((Path(local_path) / "config.json").read_text())
     archs = config.get("architectures") or []
     supported = set(ModelRegistry.get_supported_archs())
-    if not archs or not any(a in supported for a in archs):
+
+    def known(arch: str) -> bool:
+        # vLLM builds *ForSequenceClassification from the registered *ForCausalLM of the same family
+        seq_cls = arch.removesuffix("ForSequenceClassification") + "ForCausalLM"
+        return arch in supported or (arch.endswith("ForSequenceClassification") and seq_cls in supported)
+
+    if not archs or not any(known(a) for a in archs):
         return False, f"architecture {archs or '(none)'} is not implemented in vLLM"
     if runner == "pooling" and not any(a.endswith("ForSequenceClassification") for a in archs):
         return False, f"architecture {archs} is not a sequence-classification reward model"
