@@ -66,17 +66,22 @@ def synthetic_pairs(vocab: int, n: int, prompt_len: int, response_len: int, seed
     return seqs
 
 
-def random_init_checkpoint(shape: str, dtype: str, out: str) -> str:
+def random_init_model(shape: str, dtype: str):
+    """A random-init Llama of the given shape, built directly on the GPU (nothing saved or loaded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     h, inter, layers, heads, kv, vocab = SHAPES[shape]
     cfg = LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=False,
-                      max_position_embeddings=32768)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
-    model.save_pretrained(out)
-    return out
+                      max_position_embeddings=32768, initializer_range=0.02)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # built in its dtype: no fp32 copy of an 8B model
+    try:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            torch.manual_seed(0)
+            return LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
 
 
 def useful_flops(model, seqs) -> float:
@@ -88,28 +93,25 @@ def useful_flops(model, seqs) -> float:
     return 2.0 * body * tokens + 2.0 * head.numel() * responses
 
 
-def run_method(method: str, path: str, args, seqs):
+def run_method(method: str, path: str | None, model, args, seqs):
+    """Times one method on all pairs after a short warm-up; returns (sums, seconds)."""
     from mapray.config import ModelConfig
     from mapray.testing.naive import naive_logprobs
 
-    cfg = ModelConfig(path=path, dtype=args.dtype, token_budget=args.token_budget, max_length=args.token_budget,
-                      lm_head_chunk=args.lm_head_chunk, engine="vllm" if method == "vllm" else "torch",
-                      max_num_batched_tokens=args.token_budget)
+    cfg = ModelConfig(path=path or "", dtype=args.dtype, token_budget=args.token_budget,
+                      max_length=args.max_length, lm_head_chunk=args.lm_head_chunk,
+                      engine="vllm" if method == "vllm" else "torch", max_num_batched_tokens=args.token_budget)
     if method == "vllm":
         from mapray.scoring.vllm_engine import VllmLogprobEngine
 
-        engine = VllmLogprobEngine(cfg, path)
-        score, model = engine.logprobs, None
+        score = VllmLogprobEngine(cfg, path).logprobs
+    elif method == "naive":
+        def score(s):
+            return naive_logprobs(model, s, batch_size=args.naive_batch, softmax_dtype=torch.float32)
     else:
         from mapray.scoring.torch_engine import TorchLogprobEngine
 
-        engine = TorchLogprobEngine(cfg, path)
-        model = engine.model
-        if method == "naive":
-            def score(s):
-                return naive_logprobs(model, s, batch_size=args.naive_batch, softmax_dtype=torch.float32)
-        else:
-            score = engine.logprobs
+        score = TorchLogprobEngine(cfg, model=model).logprobs
     score(seqs[: min(len(seqs), 4)])  # warm-up: kernels, allocator, lazy init
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -118,15 +120,7 @@ def run_method(method: str, path: str, args, seqs):
     values = score(seqs)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    return values, elapsed, model
-
-
-def load_model_for_reference(path: str, args):
-    from mapray.config import ModelConfig
-    from mapray.scoring.torch_engine import TorchLogprobEngine
-
-    return TorchLogprobEngine(ModelConfig(path=path, dtype=args.dtype), path).model
+    return values, time.perf_counter() - start
 
 
 def main() -> None:
@@ -140,6 +134,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--methods", default="naive,torch")
     parser.add_argument("--token-budget", type=int, default=16384)
+    parser.add_argument("--max-length", type=int, default=4096, help="pairs are truncated to this, like a run")
     parser.add_argument("--lm-head-chunk", type=int, default=4096)
     parser.add_argument("--naive-batch", type=int, default=8, help="sequences per naive batch (4 pairs)")
     parser.add_argument("--peak-tflops", type=float, help="measured matmul peak, for the fraction-of-peak column")
@@ -149,39 +144,38 @@ def main() -> None:
     args = parser.parse_args()
 
     from mapray.models import resolve_model_path
+    from mapray.scoring.torch_engine import DTYPES
+    from mapray.testing.naive import naive_logprobs
 
     if args.shape:
-        path = random_init_checkpoint(args.shape, args.dtype, f"{args.workdir}/{args.shape}")
+        path, model = None, random_init_model(args.shape, args.dtype)
         seqs = synthetic_pairs(SHAPES[args.shape][5], args.pairs, args.prompt_len, args.response_len)
     else:
-        path = resolve_model_path(args.model)
-        seqs = real_pairs(path, args.data, args.pairs, args.token_budget)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    check = seqs[: 2 * args.check_pairs]
-    reference = None
-    for method in args.methods.split(","):
-        values, elapsed, model = run_method(method, path, args, seqs)
-        if reference is None:  # exact reference on the check subset, from the first method's loaded weights
-            from mapray.testing.naive import naive_logprobs
+        from transformers import AutoModelForCausalLM
 
-            exact_model = model or load_model_for_reference(path, args)
-            reference = naive_logprobs(exact_model, check, batch_size=1, softmax_dtype=torch.float64)
-            del exact_model
-        tokens = sum(len(p) + len(r) for p, r in seqs)
+        path = resolve_model_path(args.model)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).to(device).eval()
+        seqs = real_pairs(path, args.data, args.pairs, args.max_length)
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    # the exactness reference: the same weights, one sequence at a time, float64 log_softmax (untimed)
+    check = seqs[: 2 * args.check_pairs]
+    reference = naive_logprobs(model, check, batch_size=1, softmax_dtype=torch.float64)
+    tokens = sum(len(p) + len(r) for p, r in seqs)
+    for method in args.methods.split(","):
+        values, elapsed = run_method(method, path, model, args, seqs)
         row = {
-            "device": device, "model": args.shape or args.model, "dtype": args.dtype, "method": method,
-            "pairs": len(seqs) // 2, "seconds": round(elapsed, 3),
+            "device": device_name, "model": args.shape or args.model, "dtype": args.dtype, "method": method,
+            "pairs": len(seqs) // 2, "tokens": tokens, "seconds": round(elapsed, 3),
             "pairs_per_s": round(len(seqs) / 2 / elapsed, 3), "tokens_per_s": round(tokens / elapsed, 1),
             "max_abs_diff_vs_exact": max(abs(a - b) for a, b in zip(values, reference)),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         }
-        if model is not None and args.peak_tflops:
+        if args.peak_tflops:
             row["fraction_of_peak"] = round(useful_flops(model, seqs) / elapsed / (args.peak_tflops * 1e12), 3)
         print(json.dumps(row), flush=True)
-        del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
 
 if __name__ == "__main__":
     main()

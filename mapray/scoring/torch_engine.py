@@ -28,12 +28,14 @@ def pick_device(device: str) -> torch.device:
 
 
 class TorchLogprobEngine:
-    def __init__(self, cfg: ModelConfig, local_path: str):
+    def __init__(self, cfg: ModelConfig, local_path: str | None = None, model=None):
+        """Loads the checkpoint at `local_path`, or wraps an already-built causal LM (`model`)."""
         from transformers import AutoModelForCausalLM
 
-        self.device = pick_device(cfg.device)
-        self.model = AutoModelForCausalLM.from_pretrained(local_path, dtype=DTYPES[cfg.dtype])
-        self.model.to(self.device).eval()
+        self.device = pick_device(cfg.device) if model is None else next(model.parameters()).device
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(local_path, dtype=DTYPES[cfg.dtype]).to(self.device)
+        self.model = model.eval()
         self.body = self.model.base_model
         self.head = self.model.get_output_embeddings()
         text_config = self.model.config.get_text_config()

@@ -45,8 +45,14 @@ def _start(kwargs: dict, what: str):
     try:
         return LLM(**kwargs)
     except Exception as e:  # an engine that cannot start must end the job with a reason, not hang it
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeError(f"vLLM could not start the {what} engine for {kwargs['model']}: {first}") from e
+        raise RuntimeError(f"vLLM could not start the {what} engine for {kwargs['model']}: {_reason(e)}") from e
+
+
+def _reason(e: Exception) -> str:
+    """The informative line of an engine error (pydantic puts it after a '1 validation error' header)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if "validation error" not in ln and not ln.startswith("For further")]
+    return (useful or lines or [type(e).__name__])[0][:300]
 
 
 class VllmLogprobEngine:

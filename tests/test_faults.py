@@ -1,0 +1,29 @@
+"""Faults done for real on a local Ray: a model actor SIGKILLed in the middle of a run."""
+
+import collections
+import json
+
+import pyarrow.parquet as pq
+
+from mapray.config import load_config
+from mapray.pipeline import score
+from mapray.testing.faults import ActorKiller
+from tests.conftest import UF
+
+
+def test_actor_killed_mid_run_every_pair_exactly_once(tmp_path, tiny, local_ray):
+    lines = UF.read_bytes().splitlines()[:160]
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    model = {"path": tiny["policy"], "max_length": 1024, "token_budget": 4096, "batch_size": 4,
+             "cpus_per_actor": 0.5}
+    cfg = load_config(None, base={"input": {"uri": str(tmp_path / "in.jsonl"), "columns": {"id": "prompt_id"}},
+                                  "output": str(tmp_path / "out"), "policy": model})
+    killer = ActorKiller("MapBatches(LogprobStage)", after_s=4.0)
+    killer.start()
+    manifest = score(cfg)
+    killer.join(timeout=1)
+    assert killer.killed is not None, "the run ended before the actor could be killed: make it longer"
+    ids = pq.read_table(tmp_path / "out" / "scored").column("pair_id").to_pylist()
+    expected = [json.loads(x)["prompt_id"] for x in lines]
+    assert collections.Counter(ids) == collections.Counter(expected)  # none missing, none twice
+    assert manifest["counts"]["scored"] == 160
