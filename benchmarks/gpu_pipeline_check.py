@@ -83,7 +83,10 @@ def main() -> None:
     manifest = score(cfg)
     import pyarrow.parquet as pq
 
+    # every input pair comes out exactly once: scored, or set aside in rejects/ (the sample has real defects)
     ids = pq.read_table(out / "result" / "scored").column("pair_id").to_pylist()
+    if (out / "result" / "rejects").exists():
+        ids += pq.read_table(out / "result" / "rejects").column("pair_id").to_pylist()
     expected = [json.loads(x)["prompt_id"] for x in lines]
     print(json.dumps({
         "check": "gpu_pipeline_actor_kill", "device": torch.cuda.get_device_name() if gpu else "cpu",
