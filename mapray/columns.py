@@ -21,12 +21,14 @@ REJECT = "_m_reject"  # reason; null for a good row
 REJECT_STAGE = "_m_reject_stage"
 RAW = "_m_raw"  # the raw input row as JSON, kept only for rejected rows
 SOURCE = "_m_source"  # file:line for JSONL input
+ROW = "_m_row"  # a unique key per input row (tells copies of a duplicated pair_id apart)
 
-INTERNAL = [PROMPT, CHOSEN, REJECTED, CANDIDATES, SCORE_CHOSEN, SCORE_REJECTED, REJECT, REJECT_STAGE, RAW, SOURCE]
+INTERNAL = [PROMPT, CHOSEN, REJECTED, CANDIDATES, SCORE_CHOSEN, SCORE_REJECTED, REJECT, REJECT_STAGE, RAW, SOURCE,
+            ROW]
 INTERNAL_TYPES = {
     PROMPT: pa.string(), CHOSEN: pa.string(), REJECTED: pa.string(), CANDIDATES: pa.string(),
     SCORE_CHOSEN: pa.float64(), SCORE_REJECTED: pa.float64(), REJECT: pa.string(), REJECT_STAGE: pa.string(),
-    RAW: pa.string(), SOURCE: pa.string(),
+    RAW: pa.string(), SOURCE: pa.string(), ROW: pa.string(),
 }
 
 # public, added to every scored row in this order

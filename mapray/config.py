@@ -41,6 +41,7 @@ class InputConfig:
     columns: ColumnNames = field(default_factory=ColumnNames)
     limit: int | None = None  # score only the first N input rows (demos, smoke runs)
     schema_sample_rows: int = 1000  # JSONL: rows read to infer the types of the input's own columns
+    max_row_chars: int = 1_000_000  # a row whose prompt + responses are longer is set aside, not tokenized
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ and the writers route it to `rejects/`. Nothing is dropped here and nothing rais
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -22,6 +23,7 @@ class NormalizeSpec:
     format: str  # a concrete format (auto already resolved from a sample)
     columns: ColumnNames
     needs_scores: bool  # reward.source == columns: a row without explicit scores cannot be scored
+    max_row_chars: int
     passthrough: pa.Schema | None  # JSONL: the types of the input's own columns, inferred from a sample
 
 
@@ -74,6 +76,10 @@ class Normalizer:
 
     def _normalize(self, rec: dict) -> Pair:
         pair = normalize_record(rec, self.spec.format, self.spec.columns)
+        size = sum(len(m["content"]) for m in pair.prompt) + sum(
+            len(t) for t in (pair.chosen or "", pair.rejected or "", *(pair.candidates or [])))
+        if size > self.spec.max_row_chars:
+            raise RejectRow(f"row text is {size} characters, over input.max_row_chars ({self.spec.max_row_chars})")
         if self.spec.needs_scores and pair.score_chosen is None:
             missing = self.spec.columns.scores if pair.candidates is not None else self.spec.columns.score_chosen
             raise RejectRow(f"missing field '{missing}' (reward.source=columns needs explicit scores)")
@@ -155,6 +161,7 @@ def _with_canonical(base: pa.Table, pairs: list, ids: list, reasons: list, recor
         C.REJECT_STAGE: ["normalize" if r is not None else None for r in reasons],
         C.RAW: [None if ok else raw_json(rec) for rec, ok in zip(records, good)],
         C.SOURCE: sources,
+        C.ROW: [uuid.uuid4().hex for _ in records],
     }
     for name, values in new.items():
         base = C.set_column(base, name, values, C.INTERNAL_TYPES.get(name, pa.string()))

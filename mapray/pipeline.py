@@ -58,7 +58,8 @@ def plan(cfg: RunConfig) -> Plan:
             raise ConfigError(f"input.format: {e}") from None
         log.info("input format detected: %s", fmt)
     passthrough = infer_passthrough_schema(sample) if files.file_format == "jsonl" else None
-    spec = NormalizeSpec(fmt, cfg.input.columns, cfg.reward.source == "columns", passthrough)
+    spec = NormalizeSpec(fmt, cfg.input.columns, cfg.reward.source == "columns", cfg.input.max_row_chars,
+                         passthrough)
     warnings = []
     if cfg.metric.implicit == "dpo" and cfg.reference is not None and cfg.reference.path == cfg.policy.path:
         warnings.append("reference.path equals policy.path: the DPO implicit margin is identically 0, "
@@ -137,8 +138,13 @@ def score(cfg: RunConfig) -> dict:
     return manifest
 
 
-def finish(rows, layout: OutputLayout, alpha: float, sel: SelectionConfig) -> tuple[dict, dict]:
+def finish(rows, layout: OutputLayout, alpha: float, sel: SelectionConfig,
+           dedupe: bool = True) -> tuple[dict, dict]:
     """The global pass over staged rows: writes scored/, selected/ and rejects/ into the staging folder."""
+    duplicates = S.duplicate_rejects(rows) if dedupe else {}
+    if duplicates:
+        rows = rows.map_batches(partial(S.reject_rows_by_key, reasons=duplicates, stage="dedupe"),
+                                batch_format="pyarrow")
     good = rows.map_batches(S.only_good, batch_format="pyarrow")
     pool = S.pool_moments(good)
     cut = S.find_cutoff(good, pool, alpha, sel)
@@ -179,7 +185,7 @@ def reselect(uri: str, sel: SelectionConfig, alpha: float | None = None) -> dict
     layout = OutputLayout(uri)
     started = time.time()
     rows = ray.data.read_parquet(layout.final("scored")).map_batches(_as_good_rows, batch_format="pyarrow")
-    counts, moments = finish(rows.materialize(), layout, alpha, sel)
+    counts, moments = finish(rows.materialize(), layout, alpha, sel, dedupe=False)
     counts.update(input=previous["counts"]["input"], rejected=previous["counts"]["rejected"],
                   rejected_by_reason=previous["counts"].get("rejected_by_reason", {}))
     config = dict(previous["config"], selection=to_dict(sel))
@@ -195,7 +201,7 @@ def reselect(uri: str, sel: SelectionConfig, alpha: float | None = None) -> dict
 def _as_good_rows(table):
     """scored/ rows back into the shape of staged rows (no reject reason), recomputing map_z/selected."""
     table = table.drop_columns([c for c in ("map_z", "selected") if c in table.column_names])
-    for name in (C.REJECT, C.REJECT_STAGE, C.RAW, C.SOURCE):
+    for name in (C.REJECT, C.REJECT_STAGE, C.RAW, C.SOURCE, C.ROW):
         table = C.set_column(table, name, [None] * table.num_rows, C.INTERNAL_TYPES[name])
     return table
 

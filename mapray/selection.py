@@ -35,6 +35,48 @@ def only_rejected(table: pa.Table) -> pa.Table:
     return table.filter(pa.compute.is_valid(table.column(C.REJECT)))
 
 
+def duplicate_rejects(rows) -> dict[str, str]:
+    """The documented policy for a pair_id that more than one good row carries: when every copy holds the same
+    pair (prompt, responses, scores), one copy is scored and the others are set aside as duplicates; when the
+    copies differ, the id is ambiguous and all of them are set aside. Returns {row key: reason}."""
+    counts = rows.map_batches(only_good, batch_format="pyarrow").select_columns([C.PAIR_ID]).groupby(
+        C.PAIR_ID).count()
+    dups = {r[C.PAIR_ID] for r in counts.filter(lambda r: r["count()"] > 1).iter_rows()}
+    if not dups:
+        return {}
+    content = [C.PROMPT, C.CHOSEN, C.REJECTED, C.CANDIDATES, C.SCORE_CHOSEN, C.SCORE_REJECTED]
+    copies: dict[str, list[dict]] = {}
+    for row in rows.map_batches(partial(_with_ids, ids=dups), batch_format="pyarrow").select_columns(
+            [C.PAIR_ID, C.ROW, *content]).iter_rows():
+        copies.setdefault(row[C.PAIR_ID], []).append(row)
+    reasons = {}
+    for group in copies.values():
+        group.sort(key=lambda r: r[C.ROW])
+        if all([r[c] for c in content] == [group[0][c] for c in content] for r in group):
+            reasons.update({r[C.ROW]: "duplicate pair_id: an identical copy of a scored row" for r in group[1:]})
+        else:
+            reasons.update({r[C.ROW]: f"duplicate pair_id: {len(group)} rows with different content share it"
+                            for r in group})
+    return reasons
+
+
+def _with_ids(table: pa.Table, ids: set[str]) -> pa.Table:
+    good = only_good(table)
+    return good.filter(pa.compute.is_in(good.column(C.PAIR_ID), value_set=pa.array(sorted(ids), pa.string())))
+
+
+def reject_rows_by_key(table: pa.Table, reasons: dict[str, str], stage: str) -> pa.Table:
+    keys = table.column(C.ROW).to_pylist()
+    if not any(k in reasons for k in keys):
+        return table
+    reject, where = table.column(C.REJECT).to_pylist(), table.column(C.REJECT_STAGE).to_pylist()
+    for i, key in enumerate(keys):
+        if key in reasons and reject[i] is None:
+            reject[i], where[i] = reasons[key], stage
+    table = C.set_column(table, C.REJECT, reject, pa.string())
+    return C.set_column(table, C.REJECT_STAGE, where, pa.string())
+
+
 def only_selected(table: pa.Table) -> pa.Table:
     return table.filter(table.column("selected"))
 

@@ -129,7 +129,8 @@ def test_real_hh_rows_set_aside_with_reasons():
     # the real defect in this file: line 87 has an empty chosen response after the last "Assistant:";
     # plus a real-world mismatch: chosen of one conversation paired with rejected of another
     mixed = {"chosen": rows[0]["chosen"], "rejected": rows[1]["rejected"]}
-    spec = NormalizeSpec("transcript", COLS, needs_scores=False, passthrough=infer_passthrough_schema(rows[:50]))
+    spec = NormalizeSpec("transcript", COLS, needs_scores=False, max_row_chars=10**6,
+                         passthrough=infer_passthrough_schema(rows[:50]))
     out = Normalizer(spec)(_lines_table(lines + [json.dumps(mixed).encode()]))
     assert out.num_rows == 501  # nothing dropped
     reasons = out.column(C.REJECT).to_pylist()
@@ -149,7 +150,8 @@ def test_jsonl_line_failures_and_type_mismatch():
              json.dumps(dict(good, score_chosen="high")).encode(),
              json.dumps(dict(good, extra_field=1)).encode(),
              json.dumps({k: v for k, v in good.items() if k != "score_chosen"}).encode()]
-    spec = NormalizeSpec("text", COLS, needs_scores=True, passthrough=infer_passthrough_schema([good]))
+    spec = NormalizeSpec("text", COLS, needs_scores=True, max_row_chars=10**6,
+                         passthrough=infer_passthrough_schema([good]))
     out = Normalizer(spec)(_lines_table(lines))
     reasons = out.column(C.REJECT).to_pylist()
     assert reasons[0] is None
@@ -167,7 +169,7 @@ def test_jsonl_line_failures_and_type_mismatch():
 def test_real_ultrafeedback_rows_normalize():
     lines = UF.read_bytes().splitlines()[:200]
     sample = [json.loads(x) for x in lines]
-    spec = NormalizeSpec("chat", ColumnNames(id="prompt_id"), True, infer_passthrough_schema(sample))
+    spec = NormalizeSpec("chat", ColumnNames(id="prompt_id"), True, 10**6, infer_passthrough_schema(sample))
     out = Normalizer(spec)(_lines_table(lines))
     assert out.column(C.REJECT).null_count == 200
     assert out.column(C.PAIR_ID).to_pylist() == [s["prompt_id"] for s in sample]
