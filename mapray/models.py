@@ -8,6 +8,7 @@ ever fetched from a model hub.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -106,26 +107,20 @@ def _dequantized(gguf: Path) -> str:
     return str(target)
 
 
-class _staging_dir:
+@contextlib.contextmanager
+def _staging_dir(target: Path):
     """Writes into a temporary sibling folder and renames it into place, so concurrent actors never see a
     half-written checkpoint (the loser of a race discards its copy)."""
-
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=".tmp-"))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            try:
-                os.rename(self.tmp, self.target)
-                return
-            except OSError:
-                pass  # another process published first
-        shutil.rmtree(self.tmp, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        yield tmp
+        os.rename(tmp, target)
+    except OSError:
+        if not target.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def model_identity(local_dir: str) -> dict:

@@ -14,7 +14,7 @@ from functools import partial
 
 from mapray import columns as C
 from mapray import selection as S
-from mapray.config import ConfigError, ModelConfig, RayConfig, RunConfig, SelectionConfig, _models, to_dict
+from mapray.config import ConfigError, ModelConfig, RayConfig, RunConfig, SelectionConfig, configured_models, to_dict
 from mapray.formats import RejectRow, detect_format
 from mapray.inputs import InputFiles, discover, read_dataset, sample_records
 from mapray.manifest import build_manifest, identify_models
@@ -42,7 +42,7 @@ class Plan:
 
 
 def plan(cfg: RunConfig) -> Plan:
-    for key, model in _models(cfg):
+    for key, model in configured_models(cfg):
         check_model_path(model.path, f"{key}.path")
     files = discover(cfg.input)
     layout = OutputLayout(cfg.output)
@@ -122,7 +122,7 @@ def score(cfg: RunConfig) -> dict:
     """Runs a full scoring job and returns its manifest."""
     started = time.time()
     p = plan(cfg)
-    init_ray(cfg.ray, [m for _, m in _models(cfg)])
+    init_ray(cfg.ray, [m for _, m in configured_models(cfg)])
     import ray.data
 
     models = identify_models(cfg)

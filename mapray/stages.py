@@ -113,7 +113,6 @@ class RewardStage:
 
         self.encoder, local = _load_encoder(cfg)
         self.engine = load_reward_engine(cfg, local)
-        self.truncated = 0
 
     def __call__(self, table: pa.Table) -> pa.Table:
         C.require(table, self.INPUTS, "rewards")
@@ -130,7 +129,6 @@ class RewardStage:
             except RejectRow as e:
                 reasons[i] = str(e)
                 continue
-            self.truncated += sum(cut for _, cut in encoded)
             sequences += [ids for ids, _ in encoded]
             owners.append(i)
         scores = iter(self.engine.rewards(sequences))

@@ -80,6 +80,12 @@ def test_outputs_schema_and_counts(dpo_run):
     assert on_disk["counts"] == counts and on_disk["models"]["policy"]["sha256"] == manifest["models"]["policy"][
         "sha256"] and len(on_disk["models"]) == 3
     assert not (out / "_staging" / manifest["run_id"]).exists()
+    import ray
+    import transformers
+
+    assert on_disk["libraries"]["ray"] == ray.__version__
+    assert on_disk["libraries"]["transformers"] == transformers.__version__
+    assert on_disk["config"]["metric"] == {"implicit": "dpo", "beta": 0.1, "alpha": 2.5}
 
 
 def test_values_match_a_direct_computation(dpo_run, tiny):
