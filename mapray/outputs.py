@@ -47,6 +47,16 @@ class OutputLayout:
         except Exception as e:
             raise ConfigError(f"output: cannot write to {self.uri}: {e}") from None
 
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(fsspec.core.url_to_fs(path)[1])
+
+    def is_done(self, name: str) -> bool:
+        return self.exists(self.staged(f"{name}.done"))
+
+    def mark_done(self, name: str) -> None:
+        with self.fs.open(fsspec.core.url_to_fs(self.staged(f"{name}.done"))[1], "w") as f:
+            f.write(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
     def remove(self, path: str) -> None:
         local = fsspec.core.url_to_fs(path)[1]
         if self.fs.exists(local):

@@ -5,6 +5,9 @@ manifest.json.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import os
 import time
@@ -12,11 +15,14 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 
+import fsspec
+
+from mapray import __version__
 from mapray import columns as C
 from mapray import selection as S
 from mapray.config import ConfigError, ModelConfig, RayConfig, RunConfig, SelectionConfig, configured_models, to_dict
 from mapray.formats import RejectRow, detect_format
-from mapray.inputs import InputFiles, discover, read_dataset, sample_records
+from mapray.inputs import InputFiles, discover, read_dataset, read_staged, sample_records
 from mapray.manifest import build_manifest, identify_models
 from mapray.models import check_model_path
 from mapray.normalize import Normalizer, NormalizeSpec, infer_passthrough_schema
@@ -45,7 +51,7 @@ def plan(cfg: RunConfig) -> Plan:
     for key, model in configured_models(cfg):
         check_model_path(model.path, f"{key}.path")
     files = discover(cfg.input)
-    layout = OutputLayout(cfg.output)
+    layout = OutputLayout(cfg.output, run_id=run_key(cfg, files))
     layout.check_writable()
     sample = sample_records(files, cfg.input.schema_sample_rows)
     fmt = cfg.input.format
@@ -67,6 +73,19 @@ def plan(cfg: RunConfig) -> Plan:
     for w in warnings:
         log.warning(w)
     return Plan(cfg, files, spec, layout, warnings)
+
+
+def run_key(cfg: RunConfig, files: InputFiles) -> str:
+    """Names the staging folder: the same config over the same input files (by name, size and modification
+    time) resumes there; any change starts a fresh run."""
+    listing = []
+    for uri in files.uris:
+        fs, path = fsspec.core.url_to_fs(uri)
+        info = fs.info(path)
+        listing.append([uri, info.get("size"), str(info.get("mtime") or info.get("LastModified") or "")])
+    payload = json.dumps({"config": to_dict(cfg), "files": listing, "mapray": __version__}, sort_keys=True,
+                         default=str)
+    return "run-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def init_ray(cfg: RayConfig, models: list[ModelConfig]) -> None:
@@ -103,11 +122,15 @@ def _map_stage(ds, stage_cls, model: ModelConfig, **kwargs):
     )
 
 
-def score_rows(p: Plan):
-    """The streaming part: every input row, scored or carrying its reject reason."""
+def normalized_rows(p: Plan):
+    """Every input row in canonical form, good or carrying its reject reason, each with a stable row key."""
+    ds = read_dataset(p.files, p.cfg.input.limit, num_cpus=LIGHT_TASK_CPUS)
+    return ds.map_batches(Normalizer(p.spec), batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
+
+
+def score_rows(p: Plan, ds):
+    """The model stages and per-row metrics over normalized rows."""
     cfg = p.cfg
-    ds = read_dataset(p.files, cfg.input.limit, num_cpus=LIGHT_TASK_CPUS)
-    ds = ds.map_batches(Normalizer(p.spec), batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
     if cfg.reward.source == "model":
         ds = _map_stage(ds, RewardStage, cfg.reward.model)
     ds = _map_stage(ds, LogprobStage, cfg.policy, role="policy")
@@ -118,23 +141,65 @@ def score_rows(p: Plan):
                           batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
 
 
+def checkpointed_rows(uri: str) -> int:
+    """Rows Ray Data's checkpoint records as written (its id files are Parquet)."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(path):
+        return 0
+    import pyarrow.parquet as pq
+
+    return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in fs.find(path) if f.endswith(".parquet"))
+
+
+@contextlib.contextmanager
+def checkpointed(path: str, id_column: str):
+    """Ray Data's own job checkpointing for the writes inside: each written row's id is recorded under `path`,
+    and a rerun of the same pipeline skips the rows already written."""
+    import ray.data
+    from ray.data.checkpoint import CheckpointConfig
+
+    ctx = ray.data.DataContext.get_current()
+    previous = ctx.checkpoint_config
+    # kept on success: the staging folder, checkpoint included, goes only once the run is published
+    ctx.checkpoint_config = CheckpointConfig(id_column=id_column, checkpoint_path=path,
+                                             delete_checkpoint_on_success=False)
+    try:
+        yield
+    finally:
+        ctx.checkpoint_config = previous
+
+
 def score(cfg: RunConfig) -> dict:
-    """Runs a full scoring job and returns its manifest."""
+    """Runs a full scoring job and returns its manifest. Rerunning the same command after a crash resumes it:
+    the staging folder is keyed by the config and the input files, the normalize pass is redone only if it did
+    not finish, and the scoring pass skips every row Ray Data's checkpoint says was already written."""
     started = time.time()
     p = plan(cfg)
     init_ray(cfg.ray, [m for _, m in configured_models(cfg)])
     import ray.data
 
     models = identify_models(cfg)
-    rows_uri = p.layout.staged("rows")
-    score_rows(p).write_parquet(rows_uri)
+    layout = p.layout
+    resumed = layout.exists(layout.staged("rows"))
+    if not layout.is_done("normalized"):
+        layout.remove(layout.staged("normalized"))
+        normalized_rows(p).write_parquet(layout.staged("normalized"))
+        layout.mark_done("normalized")
+    done_before = checkpointed_rows(layout.staged("checkpoint"))
+    if not layout.is_done("rows"):
+        with checkpointed(layout.staged("checkpoint"), C.ROW):
+            normalized = read_staged(layout.staged("normalized"), num_cpus=LIGHT_TASK_CPUS)
+            score_rows(p, normalized).write_parquet(layout.staged("rows"))
+        layout.mark_done("rows")
     scored_at = time.time()
-    counts, moments = finish(ray.data.read_parquet(rows_uri), p.layout, cfg.metric.alpha, cfg.selection)
+    counts, moments = finish(ray.data.read_parquet(layout.staged("rows")), layout, cfg.metric.alpha,
+                             cfg.selection)
     manifest = build_manifest(cfg, models, counts, moments, p.warnings,
                               {"scoring_s": scored_at - started, "global_pass_s": time.time() - scored_at,
-                               "total_s": time.time() - started}, p.layout.run_id)
-    p.layout.remove(rows_uri)
-    p.layout.publish(manifest)
+                               "total_s": time.time() - started}, layout.run_id)
+    manifest["resumed"] = resumed
+    manifest["counts"]["scored_this_attempt"] = checkpointed_rows(layout.staged("checkpoint")) - done_before
+    layout.publish(manifest)
     return manifest
 
 
@@ -150,7 +215,8 @@ def finish(rows, layout: OutputLayout, alpha: float, sel: SelectionConfig,
     cut = S.find_cutoff(good, pool, alpha, sel)
     scored = good.map_batches(partial(S.mark_selected, selection=cut, alpha=alpha, sel=sel),
                               batch_format="pyarrow").map_batches(scored_rows, batch_format="pyarrow")
-    for name in ("scored", "selected", "rejects"):
+    for name in ("scored", "selected", "rejects"):  # a global pass cut short earlier left partial folders
+        layout.remove(layout.staged(name))
         layout.ensure(layout.staged(name))
     scored.write_parquet(layout.staged("scored"))
     import ray.data
