@@ -66,6 +66,11 @@ class OutputLayout:
         self.fs.makedirs(fsspec.core.url_to_fs(path)[1], exist_ok=True)
 
     def publish(self, manifest: dict) -> None:
+        """Swaps the staged folders in. manifest.json goes first and comes back last, so a reader that follows
+        the protocol in `read_manifest` never takes a mix of two runs for a complete result."""
+        manifest_path = f"{self.root}/manifest.json"
+        if self.fs.exists(manifest_path):
+            self.fs.rm(manifest_path)  # from here on the output reads as "being published"
         for name in FOLDERS:
             staged, final = (fsspec.core.url_to_fs(p)[1] for p in (self.staged(name), self.final(name)))
             if not self.fs.exists(staged):
@@ -73,8 +78,8 @@ class OutputLayout:
             if self.fs.exists(final):
                 self.fs.rm(final, recursive=True)
             self.fs.mv(staged, final, recursive=True)
-        self.fs.rm(f"{self.root}/_staging/{self.run_id}", recursive=True)
         write_manifest(self.uri, manifest)
+        self.fs.rm(f"{self.root}/_staging/{self.run_id}", recursive=True)
 
 
 def write_manifest(uri: str, manifest: dict) -> None:
@@ -86,11 +91,14 @@ def write_manifest(uri: str, manifest: dict) -> None:
 
 
 def read_manifest(uri: str) -> dict:
+    """The published result's manifest. For trainers: read it first, read the folders, then check that
+    manifest.json still holds the same run_id; a missing manifest means no result or one being published."""
     try:
         with fsspec.open(f"{uri.rstrip('/')}/manifest.json") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"no manifest.json under {uri}: not a finished mapray output") from None
+        raise ConfigError(f"no manifest.json under {uri}: not a finished mapray output "
+                          "(or a run is publishing it right now)") from None
 
 
 def scored_rows(table: pa.Table) -> pa.Table:

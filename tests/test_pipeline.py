@@ -189,3 +189,40 @@ def test_hh_transcripts_with_real_defects(tmp_path, tiny, local_ray):
     # simpo: beta / |y| * logp with the default beta 2.0
     r = scored.slice(0, 1).to_pylist()[0]
     assert r["implicit_reward_chosen"] == pytest.approx(2.0 * r["chosen_logps"] / r["chosen_tokens"])
+
+
+def test_publish_never_shows_a_mix_of_two_runs(tmp_path, monkeypatch):
+    """A publish that dies half-way leaves no manifest.json: readers see "no complete result", never old
+    selected/ under new scored/; the next publish completes."""
+    from mapray.config import ConfigError
+    from mapray.outputs import OutputLayout, read_manifest, write_manifest
+
+    out = tmp_path / "out"
+    for name in ("scored", "selected", "rejects"):
+        (out / name).mkdir(parents=True)
+        (out / name / "old.parquet").write_text("old")
+    write_manifest(str(out), {"run_id": "old"})
+    layout = OutputLayout(str(out), run_id="new")
+    for name in ("scored", "selected", "rejects"):
+        (out / "_staging" / "new" / name).mkdir(parents=True)
+        (out / "_staging" / "new" / name / "new.parquet").write_text("new")
+    real_mv, moved = layout.fs.mv, []
+
+    def crash_after_first(src, dst, **kw):
+        if moved:
+            raise OSError("killed mid-publish")
+        moved.append(dst)
+        real_mv(src, dst, **kw)
+
+    monkeypatch.setattr(layout.fs, "mv", crash_after_first)
+    with pytest.raises(OSError):
+        layout.publish({"run_id": "new"})
+    assert (out / "scored" / "new.parquet").exists() and not (out / "manifest.json").exists()
+    with pytest.raises(ConfigError, match="publishing it right now"):
+        read_manifest(str(out))
+    monkeypatch.setattr(layout.fs, "mv", real_mv)
+    layout.publish({"run_id": "new"})
+    assert read_manifest(str(out))["run_id"] == "new"
+    assert all((out / n / "new.parquet").exists() and not (out / n / "old.parquet").exists()
+               for n in ("scored", "selected", "rejects"))
+    assert not (out / "_staging" / "new").exists()
