@@ -21,6 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set policy.dtype=bfloat16 (repeatable)")
 
+    rescore = verbs.add_parser("rescore", help="score again after a policy update, reusing cached reference "
+                               "log-probs and rewards (needs `cache` in the config); what a scheduler runs")
+    rescore.add_argument("--config", required=True, help="YAML run config with a cache URI")
+    rescore.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
     select = verbs.add_parser("select", help="select again from an existing output, without running models")
     select.add_argument("--output", required=True, help="output URI of a finished `mapray score`")
     select.add_argument("--metric", default="map_z",
@@ -41,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.verb == "score":
+        if args.verb in ("score", "rescore"):
             cfg = load_config(args.config, args.set)
+            if args.verb == "rescore" and cfg.cache is None:
+                raise ConfigError("rescore needs a cache URI: set cache in the config (or --set cache=URI)")
         elif args.verb == "demo":
             package = resources.files("mapray")
             data = package / "data" / "ultrafeedback-binarized-1000.jsonl"

@@ -115,6 +115,9 @@ class RunConfig:
     metric: MetricConfig = field(default_factory=MetricConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    # scores reused across runs, keyed by model content hash and token ids (see mapray/cache.py); with it, a
+    # rescoring run after a policy update reruns only the policy
+    cache: str | None = None
 
 
 def load_config(path: str | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:

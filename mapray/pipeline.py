@@ -109,7 +109,7 @@ def init_ray(cfg: RayConfig, models: list[ModelConfig]) -> None:
     if needed > num_cpus - 2 * LIGHT_TASK_CPUS:
         raise ConfigError(f"the model stages' actors need {needed:g} CPUs but the local Ray has {num_cpus}; "
                           "lower actors or cpus_per_actor (fractions are fine)")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)  # never a stray local head
 
 
 def _map_stage(ds, stage_cls, model: ModelConfig, **kwargs):
@@ -128,14 +128,18 @@ def normalized_rows(p: Plan):
     return ds.map_batches(Normalizer(p.spec), batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
 
 
-def score_rows(p: Plan, ds):
+def score_rows(p: Plan, ds, models: dict):
     """The model stages and per-row metrics over normalized rows."""
     cfg = p.cfg
+
+    def cache(key: str) -> dict:
+        return {"model_sha": models[key]["sha256"], "cache_uri": cfg.cache}
+
     if cfg.reward.source == "model":
-        ds = _map_stage(ds, RewardStage, cfg.reward.model)
-    ds = _map_stage(ds, LogprobStage, cfg.policy, role="policy")
+        ds = _map_stage(ds, RewardStage, cfg.reward.model, **cache("reward.model"))
+    ds = _map_stage(ds, LogprobStage, cfg.policy, role="policy", **cache("policy"))
     if cfg.metric.needs_reference_model:
-        ds = _map_stage(ds, LogprobStage, cfg.reference, role="reference")
+        ds = _map_stage(ds, LogprobStage, cfg.reference, role="reference", **cache("reference"))
     return ds.map_batches(add_row_metrics, fn_kwargs={"metric": cfg.metric,
                                                       "rewards_from_columns": cfg.reward.source == "columns"},
                           batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
@@ -189,7 +193,7 @@ def score(cfg: RunConfig) -> dict:
     if not layout.is_done("rows"):
         with checkpointed(layout.staged("checkpoint"), C.ROW):
             normalized = read_staged(layout.staged("normalized"), num_cpus=LIGHT_TASK_CPUS)
-            score_rows(p, normalized).write_parquet(layout.staged("rows"))
+            score_rows(p, normalized, models).write_parquet(layout.staged("rows"))
         layout.mark_done("rows")
     scored_at = time.time()
     counts, moments = finish(ray.data.read_parquet(layout.staged("rows")), layout, cfg.metric.alpha,

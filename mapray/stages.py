@@ -49,7 +49,39 @@ def _reject(table: pa.Table, reasons: dict[int, str], stage: str) -> pa.Table:
     return C.set_column(table, C.REJECT_STAGE, where, pa.string())
 
 
-class LogprobStage:
+class _ModelStage:
+    """Loads the tokenizer at once and the model only when a row needs it: on a full cache hit the model is
+    never loaded at all."""
+
+    KIND = ""
+
+    def __init__(self, cfg: ModelConfig, model_sha: str | None = None, cache_uri: str | None = None):
+        self.cfg = cfg
+        self.encoder, self.local = _load_encoder(cfg)
+        self._engine = None
+        self.cache = None
+        if cache_uri is not None and model_sha is not None:
+            from mapray.cache import ScoreCache
+
+            self.cache = ScoreCache(cache_uri, self.KIND, cfg.dtype, model_sha)
+        else:
+            _ = self.engine  # no cache: load at actor start, so a model that cannot load fails the job early
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            self._engine = self._load_engine()
+            if self.cache is not None:
+                self.cache.record_load()
+        return self._engine
+
+    def _scores(self, groups: list, score_name: str) -> list[list[float]]:
+        from mapray.cache import cached_scores
+
+        return cached_scores(groups, lambda seqs: getattr(self.engine, score_name)(seqs), self.cache)
+
+
+class LogprobStage(_ModelStage):
     """Policy or reference log-probs of the chosen and rejected responses.
 
     In: `_m_prompt`, `_m_chosen`, `_m_rejected`, `_m_reject`.
@@ -58,14 +90,18 @@ class LogprobStage:
     """
 
     INPUTS = [C.PROMPT, C.CHOSEN, C.REJECTED, C.REJECT]
+    KIND = "logprobs"
 
-    def __init__(self, cfg: ModelConfig, role: str = "policy"):
-        from mapray.scoring import load_logprob_engine
-
+    def __init__(self, cfg: ModelConfig, role: str = "policy", model_sha: str | None = None,
+                 cache_uri: str | None = None):
+        super().__init__(cfg, model_sha, cache_uri)
         self.role = role
         self.prefix = "ref_" if role == "reference" else ""
-        self.encoder, local = _load_encoder(cfg)
-        self.engine = load_logprob_engine(cfg, local)
+
+    def _load_engine(self):
+        from mapray.scoring import load_logprob_engine
+
+        return load_logprob_engine(self.cfg, self.local)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         C.require(table, self.INPUTS, f"{self.role} log-probs")
@@ -79,7 +115,7 @@ class LogprobStage:
                 continue
             rows.append(i)
             encoded.append(pair)
-        sums = self.engine.logprobs([seq for pair in encoded for seq in pair.sequences()])
+        sums = [v for pair_sums in self._scores([pair.sequences() for pair in encoded], "logprobs") for v in pair_sums]
         n = table.num_rows
         out = {f"{self.prefix}chosen_logps": [None] * n, f"{self.prefix}rejected_logps": [None] * n}
         if not self.prefix:
@@ -97,7 +133,7 @@ class LogprobStage:
         return _reject(table, reasons, self.role)
 
 
-class RewardStage:
+class RewardStage(_ModelStage):
     """Explicit rewards from a reward model: the raw logit of a single-label sequence classifier, on the prompt
     and response through the reward model's own chat template.
 
@@ -107,12 +143,12 @@ class RewardStage:
     """
 
     INPUTS = [C.PROMPT, C.CHOSEN, C.REJECTED, C.CANDIDATES, C.REJECT]
+    KIND = "rewards"
 
-    def __init__(self, cfg: ModelConfig):
+    def _load_engine(self):
         from mapray.scoring import load_reward_engine
 
-        self.encoder, local = _load_encoder(cfg)
-        self.engine = load_reward_engine(cfg, local)
+        return load_reward_engine(self.cfg, self.local)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         C.require(table, self.INPUTS, "rewards")
@@ -122,19 +158,16 @@ class RewardStage:
         # every response of a row to score: [chosen, rejected] or all its candidates
         responses = {i: json.loads(candidates[i]) if candidates[i] is not None else [chosen[i], rejected[i]]
                      for i in C.good_rows(table)}
-        sequences, owners, reasons = [], [], {}
+        groups, owners, reasons = [], [], {}
         for i, texts in responses.items():
             try:
-                encoded = [self.encoder.encode_full(json.loads(prompts[i]), t) for t in texts]
+                groups.append([self.encoder.encode_full(json.loads(prompts[i]), t)[0] for t in texts])
             except RejectRow as e:
                 reasons[i] = str(e)
                 continue
-            sequences += [ids for ids, _ in encoded]
             owners.append(i)
-        scores = iter(self.engine.rewards(sequences))
         reward_c, reward_r = [None] * table.num_rows, [None] * table.num_rows
-        for i in owners:
-            values = [next(scores) for _ in responses[i]]
+        for i, values in zip(owners, self._scores(groups, "rewards")):
             if candidates[i] is None:
                 reward_c[i], reward_r[i] = values
                 continue

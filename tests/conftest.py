@@ -26,7 +26,7 @@ def local_ray():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=False,
                  runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
     yield ray
     ray.shutdown()
