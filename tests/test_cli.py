@@ -74,3 +74,11 @@ def test_overrides_are_typed():
 def test_select_on_a_folder_without_manifest(tmp_path):
     result = run_cli("select", "--output", str(tmp_path))
     assert result.returncode == 2 and "no manifest.json under" in result.stderr
+
+
+def test_rescore_needs_a_cache(tmp_path, tiny):
+    cfg = _write(tmp_path, GOOD.replace("OUT", str(tmp_path / "out")).replace("POLICY", tiny["policy"]))
+    result = run_cli("rescore", "--config", cfg)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("mapray: error: rescore needs a cache URI: "
+                                     "set cache in the config (or --set cache=URI)")

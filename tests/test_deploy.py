@@ -27,16 +27,16 @@ def test_configs_are_valid_mapray_configs():
     configmap = manifests()["configmap.yaml"][0]
     run = yaml.safe_load(configmap["data"]["run.yaml"])
     cfg = load_config(None, base=run)
-    assert cfg.policy.engine == "vllm" and cfg.metric.implicit == "dpo"
+    assert cfg.policy.engine == "vllm" and cfg.metric.implicit == "dpo" and cfg.cache is not None
     assert load_config(str(DEPLOY / "cluster.yaml")).policy.device == "cuda"
 
 
 def test_rayjob_entrypoint_matches_the_cli_and_the_mounted_config():
     job = manifests()["rayjob.yaml"][0]
     argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[0] == "python" and argv[1] == "/app/jobs/score.py"
-    assert (ROOT / "jobs" / "score.py").exists()
-    args = build_parser().parse_args(["score", *argv[2:]])  # what jobs/score.py hands to the CLI
+    script = Path(argv[1])
+    assert argv[0] == "python" and script.parent == Path("/app/jobs") and (ROOT / "jobs" / script.name).exists()
+    args = build_parser().parse_args([script.stem, *argv[2:]])  # what jobs/<verb>.py hands to the CLI
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     mount = head["containers"][0]["volumeMounts"][0]
     assert Path(args.config).parent == Path(mount["mountPath"])
