@@ -28,12 +28,16 @@ def ray_head():
     """A separate Ray head (`ray start --head --block` in its own process group, so stopping it cannot touch
     the test session's own local Ray)."""
     gcs, dashboard = _free_port(), _free_port()
+    # every port the head opens picked free: the test session's own local Ray already holds the defaults
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "node-manager-port", "object-manager-port", "ray-client-server-port")]
     bin_dir = Path(sys.executable).parent  # jobs run `python`: this environment's, as a cluster image's would
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     ray_cli = str(bin_dir / "ray")
     head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                              "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-                             "--num-cpus", "2", "--include-dashboard", "true", "--disable-usage-stats"],
+                             "--num-cpus", "2", "--include-dashboard", "true", "--disable-usage-stats", *ports],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     from ray.job_submission import JobSubmissionClient
 
@@ -56,6 +60,18 @@ def ray_head():
         os.killpg(head.pid, signal.SIGKILL)
 
 
+def _submit_when_ready(client, **kwargs) -> str:
+    """The head's job agent registers a few seconds after the dashboard answers."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 def test_score_job_submitted_to_a_ray_head(ray_head, tmp_path, tiny):
     from ray.job_submission import JobStatus
 
@@ -67,7 +83,8 @@ def test_score_job_submitted_to_a_ray_head(ray_head, tmp_path, tiny):
         "policy": {"path": tiny["policy"], "max_length": 256, "token_budget": 4096, "cpus_per_actor": 0.5},
         "selection": {"top_k": 3},
     }))
-    job_id = ray_head.submit_job(
+    job_id = _submit_when_ready(
+        ray_head,
         entrypoint=f"python jobs/score.py --config {tmp_path / 'run.yaml'}",
         runtime_env={"working_dir": str(ROOT), "excludes": [".venv/", ".git/", ".gpu-bundle/", "out/", "*.pyc"],
                      "env_vars": {"RAY_AUTH_MODE": "disabled"}},

@@ -64,7 +64,7 @@ def test_outputs_schema_and_counts(dpo_run):
         assert scored.schema.field(name).type == type_, name
     assert sorted(scored.column("pair_id").to_pylist()) == sorted(r["prompt_id"] for r in records)
     counts = manifest["counts"]
-    assert counts == {"input": N_GOOD + 3, "scored": N_GOOD, "rejected": 3, "selected": 12,
+    assert counts == {"input": N_GOOD + 3, "scored": N_GOOD, "rejected": 3, "selected": 12, "scored_this_attempt": 33,
                       "rejected_by_reason": counts["rejected_by_reason"]}
     rejects = pq.read_table(out / "rejects").to_pylist()
     by_id = {r["pair_id"]: r for r in rejects}
