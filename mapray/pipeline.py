@@ -115,11 +115,26 @@ def init_ray(cfg: RayConfig, models: list[ModelConfig]) -> None:
 def _map_stage(ds, stage_cls, model: ModelConfig, **kwargs):
     import ray.data
 
+    placement = {}
+    if model.engine == "vllm" and model.tensor_parallel_size > 1:
+        # vLLM's Ray executor places its shard workers in the placement group its caller runs in: each actor
+        # gets a group of one GPU bundle per shard and holds no GPU itself
+        placement = {"num_gpus": 0, "ray_remote_args_fn": partial(_tensor_parallel_group, model)}
     return ds.map_batches(
         stage_cls, fn_constructor_kwargs={"cfg": model, **kwargs}, batch_format="pyarrow",
         batch_size=model.batch_size, compute=ray.data.ActorPoolStrategy(size=model.actors),
-        num_cpus=model.cpus_per_actor, num_gpus=model.gpus_per_actor,
+        num_cpus=model.cpus_per_actor, **({"num_gpus": model.gpus_per_actor} | placement),
     )
+
+
+def _tensor_parallel_group(model: ModelConfig) -> dict:
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundles = [{"CPU": model.cpus_per_actor, "GPU": 1.0}] + [{"GPU": 1.0}] * (model.tensor_parallel_size - 1)
+    group = placement_group(bundles, strategy="STRICT_PACK")
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+        group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
 
 
 def normalized_rows(p: Plan):

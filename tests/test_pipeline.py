@@ -226,3 +226,16 @@ def test_publish_never_shows_a_mix_of_two_runs(tmp_path, monkeypatch):
     assert all((out / n / "new.parquet").exists() and not (out / n / "old.parquet").exists()
                for n in ("scored", "selected", "rejects"))
     assert not (out / "_staging" / "new").exists()
+
+
+def test_tensor_parallel_actors_get_a_placement_group_of_gpu_bundles(local_ray):
+    from ray.util.placement_group import remove_placement_group
+
+    from mapray.pipeline import _tensor_parallel_group
+
+    model = ModelConfig(path="x", engine="vllm", tensor_parallel_size=4, cpus_per_actor=2.0, gpus_per_actor=1.0)
+    strategy = _tensor_parallel_group(model)["scheduling_strategy"]
+    assert strategy.placement_group.bundle_specs == [{"CPU": 2.0, "GPU": 1.0}, {"GPU": 1.0}, {"GPU": 1.0},
+                                                     {"GPU": 1.0}]
+    assert strategy.placement_group_capture_child_tasks and strategy.placement_group_bundle_index == 0
+    remove_placement_group(strategy.placement_group)  # a CPU machine never schedules it
