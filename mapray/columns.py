@@ -74,5 +74,17 @@ def set_column(table: pa.Table, name: str, values, type_: pa.DataType) -> pa.Tab
     return table.append_column(name, array)
 
 
+def mark_rejected(table: pa.Table, reasons: dict[int, str], stage: str) -> pa.Table:
+    """Sets the reject reason and stage of the rows at the given indices (rows already rejected keep theirs)."""
+    if not reasons:
+        return table
+    reject, where = table.column(REJECT).to_pylist(), table.column(REJECT_STAGE).to_pylist()
+    for i, reason in reasons.items():
+        if reject[i] is None:
+            reject[i], where[i] = reason, stage
+    table = set_column(table, REJECT, reject, pa.string())
+    return set_column(table, REJECT_STAGE, where, pa.string())
+
+
 def good_rows(table: pa.Table) -> list[int]:
     return [i for i, r in enumerate(table.column(REJECT).to_pylist()) if r is None]

@@ -67,14 +67,7 @@ def _with_ids(table: pa.Table, ids: set[str]) -> pa.Table:
 
 def reject_rows_by_key(table: pa.Table, reasons: dict[str, str], stage: str) -> pa.Table:
     keys = table.column(C.ROW).to_pylist()
-    if not any(k in reasons for k in keys):
-        return table
-    reject, where = table.column(C.REJECT).to_pylist(), table.column(C.REJECT_STAGE).to_pylist()
-    for i, key in enumerate(keys):
-        if key in reasons and reject[i] is None:
-            reject[i], where[i] = reasons[key], stage
-    table = C.set_column(table, C.REJECT, reject, pa.string())
-    return C.set_column(table, C.REJECT_STAGE, where, pa.string())
+    return C.mark_rejected(table, {i: reasons[k] for i, k in enumerate(keys) if k in reasons}, stage)
 
 
 def only_selected(table: pa.Table) -> pa.Table:

@@ -38,17 +38,6 @@ def _load_encoder(cfg: ModelConfig):
     return ChatEncoder(tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.chat_template), local
 
 
-def _reject(table: pa.Table, reasons: dict[int, str], stage: str) -> pa.Table:
-    if not reasons:
-        return table
-    reject = table.column(C.REJECT).to_pylist()
-    where = table.column(C.REJECT_STAGE).to_pylist()
-    for i, reason in reasons.items():
-        reject[i], where[i] = reason, stage
-    table = C.set_column(table, C.REJECT, reject, pa.string())
-    return C.set_column(table, C.REJECT_STAGE, where, pa.string())
-
-
 class _ModelStage:
     """Loads the tokenizer at once and the model only when a row needs it: on a full cache hit the model is
     never loaded at all."""
@@ -130,7 +119,7 @@ class LogprobStage(_ModelStage):
                 out["rejected_truncated"][i] = pair.rejected_truncated
         for name, values in out.items():
             table = C.set_column(table, name, values, C.SCORED[name])
-        return _reject(table, reasons, self.role)
+        return C.mark_rejected(table, reasons, self.role)
 
 
 class RewardStage(_ModelStage):
@@ -178,7 +167,7 @@ class RewardStage(_ModelStage):
         table = C.set_column(table, C.REJECTED, rejected, pa.string())
         table = C.set_column(table, "reward_chosen", reward_c, pa.float64())
         table = C.set_column(table, "reward_rejected", reward_r, pa.float64())
-        return _reject(table, reasons, "reward")
+        return C.mark_rejected(table, reasons, "reward")
 
 
 def add_row_metrics(table: pa.Table, metric: MetricConfig, rewards_from_columns: bool) -> pa.Table:
