@@ -9,8 +9,13 @@ log-prob sum against the naive computation (the exactness check). Two kinds of i
   random-init Llama shapes on synthetic token ids (GPU; `--shape tiny` checks the script on a CPU):
     python benchmarks/bench_scoring.py --shape 1b --pairs 256 --dtype bfloat16 --methods naive,torch
 
-Methods: naive (chosen+rejected padded, full-vocab logits, float32 log_softmax), torch (mapray's torch engine),
-vllm (mapray's vLLM engine; needs vllm).
+Methods: naive (chosen+rejected padded, full-vocab logits, float32 log_softmax), torch (mapray's torch engine:
+each pair's prompt run once for both responses), torch-separate (the same engine with prefix_sharing off: every
+sequence on its own), vllm (mapray's vLLM engine; needs vllm).
+
+Fraction of peak counts useful FLOPs two ways: `fraction_of_peak` per sequence (the prompt counted for each
+response, as a per-sequence scorer must process it: prefix sharing can push it past what per-sequence work
+allows) and `fraction_of_peak_shared` with each pair's prompt counted once (the work that is left to do).
 """
 
 from __future__ import annotations
@@ -54,14 +59,17 @@ def real_pairs(model_path: str, data: str, n: int, max_length: int):
     return seqs
 
 
-def synthetic_pairs(vocab: int, n: int, prompt_len: int, response_len: int, seed: int = 0):
+def synthetic_pairs(vocab: int, n: int, prompt_len: int, response_len: int, exact: bool = False, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
+
+    def length(mean: int) -> int:
+        return mean if exact else int(mean * (0.5 + torch.rand(1, generator=g).item()))
+
     seqs = []
     for _ in range(n):
-        p = int(prompt_len * (0.5 + torch.rand(1, generator=g).item()))
-        prompt = torch.randint(0, vocab, (p,), generator=g).tolist()
+        prompt = torch.randint(0, vocab, (length(prompt_len),), generator=g).tolist()
         for _ in range(2):
-            r = int(response_len * (0.5 + torch.rand(1, generator=g).item()))
+            r = length(response_len)
             seqs.append((prompt, torch.randint(0, vocab, (r,), generator=g).tolist()))
     return seqs
 
@@ -84,13 +92,20 @@ def random_init_model(shape: str, dtype: str):
         torch.set_default_dtype(default)
 
 
-def useful_flops(model, seqs) -> float:
-    """2 x non-embedding params x tokens processed + the LM head on response positions only."""
+def sequence_tokens(seqs) -> int:
+    return sum(len(p) + len(r) for p, r in seqs)
+
+
+def shared_tokens(seqs) -> int:
+    """Tokens with each distinct prompt counted once."""
+    return sum(len(p) for p in {tuple(p) for p, _ in seqs}) + sum(len(r) for _, r in seqs)
+
+
+def useful_flops(model, seqs, tokens: int) -> float:
+    """2 x non-embedding params x `tokens` + the LM head on response positions only."""
     head = model.get_output_embeddings().weight
     body = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n) - head.numel()
-    tokens = sum(len(p) + len(r) for p, r in seqs)
-    responses = sum(len(r) for _, r in seqs)
-    return 2.0 * body * tokens + 2.0 * head.numel() * responses
+    return 2.0 * body * tokens + 2.0 * head.numel() * sum(len(r) for _, r in seqs)
 
 
 def run_method(method: str, path: str | None, model, args, seqs):
@@ -100,7 +115,8 @@ def run_method(method: str, path: str | None, model, args, seqs):
 
     cfg = ModelConfig(path=path or "", dtype=args.dtype, token_budget=args.token_budget,
                       max_length=args.max_length, lm_head_chunk=args.lm_head_chunk,
-                      engine="vllm" if method == "vllm" else "torch", max_num_batched_tokens=args.token_budget)
+                      engine="vllm" if method == "vllm" else "torch", max_num_batched_tokens=args.token_budget,
+                      prefix_sharing=method != "torch-separate")
     if method == "vllm":
         from mapray.scoring.vllm_engine import VllmLogprobEngine
 
@@ -131,6 +147,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=150)
     parser.add_argument("--response-len", type=int, default=350)
+    parser.add_argument("--exact-lengths", action="store_true",
+                        help="synthetic lengths exactly --prompt-len/--response-len (default: 0.5x to 1.5x)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--methods", default="naive,torch")
     parser.add_argument("--token-budget", type=int, default=16384)
@@ -149,7 +167,8 @@ def main() -> None:
 
     if args.shape:
         path, model = None, random_init_model(args.shape, args.dtype)
-        seqs = synthetic_pairs(SHAPES[args.shape][5], args.pairs, args.prompt_len, args.response_len)
+        seqs = synthetic_pairs(SHAPES[args.shape][5], args.pairs, args.prompt_len, args.response_len,
+                               args.exact_lengths)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -161,18 +180,28 @@ def main() -> None:
     # the exactness reference: the same weights, one sequence at a time, float64 log_softmax (untimed)
     check = seqs[: 2 * args.check_pairs]
     reference = naive_logprobs(model, check, batch_size=1, softmax_dtype=torch.float64)
-    tokens = sum(len(p) + len(r) for p, r in seqs)
+    tokens = sequence_tokens(seqs)
     for method in args.methods.split(","):
-        values, elapsed = run_method(method, path, model, args, seqs)
+        try:
+            values, elapsed = run_method(method, path, model, args, seqs)
+        except torch.cuda.OutOfMemoryError as e:  # a method that cannot fit is a result, not a crash
+            print(json.dumps({"device": device_name, "model": args.shape or args.model, "method": method,
+                              "pairs": len(seqs) // 2, "error": f"out of memory: {str(e).splitlines()[0]}"}),
+                  flush=True)
+            torch.cuda.empty_cache()
+            continue
         row = {
             "device": device_name, "model": args.shape or args.model, "dtype": args.dtype, "method": method,
-            "pairs": len(seqs) // 2, "tokens": tokens, "seconds": round(elapsed, 3),
+            "pairs": len(seqs) // 2, "tokens": tokens, "tokens_prompt_once": shared_tokens(seqs),
+            "seconds": round(elapsed, 3),
             "pairs_per_s": round(len(seqs) / 2 / elapsed, 3), "tokens_per_s": round(tokens / elapsed, 1),
-            "max_abs_diff_vs_exact": max(abs(a - b) for a, b in zip(values, reference)),
+            "max_abs_diff_vs_exact": max((abs(a - b) for a, b in zip(values, reference)), default=None),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         }
         if args.peak_tflops:
-            row["fraction_of_peak"] = round(useful_flops(model, seqs) / elapsed / (args.peak_tflops * 1e12), 3)
+            peak = args.peak_tflops * 1e12
+            row["fraction_of_peak"] = round(useful_flops(model, seqs, tokens) / elapsed / peak, 3)
+            row["fraction_of_peak_shared"] = round(useful_flops(model, seqs, shared_tokens(seqs)) / elapsed / peak, 3)
         print(json.dumps(row), flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -200,22 +200,26 @@ def score(cfg: RunConfig) -> dict:
     models = identify_models(cfg)
     layout = p.layout
     resumed = layout.exists(layout.staged("rows"))
+    timings = {"start_s": time.time() - started}  # config checks, Ray start, model identities
     if not layout.is_done("normalized"):
         layout.remove(layout.staged("normalized"))
         normalized_rows(p).write_parquet(layout.staged("normalized"))
         layout.mark_done("normalized")
+    timings["normalize_s"] = time.time() - started - timings["start_s"]
     done_before = checkpointed_rows(layout.staged("checkpoint"))
+    model_pass_at = time.time()
     if not layout.is_done("rows"):
         with checkpointed(layout.staged("checkpoint"), C.ROW):
             normalized = read_staged(layout.staged("normalized"), num_cpus=LIGHT_TASK_CPUS)
             score_rows(p, normalized, models).write_parquet(layout.staged("rows"))
         layout.mark_done("rows")
     scored_at = time.time()
+    timings["model_pass_s"] = scored_at - model_pass_at  # model stages + row metrics + staged write
     counts, moments = finish(ray.data.read_parquet(layout.staged("rows")), layout, cfg.metric.alpha,
                              cfg.selection)
+    timings.update(global_pass_s=time.time() - scored_at, total_s=time.time() - started)
     manifest = build_manifest(cfg, models, counts, moments, p.warnings,
-                              {"scoring_s": scored_at - started, "global_pass_s": time.time() - scored_at,
-                               "total_s": time.time() - started}, layout.run_id)
+                              {k: round(v, 3) for k, v in timings.items()}, layout.run_id)
     manifest["resumed"] = resumed
     manifest["counts"]["scored_this_attempt"] = checkpointed_rows(layout.staged("checkpoint")) - done_before
     layout.publish(manifest)

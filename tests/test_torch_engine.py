@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -86,3 +87,85 @@ def test_smollm2_logprobs_equal_naive_on_real_rows(smollm2):
     engine = TorchLogprobEngine(ModelConfig(path=smollm2, token_budget=2048, max_length=1024), smollm2)
     expected = naive_logprobs(engine.model, seqs, batch_size=1)
     assert engine.logprobs(seqs) == pytest.approx(expected, abs=1e-3)
+
+
+def test_tree_batch_shares_the_prompt_and_isolates_responses():
+    from mapray.scoring.packing import group_by_prompt, tree_batch
+
+    rows = group_by_prompt([([1, 2, 3], [4, 5]), ([7], [8, 9, 10]), ([1, 2, 3], [6])])
+    assert [(r.prompt, r.responses) for r in rows] == [([1, 2, 3], [(0, [4, 5]), (2, [6])]), ([7], [(1, [8, 9, 10])])]
+    b = tree_batch(rows)
+    assert b.input_ids.tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 0, 0]]
+    assert b.position_ids.tolist()[0] == [0, 1, 2, 3, 4, 3]  # the second response restarts after the prompt
+    assert b.attention_mask.shape == (2, 1, 6, 6)
+    assert b.attention_mask[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 0],
+        [1, 1, 1, 0, 0, 1],  # token 6 sees the prompt and itself, not the other response
+    ]
+    assert b.attention_mask[1, 0, 4:].int().tolist() == [[1, 0, 0, 0, 1, 0], [1, 0, 0, 0, 0, 1]]  # padding: itself
+    # token 4 is predicted from slot 2 (the last prompt token), 5 from 3; 6 also from slot 2
+    assert list(zip(b.rows.tolist(), b.slots.tolist(), b.targets.tolist(), b.owners.tolist())) == [
+        (0, 2, 4, 0), (0, 3, 5, 0), (0, 2, 6, 2), (1, 0, 8, 1), (1, 1, 9, 1), (1, 2, 10, 1)]
+
+
+def test_split_long_keeps_each_response_whole():
+    from mapray.scoring.packing import SharedPromptRow, split_long
+
+    row = SharedPromptRow([1, 2], [(0, [3] * 5), (1, [4] * 3), (2, [5] * 9)])
+    parts = split_long([row], max_tokens=10)
+    assert [[i for i, _ in p.responses] for p in parts] == [[0, 1], [2]]
+    assert all(p.prompt == [1, 2] for p in parts)
+
+
+def _logprobs_and_body_tokens(engine, seqs):
+    """The engine's log-probs, and the real (non-padding) tokens its model body ran on."""
+    seen = []
+    original = engine.body.forward
+
+    def forward(*args, **kwargs):
+        ids = kwargs["input_ids"]
+        seen.append(int((kwargs["position_ids"] > 0).sum()) + ids.shape[0])  # position 0 once per row
+        return original(*args, **kwargs)
+
+    engine.body.forward = forward
+    try:
+        return engine.logprobs(seqs), sum(seen)
+    finally:
+        del engine.body.forward
+
+
+# float64 throughout; Llama's eager attention takes its softmax in float32, hence its looser bound
+@pytest.mark.parametrize("attn,tol", [("sdpa", 1e-9), ("eager", 1e-5)])
+def test_prefix_sharing_equals_separate_sequences_and_runs_each_prompt_once(tiny, attn, tol):
+    tokenizer = AutoTokenizer.from_pretrained(tiny["policy"])
+    seqs = _sequences(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(tiny["policy"], dtype=torch.float64, attn_implementation=attn)
+    cfg = ModelConfig(path=tiny["policy"], token_budget=4096, max_length=4096, lm_head_chunk=7)
+    shared = TorchLogprobEngine(cfg, model=model)
+    assert shared.shared_max_tokens > 0
+    got, body_tokens = _logprobs_and_body_tokens(shared, seqs)
+    separate = TorchLogprobEngine(dataclasses.replace(cfg, prefix_sharing=False), model=model).logprobs(seqs)
+    assert got == pytest.approx(separate, abs=tol)
+    assert got == pytest.approx(naive_logprobs(model, seqs, batch_size=1), abs=tol)
+    prompts = {tuple(p): len(p) for p, _ in seqs}
+    assert body_tokens == sum(prompts.values()) + sum(len(r) for _, r in seqs)  # each distinct prompt once
+    # rows longer than the shared limit are split, and a single sequence past it goes alone: same values
+    shared.shared_max_tokens = max(len(p) + len(r) for p, r in seqs) - 1
+    assert shared.logprobs(seqs) == pytest.approx(separate, abs=tol)
+
+
+def test_prefix_sharing_stays_inside_a_sliding_window(tiny):
+    from mapray.scoring.torch_engine import SHARED_PROMPT_MAX_TOKENS, shared_prompt_limit
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["policy"])
+    cfg = ModelConfig(path=tiny["policy"])
+    assert shared_prompt_limit(cfg, model) == SHARED_PROMPT_MAX_TOKENS
+    model.config.sliding_window = 100
+    assert shared_prompt_limit(cfg, model) == 100
+    model.config.use_sliding_window = False  # Qwen2's switch: the window is configured but not used
+    assert shared_prompt_limit(cfg, model) == SHARED_PROMPT_MAX_TOKENS
+    assert shared_prompt_limit(dataclasses.replace(cfg, prefix_sharing=False), model) == 0

@@ -13,9 +13,12 @@ import torch
 
 from mapray.config import ModelConfig
 from mapray.scoring.batching import budget_batches
+from mapray.scoring.packing import SharedPromptRow, group_by_prompt, split_long, tree_batch
 
 log = logging.getLogger(__name__)
 
+# 8192^2 mask entries (64 Mi; 128 MiB as a bf16 bias) per row at most; longer sequences go one per row
+SHARED_PROMPT_MAX_TOKENS = 8192
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -25,6 +28,23 @@ def pick_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda was configured but CUDA is not available on this worker")
     return torch.device(device)
+
+
+def shared_prompt_limit(cfg: ModelConfig, model) -> int:
+    """Longest row that may share its prompt between responses; 0: never.
+
+    The tree mask is a custom 4D mask: only the SDPA and eager attention paths take one, and it replaces the
+    model's own mask, so a sliding window would be ignored: rows stay within the window. Its size is
+    rows x width^2 (bool; SDPA turns it into a bias in the model's dtype), hence the cap.
+    """
+    if not cfg.prefix_sharing or model.config._attn_implementation not in ("sdpa", "eager"):
+        return 0
+    text = model.config.get_text_config()
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None)
+    uses_window = window and getattr(text, "use_sliding_window", True) and (
+        layer_types is None or "sliding_attention" in layer_types)
+    return min(SHARED_PROMPT_MAX_TOKENS, window) if uses_window else SHARED_PROMPT_MAX_TOKENS
 
 
 class TorchLogprobEngine:
@@ -44,43 +64,48 @@ class TorchLogprobEngine:
         self.logit_scale = getattr(text_config, "logit_scale", None)
         self.token_budget = cfg.token_budget
         self.chunk = cfg.lm_head_chunk
+        self.shared_max_tokens = shared_prompt_limit(cfg, self.model)
 
     @torch.inference_mode()
     def logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[float]:
-        lengths = [len(p) + len(r) for p, r in sequences]
         out = [0.0] * len(sequences)
-        for batch in budget_batches(lengths, self.token_budget):
-            sums = self._batch_logprobs([sequences[i] for i in batch])
-            for i, value in zip(batch, sums):
-                out[i] = value
+        rows = group_by_prompt(sequences)
+        if self.shared_max_tokens:
+            rows = split_long(rows, self.shared_max_tokens)
+            shared = [row for row in rows if len(row) <= self.shared_max_tokens]
+            alone = [(i, seq) for row in rows if len(row) > self.shared_max_tokens for i, seq in row.responses]
+        else:
+            shared, alone = [], [(i, seq) for row in rows for i, seq in row.responses]
+        # a sequence too long to share its prompt (or a model that cannot) is a row of its own with a plain
+        # padding mask: no width^2 mask, and SDPA may pick its flash kernel
+        alone_rows = [SharedPromptRow(sequences[i][0], [(i, seq)]) for i, seq in alone]
+        for rows_, tree in ((shared, True), (alone_rows, False)):
+            for batch in budget_batches([len(row) for row in rows_], self.token_budget):
+                self._score_rows([rows_[i] for i in batch], tree, out)
         return out
 
-    def _batch_logprobs(self, seqs: list[tuple[list[int], list[int]]]) -> list[float]:
-        width = max(len(p) + len(r) for p, r in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        rows, positions, targets = [], [], []
-        for b, (prompt, response) in enumerate(seqs):
-            n = len(prompt) + len(response)
-            ids[b, :n] = torch.tensor(prompt + response)
-            mask[b, :n] = 1
-            # position t predicts token t + 1: response tokens sit at [len(prompt), n)
-            rows += [b] * len(response)
-            positions += range(len(prompt) - 1, n - 1)
-            targets += response
-        hidden = self.body(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
-        rows_t = torch.tensor(rows, device=self.device)
-        picked = hidden[rows_t, torch.tensor(positions, device=self.device)]
-        token_lp = self.response_token_logprobs(picked, torch.tensor(targets, device=self.device))
-        sums = torch.zeros(len(seqs), dtype=torch.float64, device=self.device)
-        sums.index_add_(0, rows_t, token_lp.double())
-        return sums.tolist()
+    def _score_rows(self, rows: list[SharedPromptRow], tree: bool, out: list[float]) -> None:
+        batch = tree_batch(rows, tree)
+        mask = batch.attention_mask
+        if tree and self.model.config._attn_implementation == "eager":  # eager adds the mask to the scores
+            mask = torch.zeros(mask.shape, dtype=self.model.dtype).masked_fill(~mask, torch.finfo(self.model.dtype).min)
+        hidden = self.body(input_ids=batch.input_ids.to(self.device), attention_mask=mask.to(self.device),
+                           position_ids=batch.position_ids.to(self.device)).last_hidden_state
+        rows_t = batch.rows.to(self.device)
+        picked = hidden[rows_t, batch.slots.to(self.device)]
+        token_lp = self.response_token_logprobs(picked, batch.targets.to(self.device))
+        owners, local = batch.owners.unique(return_inverse=True)
+        sums = torch.zeros(len(owners), dtype=torch.float64, device=self.device)
+        sums.index_add_(0, local.to(self.device), token_lp.double())
+        for i, value in zip(owners.tolist(), sums.tolist()):
+            out[i] = value
 
     def response_token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log softmax(head(h))[target] for each row of `hidden`, chunked; naive: log_softmax(head(h)).gather."""
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # at least fp32 (a bf16 model); fp64 stays
+        out = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
         for start in range(0, hidden.shape[0], self.chunk):
-            logits = self.head(hidden[start:start + self.chunk]).float()
+            logits = self.head(hidden[start:start + self.chunk]).to(dtype)
             if self.logit_scale is not None:
                 logits = logits * self.logit_scale
             if self.softcap is not None:
