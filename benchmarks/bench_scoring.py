@@ -10,8 +10,10 @@ log-prob sum against the naive computation (the exactness check). Two kinds of i
     python benchmarks/bench_scoring.py --shape 1b --pairs 256 --dtype bfloat16 --methods naive,torch
 
 Methods: naive (chosen+rejected padded, full-vocab logits, float32 log_softmax), torch (mapray's torch engine:
-each pair's prompt run once for both responses), torch-separate (the same engine with prefix_sharing off: every
-sequence on its own), vllm (mapray's vLLM engine; needs vllm).
+each pair's prompt run once for both responses, short rows packed side by side), torch-nosharing,
+torch-nopacking, torch-padded (the same engine with prefix_sharing, packing, or both off: the last is
+length-sorted padded batches), vllm (mapray's vLLM engine; needs vllm). The engines are called on
+`--engine-batch` pairs at a time, as the pipeline calls them on one Ray batch at a time.
 
 Fraction of peak counts useful FLOPs two ways: `fraction_of_peak` per sequence (the prompt counted for each
 response, as a per-sequence scorer must process it: prefix sharing can push it past what per-sequence work
@@ -21,14 +23,17 @@ allows) and `fraction_of_peak_shared` with each pair's prompt counted once (the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
+import resource
 import time
 
 import torch
 
 SHAPES = {  # Llama-style shapes: hidden, intermediate, layers, heads, kv heads, vocab
     "tiny": (64, 128, 2, 2, 1, 512),
+    "widevocab": (256, 512, 2, 4, 2, 128256),  # CPU memory check: a small body under an 8B-sized vocabulary
     "1b": (2048, 8192, 16, 32, 8, 128256),
     "8b": (4096, 14336, 32, 32, 8, 128256),
 }
@@ -59,19 +64,40 @@ def real_pairs(model_path: str, data: str, n: int, max_length: int):
     return seqs
 
 
-def synthetic_pairs(vocab: int, n: int, prompt_len: int, response_len: int, exact: bool = False, seed: int = 0):
+def synthetic_pairs(vocab: int, lengths: list[tuple[int, int, int]], seed: int = 0):
+    """Random token ids with the given (prompt, chosen, rejected) lengths."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for p, c, r in lengths:
+        prompt = torch.randint(0, vocab, (p,), generator=g).tolist()
+        seqs += [(prompt, torch.randint(0, vocab, (n,), generator=g).tolist()) for n in (c, r)]
+    return seqs
+
+
+def drawn_lengths(n: int, prompt_len: int, response_len: int, exact: bool, seed: int = 0):
+    """n (prompt, chosen, rejected) lengths, each uniform in [0.5, 1.5) x its mean (or exactly the mean)."""
     g = torch.Generator().manual_seed(seed)
 
     def length(mean: int) -> int:
         return mean if exact else int(mean * (0.5 + torch.rand(1, generator=g).item()))
 
-    seqs = []
-    for _ in range(n):
-        prompt = torch.randint(0, vocab, (length(prompt_len),), generator=g).tolist()
-        for _ in range(2):
-            r = length(response_len)
-            seqs.append((prompt, torch.randint(0, vocab, (r,), generator=g).tolist()))
-    return seqs
+    return [(length(prompt_len), length(response_len), length(response_len)) for _ in range(n)]
+
+
+def file_lengths(path: str, n: int, max_length: int):
+    """The first n rows of a lengths file (JSON lines [prompt, chosen, rejected], written by --write-lengths),
+    truncated as a run truncates them."""
+    from mapray.templates import truncate_pair
+
+    out = []
+    with open(path) as f:
+        for line in f:
+            p, c, r = json.loads(line)
+            pair = truncate_pair([0] * p, [0] * c, [0] * r, max_length, max_length // 2)
+            out.append((len(pair.prompt), len(pair.chosen), len(pair.rejected)))
+            if len(out) == n:
+                break
+    return out
 
 
 def random_init_model(shape: str, dtype: str):
@@ -108,6 +134,12 @@ def useful_flops(model, seqs, tokens: int) -> float:
     return 2.0 * body * tokens + 2.0 * head.numel() * sum(len(r) for _, r in seqs)
 
 
+TORCH_VARIANTS = {  # method -> (prefix_sharing, packing)
+    "torch": (True, True), "torch-nosharing": (False, True), "torch-nopacking": (True, False),
+    "torch-padded": (False, False),
+}
+
+
 def run_method(method: str, path: str | None, model, args, seqs):
     """Times one method on all pairs after a short warm-up; returns (sums, seconds)."""
     from mapray.config import ModelConfig
@@ -115,8 +147,7 @@ def run_method(method: str, path: str | None, model, args, seqs):
 
     cfg = ModelConfig(path=path or "", dtype=args.dtype, token_budget=args.token_budget,
                       max_length=args.max_length, lm_head_chunk=args.lm_head_chunk,
-                      engine="vllm" if method == "vllm" else "torch", max_num_batched_tokens=args.token_budget,
-                      prefix_sharing=method != "torch-separate")
+                      engine="vllm" if method == "vllm" else "torch", max_num_batched_tokens=args.token_budget)
     if method == "vllm":
         from mapray.scoring.vllm_engine import VllmLogprobEngine
 
@@ -127,7 +158,12 @@ def run_method(method: str, path: str | None, model, args, seqs):
     else:
         from mapray.scoring.torch_engine import TorchLogprobEngine
 
-        score = TorchLogprobEngine(cfg, model=model).logprobs
+        sharing, packing = TORCH_VARIANTS[method]
+        engine = TorchLogprobEngine(dataclasses.replace(cfg, prefix_sharing=sharing, packing=packing), model=model)
+
+        def score(s):  # one engine call per Ray-batch-sized slice (pairs stay whole: 2 sequences each)
+            step = 2 * args.engine_batch
+            return [v for start in range(0, len(s), step) for v in engine.logprobs(s[start:start + step])]
     score(seqs[: min(len(seqs), 4)])  # warm-up: kernels, allocator, lazy init
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -147,6 +183,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=150)
     parser.add_argument("--response-len", type=int, default=350)
+    parser.add_argument("--lengths", help="--shape: (prompt, chosen, rejected) lengths from this file, not drawn")
+    parser.add_argument("--write-lengths", help="--model/--data: write the pairs' token lengths to this file")
     parser.add_argument("--exact-lengths", action="store_true",
                         help="synthetic lengths exactly --prompt-len/--response-len (default: 0.5x to 1.5x)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -154,6 +192,8 @@ def main() -> None:
     parser.add_argument("--token-budget", type=int, default=16384)
     parser.add_argument("--max-length", type=int, default=4096, help="pairs are truncated to this, like a run")
     parser.add_argument("--lm-head-chunk", type=int, default=4096)
+    parser.add_argument("--engine-batch", type=int, default=64,
+                        help="pairs per engine call (the pipeline's batch_size; default as ModelConfig)")
     parser.add_argument("--naive-batch", type=int, default=8, help="sequences per naive batch (4 pairs)")
     parser.add_argument("--peak-tflops", type=float, help="measured matmul peak, for the fraction-of-peak column")
     parser.add_argument("--check-pairs", type=int, default=4,
@@ -167,8 +207,9 @@ def main() -> None:
 
     if args.shape:
         path, model = None, random_init_model(args.shape, args.dtype)
-        seqs = synthetic_pairs(SHAPES[args.shape][5], args.pairs, args.prompt_len, args.response_len,
-                               args.exact_lengths)
+        lengths = (file_lengths(args.lengths, args.pairs, args.max_length) if args.lengths else
+                   drawn_lengths(args.pairs, args.prompt_len, args.response_len, args.exact_lengths))
+        seqs = synthetic_pairs(SHAPES[args.shape][5], lengths)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -176,6 +217,11 @@ def main() -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).to(device).eval()
         seqs = real_pairs(path, args.data, args.pairs, args.max_length)
+        if args.write_lengths:  # untruncated with a large --max-length; --lengths truncates them again
+            with open(args.write_lengths, "w") as f:
+                for (prompt, chosen), (_, rejected) in zip(seqs[::2], seqs[1::2]):
+                    f.write(json.dumps([len(prompt), len(chosen), len(rejected)]) + "\n")
+            return
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     # the exactness reference: the same weights, one sequence at a time, float64 log_softmax (untimed)
     check = seqs[: 2 * args.check_pairs]
@@ -197,6 +243,9 @@ def main() -> None:
             "pairs_per_s": round(len(seqs) / 2 / elapsed, 3), "tokens_per_s": round(tokens / elapsed, 1),
             "max_abs_diff_vs_exact": max((abs(a - b) for a, b in zip(values, reference)), default=None),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+            # CPU: the process's peak resident memory so far (weights included): one method per run to compare
+            "peak_rss_gib": None if torch.cuda.is_available() else round(
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         }
         if args.peak_tflops:
             peak = args.peak_tflops * 1e12

@@ -55,6 +55,7 @@ class ModelConfig:
     token_budget: int = 16384  # padded tokens per forward pass (torch engine)
     lm_head_chunk: int = 4096  # response positions per LM-head chunk (bounds the vocab-sized logits)
     prefix_sharing: bool = True  # torch engine: a pair's prompt runs once for both responses (tree mask)
+    packing: bool = True  # torch engine: short sequences side by side in one row of a batch, not padded
     chat_template: str | None = None  # overrides the tokenizer's template (Jinja text)
     batch_size: int = 64  # rows per Ray Data batch sent to an actor
     actors: int = 1  # actor pool size

@@ -49,11 +49,13 @@ def test_logprobs_equal_naive_full_logits(tiny, budget, chunk):
     assert len(set(round(v, 3) for v in got)) > 3  # the values really differ between sequences
 
 
-def test_rewards_equal_unpadded_model_even_when_pad_is_the_last_token(tiny):
+@pytest.mark.parametrize("packing", [True, False])
+def test_rewards_equal_unpadded_model_even_when_pad_is_the_last_token(tiny, packing):
     tokenizer = AutoTokenizer.from_pretrained(tiny["reward"])
     enc = ChatEncoder(tokenizer, 512)
     seqs = [enc.encode_full([{"role": "user", "content": "how to cook"}], t)[0] for t in TEXTS]
-    engine = TorchRewardEngine(ModelConfig(path=tiny["reward"]), tiny["reward"])
+    engine = TorchRewardEngine(ModelConfig(path=tiny["reward"], packing=packing), tiny["reward"])
+    assert (engine.tree_limit > 0) == packing
     model = AutoModelForSequenceClassification.from_pretrained(tiny["reward"], dtype=torch.float32).eval()
     expected = [naive_reward(model, s) for s in seqs]
     assert engine.rewards(seqs) == pytest.approx(expected, abs=1e-5)
@@ -61,6 +63,20 @@ def test_rewards_equal_unpadded_model_even_when_pad_is_the_last_token(tiny):
     engine.model.config.pad_token_id = seqs[0][-1]
     assert engine.rewards(seqs) == pytest.approx(expected, abs=1e-5)
     assert len(set(round(v, 4) for v in expected)) == len(TEXTS)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rewards_equal_one_sequence_at_a_time(tiny, attn):
+    tokenizer = AutoTokenizer.from_pretrained(tiny["reward"])
+    enc = ChatEncoder(tokenizer, 512)
+    seqs = [enc.encode_full([{"role": "user", "content": f"question {k}"}], t)[0] for k in range(3) for t in TEXTS]
+    model = AutoModelForSequenceClassification.from_pretrained(tiny["reward"], dtype=torch.float64,
+                                                               attn_implementation=attn).eval()
+    expected = [naive_reward(model, s) for s in seqs]
+    engine = TorchRewardEngine(ModelConfig(path=tiny["reward"], token_budget=512), model=model)
+    assert engine.rewards(seqs) == pytest.approx(expected, abs=1e-9 if attn == "sdpa" else 1e-5)
+    engine.tree_limit = sorted(map(len, seqs))[len(seqs) // 2]  # half packed, half through the padded path
+    assert engine.rewards(seqs) == pytest.approx(expected, abs=1e-9 if attn == "sdpa" else 1e-5)
 
 
 def _real_pairs(tokenizer, n=2):
@@ -94,7 +110,7 @@ def test_tree_batch_shares_the_prompt_and_isolates_responses():
 
     rows = group_by_prompt([([1, 2, 3], [4, 5]), ([7], [8, 9, 10]), ([1, 2, 3], [6])])
     assert [(r.prompt, r.responses) for r in rows] == [([1, 2, 3], [(0, [4, 5]), (2, [6])]), ([7], [(1, [8, 9, 10])])]
-    b = tree_batch(rows)
+    b = tree_batch([[rows[0]], [rows[1]]])
     assert b.input_ids.tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 0, 0]]
     assert b.position_ids.tolist()[0] == [0, 1, 2, 3, 4, 3]  # the second response restarts after the prompt
     assert b.attention_mask.shape == (2, 1, 6, 6)
@@ -106,10 +122,41 @@ def test_tree_batch_shares_the_prompt_and_isolates_responses():
         [1, 1, 1, 1, 1, 0],
         [1, 1, 1, 0, 0, 1],  # token 6 sees the prompt and itself, not the other response
     ]
-    assert b.attention_mask[1, 0, 4:].int().tolist() == [[1, 0, 0, 0, 1, 0], [1, 0, 0, 0, 0, 1]]  # padding: itself
+    assert b.attention_mask[1, 0, 4:].int().tolist() == [[0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 1]]  # padding: itself
     # token 4 is predicted from slot 2 (the last prompt token), 5 from 3; 6 also from slot 2
     assert list(zip(b.rows.tolist(), b.slots.tolist(), b.targets.tolist(), b.owners.tolist())) == [
         (0, 2, 4, 0), (0, 3, 5, 0), (0, 2, 6, 2), (1, 0, 8, 1), (1, 1, 9, 1), (1, 2, 10, 1)]
+    plain = tree_batch([[rows[1]]], tree=False)
+    assert plain.attention_mask.tolist() == [[1, 1, 1, 1]]
+
+
+def test_packed_rows_sit_side_by_side_without_seeing_each_other():
+    from mapray.scoring.packing import SharedPromptRow, tree_batch
+
+    first, second = SharedPromptRow([1, 2], [(0, [3]), (1, [4])]), SharedPromptRow([7], [(2, [8, 9])])
+    b = tree_batch([[first, second]])
+    assert b.input_ids.tolist() == [[1, 2, 3, 4, 7, 8, 9]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 2, 0, 1, 2]]  # each packed row starts at position 0
+    assert b.attention_mask[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 0, 1, 0, 0, 0],
+        [0, 0, 0, 0, 1, 0, 0],  # the second row's prompt sees nothing of the first row
+        [0, 0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 1, 1, 1],
+    ]
+    assert list(zip(b.slots.tolist(), b.targets.tolist(), b.owners.tolist())) == [
+        (1, 3, 0), (1, 4, 1), (4, 8, 2), (5, 9, 2)]
+
+
+def test_pack_is_first_fit_decreasing_within_capacity():
+    from mapray.scoring.packing import SharedPromptRow, pack
+
+    rows = [SharedPromptRow([0] * n, [(i, [1])]) for i, n in enumerate([2, 9, 4, 5, 1])]  # lengths 3 10 5 6 2
+    packed = pack(rows, capacity=10)
+    assert [[len(r) for r in members] for members in packed] == [[10], [6, 3], [5, 2]]
+    assert sorted(owner for members in packed for r in members for owner, _ in r.responses) == [0, 1, 2, 3, 4]
 
 
 def test_split_long_keeps_each_response_whole():
@@ -119,53 +166,66 @@ def test_split_long_keeps_each_response_whole():
     parts = split_long([row], max_tokens=10)
     assert [[i for i, _ in p.responses] for p in parts] == [[0, 1], [2]]
     assert all(p.prompt == [1, 2] for p in parts)
+    assert [len(p.responses) for p in split_long([row], max_tokens=0)] == [1, 1, 1]
 
 
-def _logprobs_and_body_tokens(engine, seqs):
-    """The engine's log-probs, and the real (non-padding) tokens its model body ran on."""
-    seen = []
-    original = engine.body.forward
+def _logprobs_and_work(engine, seqs):
+    """The engine's log-probs, the real tokens its batches held and the slots (rows x width) they took."""
+    from mapray.scoring import torch_engine
 
-    def forward(*args, **kwargs):
-        ids = kwargs["input_ids"]
-        seen.append(int((kwargs["position_ids"] > 0).sum()) + ids.shape[0])  # position 0 once per row
-        return original(*args, **kwargs)
+    real, slots = [], []
 
-    engine.body.forward = forward
+    def recording(packed, tree=True):
+        batch = build(packed, tree)
+        real.append(sum(len(row) for members in packed for row in members))
+        slots.append(batch.input_ids.numel())
+        return batch
+
+    build, torch_engine.tree_batch = torch_engine.tree_batch, recording
     try:
-        return engine.logprobs(seqs), sum(seen)
+        return engine.logprobs(seqs), sum(real), sum(slots)
     finally:
-        del engine.body.forward
+        torch_engine.tree_batch = build
 
 
 # float64 throughout; Llama's eager attention takes its softmax in float32, hence its looser bound
 @pytest.mark.parametrize("attn,tol", [("sdpa", 1e-9), ("eager", 1e-5)])
-def test_prefix_sharing_equals_separate_sequences_and_runs_each_prompt_once(tiny, attn, tol):
+def test_prefix_sharing_and_packing_equal_separate_sequences(tiny, attn, tol):
     tokenizer = AutoTokenizer.from_pretrained(tiny["policy"])
-    seqs = _sequences(tokenizer)
+    enc = ChatEncoder(tokenizer, 512)
+    short_pairs = [enc.encode_pair([{"role": "user", "content": f"count to {k}"}], "1 2 3" * k, "no")
+                   for k in range(1, 5)]
+    seqs = _sequences(tokenizer) + [seq for pair in short_pairs for seq in pair.sequences()]
     model = AutoModelForCausalLM.from_pretrained(tiny["policy"], dtype=torch.float64, attn_implementation=attn)
+    expected = naive_logprobs(model, seqs, batch_size=1)
     cfg = ModelConfig(path=tiny["policy"], token_budget=4096, max_length=4096, lm_head_chunk=7)
-    shared = TorchLogprobEngine(cfg, model=model)
-    assert shared.shared_max_tokens > 0
-    got, body_tokens = _logprobs_and_body_tokens(shared, seqs)
-    separate = TorchLogprobEngine(dataclasses.replace(cfg, prefix_sharing=False), model=model).logprobs(seqs)
-    assert got == pytest.approx(separate, abs=tol)
-    assert got == pytest.approx(naive_logprobs(model, seqs, batch_size=1), abs=tol)
-    prompts = {tuple(p): len(p) for p, _ in seqs}
-    assert body_tokens == sum(prompts.values()) + sum(len(r) for _, r in seqs)  # each distinct prompt once
-    # rows longer than the shared limit are split, and a single sequence past it goes alone: same values
-    shared.shared_max_tokens = max(len(p) + len(r) for p, r in seqs) - 1
-    assert shared.logprobs(seqs) == pytest.approx(separate, abs=tol)
+    prompts_once = sum(len(p) for p in {tuple(p) for p, _ in seqs}) + sum(len(r) for _, r in seqs)
+    every_prompt = sum(len(p) + len(r) for p, r in seqs)
+    work = {}
+    for sharing, packing in [(True, True), (True, False), (False, True), (False, False)]:
+        engine = TorchLogprobEngine(dataclasses.replace(cfg, prefix_sharing=sharing, packing=packing), model=model)
+        got, real, slots = _logprobs_and_work(engine, seqs)
+        assert got == pytest.approx(expected, abs=tol), (sharing, packing)
+        assert real == (prompts_once if sharing else every_prompt)  # each distinct prompt once
+        work[sharing, packing] = slots
+        # rows longer than the tree-mask limit are split, and a sequence past it goes alone: same values
+        engine.tree_limit = max(len(p) + len(r) for p, r in seqs) - 1
+        assert engine.logprobs(seqs) == pytest.approx(expected, abs=tol)
+    assert work[True, True] < work[True, False] and work[False, True] < work[False, False]  # less padding
+    assert work[True, True] < work[False, True]
 
 
-def test_prefix_sharing_stays_inside_a_sliding_window(tiny):
-    from mapray.scoring.torch_engine import SHARED_PROMPT_MAX_TOKENS, shared_prompt_limit
+def test_tree_mask_stays_inside_a_sliding_window(tiny):
+    from mapray.scoring.torch_engine import TREE_MASK_MAX_TOKENS, tree_mask_limit
 
     model = AutoModelForCausalLM.from_pretrained(tiny["policy"])
     cfg = ModelConfig(path=tiny["policy"])
-    assert shared_prompt_limit(cfg, model) == SHARED_PROMPT_MAX_TOKENS
+    assert tree_mask_limit(cfg, model) == TREE_MASK_MAX_TOKENS
     model.config.sliding_window = 100
-    assert shared_prompt_limit(cfg, model) == 100
+    assert tree_mask_limit(cfg, model) == 100
     model.config.use_sliding_window = False  # Qwen2's switch: the window is configured but not used
-    assert shared_prompt_limit(cfg, model) == SHARED_PROMPT_MAX_TOKENS
-    assert shared_prompt_limit(dataclasses.replace(cfg, prefix_sharing=False), model) == 0
+    assert tree_mask_limit(cfg, model) == TREE_MASK_MAX_TOKENS
+    assert tree_mask_limit(dataclasses.replace(cfg, prefix_sharing=False), model) == TREE_MASK_MAX_TOKENS
+    assert tree_mask_limit(dataclasses.replace(cfg, prefix_sharing=False, packing=False), model) == 0
+    model.config._attn_implementation = "flash_attention_2"  # takes no custom 4D mask
+    assert tree_mask_limit(cfg, model) == 0

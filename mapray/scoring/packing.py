@@ -8,8 +8,10 @@ prompt ends, so every response token gets exactly the attention inputs and posit
 sequence: the log-probs equal the per-sequence ones (tests/test_torch_engine.py), for P + R1 + R2 tokens of
 work instead of 2P + R1 + R2.
 
-Padding slots at the end of a row attend to themselves only: a slot that attends to nothing has a NaN
-softmax, and a NaN value leaks into real rows through the next layer's attention (0 x NaN = NaN).
+Several such rows are packed side by side into one row of the batch (block-diagonal: a row never sees
+another), so a batch is not padded to its longest row. Padding slots at the end of a packed row attend to
+themselves only: a slot that attends to nothing has a NaN softmax, and a NaN value leaks into real rows
+through the next layer's attention (0 x NaN = NaN).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-PROMPT = -1  # segment id of prompt slots; responses are 0, 1, ...; padding slots get their own unique ids
+PROMPT = -1  # branch id of prompt slots; responses are 0, 1, ...
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,8 @@ class TreeBatch:
     rows: torch.Tensor  # for every response token: its row,
     slots: torch.Tensor  # the slot whose hidden state predicts it,
     targets: torch.Tensor  # the token itself,
-    owners: torch.Tensor  # and the index of its sequence in the caller's list
+    owners: torch.Tensor  # the index of its sequence in the caller's list,
+    token_slots: torch.Tensor  # and the slot it sits in
 
 
 def group_by_prompt(sequences: list[tuple[list[int], list[int]]]) -> list[SharedPromptRow]:
@@ -64,38 +67,63 @@ def split_long(rows: list[SharedPromptRow], max_tokens: int) -> list[SharedPromp
     return out
 
 
-def tree_batch(rows: list[SharedPromptRow], tree: bool = True) -> TreeBatch:
-    """The batch's tensors; `tree=False` (rows of one response each) gives a plain 2D padding mask instead."""
-    width = max(len(row) for row in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    positions = torch.zeros(len(rows), width, dtype=torch.long)
-    # padding slots: unique negative ids below PROMPT, so a padding slot matches only itself
-    segments = -2 - torch.arange(width).repeat(len(rows), 1)
-    row_of, slot_of, targets, owners = [], [], [], []
-    for b, row in enumerate(rows):
-        p = len(row.prompt)
-        ids[b, :p] = torch.tensor(row.prompt)
-        positions[b, :p] = torch.arange(p)
-        segments[b, :p] = PROMPT
-        start = p
-        for k, (owner, response) in enumerate(row.responses):
-            n = len(response)
-            ids[b, start:start + n] = torch.tensor(response)
-            positions[b, start:start + n] = torch.arange(p, p + n)
-            segments[b, start:start + n] = k
-            # the first response token is predicted by the last prompt slot, token j by the slot of token j - 1
-            slot_of += [p - 1] + list(range(start, start + n - 1))
-            row_of += [b] * n
-            targets += response
-            owners += [owner] * n
-            start += n
+def pack(rows: list[SharedPromptRow], capacity: int) -> list[list[SharedPromptRow]]:
+    """Rows placed into packed rows of at most `capacity` tokens, first-fit decreasing.
+
+    The engine is called on one Ray batch at a time, whose rows' lengths spread widely (10 to 2,000 tokens in
+    the shipped UltraFeedback sample): padded to the longest, a batch is half padding; packed, a few percent.
+    """
+    bins: list[tuple[int, list[SharedPromptRow]]] = []
+    for row in sorted(rows, key=len, reverse=True):
+        for k, (used, members) in enumerate(bins):
+            if used + len(row) <= capacity:
+                bins[k] = (used + len(row), members + [row])
+                break
+        else:
+            bins.append((len(row), [row]))
+    return [members for _, members in bins]
+
+
+def tree_batch(packed: list[list[SharedPromptRow]], tree: bool = True) -> TreeBatch:
+    """The batch's tensors for packed rows (each a list of prompt rows side by side). `tree=False` (one
+    sequence per packed row) gives a plain 2D padding mask instead of the 4D one."""
+    width = max(sum(len(row) for row in members) for members in packed)
+    ids = torch.zeros(len(packed), width, dtype=torch.long)
+    positions = torch.zeros(len(packed), width, dtype=torch.long)
+    # which prompt row a slot belongs to (padding: a unique negative id, so it matches only itself), and its
+    # branch: PROMPT, or the response's number
+    groups = -1 - torch.arange(width).repeat(len(packed), 1)
+    branches = torch.zeros(len(packed), width, dtype=torch.long)
+    row_of, slot_of, targets, owners, token_slots = [], [], [], [], []
+    for b, members in enumerate(packed):
+        start = 0
+        for g, row in enumerate(members):
+            p, base = len(row.prompt), start
+            ids[b, start:start + p] = torch.tensor(row.prompt)
+            positions[b, start:start + p] = torch.arange(p)
+            groups[b, start:start + p] = g
+            branches[b, start:start + p] = PROMPT
+            start += p
+            for k, (owner, response) in enumerate(row.responses):
+                n = len(response)
+                ids[b, start:start + n] = torch.tensor(response)
+                positions[b, start:start + n] = torch.arange(p, p + n)
+                groups[b, start:start + n] = g
+                branches[b, start:start + n] = k
+                # the first response token is predicted by the last prompt slot, token j by token j - 1's slot
+                slot_of += [base + p - 1] + list(range(start, start + n - 1))
+                row_of += [b] * n
+                targets += response
+                owners += [owner] * n
+                token_slots += range(start, start + n)
+                start += n
+    gather = (torch.tensor(row_of), torch.tensor(slot_of), torch.tensor(targets), torch.tensor(owners),
+              torch.tensor(token_slots))
     if not tree:
-        mask = (segments >= PROMPT).long()
-        return TreeBatch(ids, positions, mask, torch.tensor(row_of), torch.tensor(slot_of), torch.tensor(targets),
-                         torch.tensor(owners))
+        return TreeBatch(ids, positions, (groups >= 0).long(), *gather)
     slot = torch.arange(width)
     causal = slot[:, None] >= slot[None, :]
-    same_branch = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == PROMPT)
-    mask = (causal[None] & same_branch)[:, None]
-    return TreeBatch(ids, positions, mask, torch.tensor(row_of), torch.tensor(slot_of), torch.tensor(targets),
-                     torch.tensor(owners))
+    same_row = groups[:, :, None] == groups[:, None, :]
+    same_branch = (branches[:, :, None] == branches[:, None, :]) | (branches[:, None, :] == PROMPT)
+    mask = (causal[None] & same_row & same_branch)[:, None]
+    return TreeBatch(ids, positions, mask, *gather)

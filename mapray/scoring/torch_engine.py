@@ -13,12 +13,12 @@ import torch
 
 from mapray.config import ModelConfig
 from mapray.scoring.batching import budget_batches
-from mapray.scoring.packing import SharedPromptRow, group_by_prompt, split_long, tree_batch
+from mapray.scoring.packing import SharedPromptRow, TreeBatch, group_by_prompt, pack, split_long, tree_batch
 
 log = logging.getLogger(__name__)
 
 # 8192^2 mask entries (64 Mi; 128 MiB as a bf16 bias) per row at most; longer sequences go one per row
-SHARED_PROMPT_MAX_TOKENS = 8192
+TREE_MASK_MAX_TOKENS = 8192
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -30,21 +30,31 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def shared_prompt_limit(cfg: ModelConfig, model) -> int:
-    """Longest row that may share its prompt between responses; 0: never.
+def tree_mask_limit(cfg: ModelConfig, model) -> int:
+    """Longest row that may go through the tree-mask path (prefix sharing, packing); 0: none may.
 
     The tree mask is a custom 4D mask: only the SDPA and eager attention paths take one, and it replaces the
     model's own mask, so a sliding window would be ignored: rows stay within the window. Its size is
     rows x width^2 (bool; SDPA turns it into a bias in the model's dtype), hence the cap.
     """
-    if not cfg.prefix_sharing or model.config._attn_implementation not in ("sdpa", "eager"):
+    if not (cfg.prefix_sharing or cfg.packing) or model.config._attn_implementation not in ("sdpa", "eager"):
         return 0
     text = model.config.get_text_config()
     window = getattr(text, "sliding_window", None)
     layer_types = getattr(text, "layer_types", None)
     uses_window = window and getattr(text, "use_sliding_window", True) and (
         layer_types is None or "sliding_attention" in layer_types)
-    return min(SHARED_PROMPT_MAX_TOKENS, window) if uses_window else SHARED_PROMPT_MAX_TOKENS
+    return min(TREE_MASK_MAX_TOKENS, window) if uses_window else TREE_MASK_MAX_TOKENS
+
+
+def run_body(body, model, batch: TreeBatch, tree: bool) -> torch.Tensor:
+    """The model body's last hidden states over a tree (or plain padded) batch."""
+    mask = batch.attention_mask
+    if tree and model.config._attn_implementation == "eager":  # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=model.dtype).masked_fill(~mask, torch.finfo(model.dtype).min)
+    device = next(model.parameters()).device
+    return body(input_ids=batch.input_ids.to(device), attention_mask=mask.to(device),
+                position_ids=batch.position_ids.to(device)).last_hidden_state
 
 
 class TorchLogprobEngine:
@@ -64,33 +74,33 @@ class TorchLogprobEngine:
         self.logit_scale = getattr(text_config, "logit_scale", None)
         self.token_budget = cfg.token_budget
         self.chunk = cfg.lm_head_chunk
-        self.shared_max_tokens = shared_prompt_limit(cfg, self.model)
+        self.prefix_sharing, self.packing = cfg.prefix_sharing, cfg.packing
+        self.tree_limit = tree_mask_limit(cfg, self.model)
 
     @torch.inference_mode()
     def logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[float]:
         out = [0.0] * len(sequences)
-        rows = group_by_prompt(sequences)
-        if self.shared_max_tokens:
-            rows = split_long(rows, self.shared_max_tokens)
-            shared = [row for row in rows if len(row) <= self.shared_max_tokens]
-            alone = [(i, seq) for row in rows if len(row) > self.shared_max_tokens for i, seq in row.responses]
+        if self.prefix_sharing:
+            rows = group_by_prompt(sequences)
         else:
-            shared, alone = [], [(i, seq) for row in rows for i, seq in row.responses]
-        # a sequence too long to share its prompt (or a model that cannot) is a row of its own with a plain
-        # padding mask: no width^2 mask, and SDPA may pick its flash kernel
-        alone_rows = [SharedPromptRow(sequences[i][0], [(i, seq)]) for i, seq in alone]
-        for rows_, tree in ((shared, True), (alone_rows, False)):
-            for batch in budget_batches([len(row) for row in rows_], self.token_budget):
+            rows = [SharedPromptRow(prompt, [(i, response)]) for i, (prompt, response) in enumerate(sequences)]
+        rows = split_long(rows, self.tree_limit)  # a limit of 0 leaves every response alone
+        tree_rows = [row for row in rows if len(row) <= self.tree_limit]
+        # a sequence too long for the tree mask (or a model that cannot take one) is a row of its own with a
+        # plain padding mask: no width^2 mask, and SDPA may pick its flash kernel
+        plain = [[SharedPromptRow(row.prompt, [item])] for row in rows if len(row) > self.tree_limit
+                 for item in row.responses]
+        packed = pack(tree_rows, max(map(len, tree_rows))) if self.packing and tree_rows else [
+            [row] for row in tree_rows]
+        for rows_, tree in ((packed, True), (plain, False)):
+            lengths = [sum(map(len, members)) for members in rows_]
+            for batch in budget_batches(lengths, self.token_budget):
                 self._score_rows([rows_[i] for i in batch], tree, out)
         return out
 
-    def _score_rows(self, rows: list[SharedPromptRow], tree: bool, out: list[float]) -> None:
-        batch = tree_batch(rows, tree)
-        mask = batch.attention_mask
-        if tree and self.model.config._attn_implementation == "eager":  # eager adds the mask to the scores
-            mask = torch.zeros(mask.shape, dtype=self.model.dtype).masked_fill(~mask, torch.finfo(self.model.dtype).min)
-        hidden = self.body(input_ids=batch.input_ids.to(self.device), attention_mask=mask.to(self.device),
-                           position_ids=batch.position_ids.to(self.device)).last_hidden_state
+    def _score_rows(self, packed: list[list[SharedPromptRow]], tree: bool, out: list[float]) -> None:
+        batch = tree_batch(packed, tree)
+        hidden = run_body(self.body, self.model, batch, tree)
         rows_t = batch.rows.to(self.device)
         picked = hidden[rows_t, batch.slots.to(self.device)]
         token_lp = self.response_token_logprobs(picked, batch.targets.to(self.device))
@@ -116,25 +126,45 @@ class TorchLogprobEngine:
 
 
 class TorchRewardEngine:
-    """Any `AutoModelForSequenceClassification` with one label; the raw logit of that label is the reward."""
+    """Any `AutoModelForSequenceClassification` with one label; the raw logit of that label is the reward.
 
-    def __init__(self, cfg: ModelConfig, local_path: str):
+    Models built on transformers' generic sequence-classification head (Llama, Qwen, Mistral, Gemma and most
+    decoder reward models) are scored packed: sequences side by side in a row under a block-diagonal mask, the
+    head applied at each sequence's last token. Any other head (or a sequence past the tree-mask limit) goes
+    through the model's own forward on a padded batch.
+    """
+
+    def __init__(self, cfg: ModelConfig, local_path: str | None = None, model=None):
         from transformers import AutoModelForSequenceClassification
+        from transformers.modeling_layers import GenericForSequenceClassification
 
-        self.device = pick_device(cfg.device)
-        self.model = AutoModelForSequenceClassification.from_pretrained(local_path, dtype=DTYPES[cfg.dtype])
-        if self.model.config.num_labels != 1:
-            raise ValueError(f"reward model {local_path} has {self.model.config.num_labels} labels, expected 1")
-        self.model.to(self.device).eval()
+        self.device = pick_device(cfg.device) if model is None else next(model.parameters()).device
+        if model is None:
+            model = AutoModelForSequenceClassification.from_pretrained(local_path, dtype=DTYPES[cfg.dtype])
+        if model.config.num_labels != 1:
+            raise ValueError(f"reward model {local_path} has {model.config.num_labels} labels, expected 1")
+        self.model = model.to(self.device).eval()
         self.token_budget = cfg.token_budget
+        generic = isinstance(model, GenericForSequenceClassification)
+        self.tree_limit = tree_mask_limit(cfg, model) if generic and cfg.packing else 0
 
     @torch.inference_mode()
     def rewards(self, sequences: list[list[int]]) -> list[float]:
         out = [0.0] * len(sequences)
-        for batch in budget_batches([len(s) for s in sequences], self.token_budget):
-            seqs = [sequences[i] for i in batch]
-            for i, value in zip(batch, self._batch_rewards(seqs)):
+        # each sequence as a row whose one-token "response" is its last token: the head reads that slot
+        rows = [SharedPromptRow(s[:-1], [(i, s[-1:])]) for i, s in enumerate(sequences) if len(s) <= self.tree_limit]
+        packed = pack(rows, max(map(len, rows))) if rows else []
+        for batch in budget_batches([sum(map(len, members)) for members in packed], self.token_budget):
+            tree = tree_batch([packed[i] for i in batch])
+            hidden = run_body(self.model.base_model, self.model, tree, True)
+            scores = self.model.score(hidden[tree.rows.to(self.device), tree.token_slots.to(self.device)])
+            for i, value in zip(tree.owners.tolist(), scores[:, 0].double().tolist()):
                 out[i] = value
+        alone = [i for i, s in enumerate(sequences) if len(s) > self.tree_limit]
+        for batch in budget_batches([len(sequences[i]) for i in alone], self.token_budget):
+            seqs = [sequences[alone[i]] for i in batch]
+            for i, value in zip(batch, self._batch_rewards(seqs)):
+                out[alone[i]] = value
         return out
 
     def _batch_rewards(self, seqs: list[list[int]]) -> list[float]:
