@@ -1,10 +1,11 @@
 """Ray's cost and actor scaling: the full pipeline against a bare loop over the same stages, on the same pairs.
 
-`bare:T` runs mapray's own normalize step, policy log-prob stage and row metrics over the pairs in one process, one
-batch after another on T torch threads, and writes one Parquet file: what the pipeline computes, with no Ray at all (no global
-pass either). `pipeline:AxC` runs `mapray.pipeline.score` on an embedded local Ray with A policy actors of C
-CPUs each (torch threads per actor: ceil(C)). Each mode runs in its own process, timed from before the config
-loads (Ray start and model load included) to the last byte written, and prints one JSON line.
+`bare:T` runs mapray's own normalize step, policy log-prob stage and row metrics over the pairs in one process,
+one batch after another on T torch threads, and writes one Parquet file: what the pipeline computes, with no
+Ray at all (no global pass either). `pipeline:AxC` runs `mapray.pipeline.score` on an embedded local Ray
+with A policy actors of C CPUs each (torch threads per actor: ceil(C)). Each mode runs in its own process,
+timed from before the config loads (Ray start and model load included) to the last byte written, and prints
+one JSON line.
 
     python benchmarks/bench_pipeline.py --pairs 48 --modes bare:2,pipeline:1x1.5,bare:1,pipeline:1x1,pipeline:2x0.75
 
@@ -77,7 +78,8 @@ def pipeline(args, actors: int, cpus: float, output: str) -> dict:
     manifest = score(config(args, actors, cpus, output))
     return {"scored": manifest["counts"]["scored"], "actors": actors, "cpus_per_actor": cpus,
             "threads_per_actor": math.ceil(cpus),
-            **{k: round(manifest["timings"][k], 2) for k in ("start_s", "normalize_s", "model_pass_s", "global_pass_s")}}
+            **{k: round(manifest["timings"][k], 2)
+               for k in ("start_s", "normalize_s", "model_pass_s", "global_pass_s")}}
 
 
 def run_one(args) -> None:

@@ -148,18 +148,20 @@ def run_method(method: str, path: str | None, model, args, seqs):
     cfg = ModelConfig(path=path or "", dtype=args.dtype, token_budget=args.token_budget,
                       max_length=args.max_length, lm_head_chunk=args.lm_head_chunk,
                       engine="vllm" if method == "vllm" else "torch", max_num_batched_tokens=args.token_budget)
-    if method == "vllm":
-        from mapray.scoring.vllm_engine import VllmLogprobEngine
-
-        score = VllmLogprobEngine(cfg, path).logprobs
-    elif method == "naive":
+    if method == "naive":
         def score(s):
             return naive_logprobs(model, s, batch_size=args.naive_batch, softmax_dtype=torch.float32)
     else:
-        from mapray.scoring.torch_engine import TorchLogprobEngine
+        if method == "vllm":
+            from mapray.scoring.vllm_engine import VllmLogprobEngine
 
-        sharing, packing = TORCH_VARIANTS[method]
-        engine = TorchLogprobEngine(dataclasses.replace(cfg, prefix_sharing=sharing, packing=packing), model=model)
+            engine = VllmLogprobEngine(cfg, path)
+        else:
+            from mapray.scoring.torch_engine import TorchLogprobEngine
+
+            sharing, packing = TORCH_VARIANTS[method]
+            engine = TorchLogprobEngine(dataclasses.replace(cfg, prefix_sharing=sharing, packing=packing),
+                                        model=model)
 
         def score(s):  # one engine call per Ray-batch-sized slice (pairs stay whole: 2 sequences each)
             step = 2 * args.engine_batch
@@ -227,7 +229,8 @@ def main() -> None:
     check = seqs[: 2 * args.check_pairs]
     reference = naive_logprobs(model, check, batch_size=1, softmax_dtype=torch.float64)
     tokens = sequence_tokens(seqs)
-    for method in args.methods.split(","):
+    # vLLM's CPU backend drops the process's torch threads to 1 when it starts: it runs last
+    for method in sorted(args.methods.split(","), key=lambda m: m == "vllm"):
         try:
             values, elapsed = run_method(method, path, model, args, seqs)
         except torch.cuda.OutOfMemoryError as e:  # a method that cannot fit is a result, not a crash

@@ -22,3 +22,28 @@ def test_bench_scoring_tiny_shape_prints_one_exact_row_per_method():
         # counting each prompt once leaves less useful work for the same time
         assert r["tokens_prompt_once"] < r["tokens"]
         assert r["fraction_of_peak_shared"] <= r["fraction_of_peak"]
+
+
+def test_bench_scoring_takes_real_length_spreads():
+    out = subprocess.run(
+        [sys.executable, "benchmarks/bench_scoring.py", "--shape", "tiny", "--pairs", "5", "--methods",
+         "torch,torch-padded", "--lengths", "benchmarks/lengths/hh-rlhf-harmless-smollm2.jsonl",
+         "--max-length", "512", "--check-pairs", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    lengths = [json.loads(line) for line in (ROOT / "benchmarks/lengths/hh-rlhf-harmless-smollm2.jsonl")
+               .read_text().splitlines()[:5]]
+    assert all(r["tokens"] == sum(2 * p + c + r_ for p, c, r_ in lengths) for r in rows)  # all under 512
+    assert all(r["max_abs_diff_vs_exact"] < 1e-4 for r in rows)
+
+
+def test_padding_model_finds_sharing_and_packing_cheapest():
+    out = subprocess.run(
+        [sys.executable, "benchmarks/padding_model.py", "--lengths",
+         "benchmarks/lengths/hh-rlhf-harmless-smollm2.jsonl", "--budgets", "32768"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+    rows = {(r["prefix_sharing"], r["packing"]): r for r in map(json.loads, out.stdout.splitlines())}
+    assert len(rows) == 4
+    assert rows[True, True]["padding"] < 0.1 < rows[False, False]["padding"]
+    assert min(rows.values(), key=lambda r: r["flops_vs_ideal_8b"]) is rows[True, True]
+    assert rows[True, True]["flops_vs_ideal_8b"] >= 1.0  # never below the ideal

@@ -175,8 +175,8 @@ def _logprobs_and_work(engine, seqs):
 
     real, slots = [], []
 
-    def recording(packed, tree=True):
-        batch = build(packed, tree)
+    def recording(packed, *args, **kwargs):
+        batch = build(packed, *args, **kwargs)
         real.append(sum(len(row) for members in packed for row in members))
         slots.append(batch.input_ids.numel())
         return batch

@@ -84,9 +84,10 @@ def pack(rows: list[SharedPromptRow], capacity: int) -> list[list[SharedPromptRo
     return [members for _, members in bins]
 
 
-def tree_batch(packed: list[list[SharedPromptRow]], tree: bool = True) -> TreeBatch:
+def tree_batch(packed: list[list[SharedPromptRow]], tree: bool = True, device: torch.device | str = "cpu") -> TreeBatch:
     """The batch's tensors for packed rows (each a list of prompt rows side by side). `tree=False` (one
-    sequence per packed row) gives a plain 2D padding mask instead of the 4D one."""
+    sequence per packed row) gives a plain 2D padding mask instead of the 4D one. The mask, rows x width^2, is
+    built on `device` from the per-slot ids (no host copy of it to make or transfer)."""
     width = max(sum(len(row) for row in members) for members in packed)
     ids = torch.zeros(len(packed), width, dtype=torch.long)
     positions = torch.zeros(len(packed), width, dtype=torch.long)
@@ -121,7 +122,8 @@ def tree_batch(packed: list[list[SharedPromptRow]], tree: bool = True) -> TreeBa
               torch.tensor(token_slots))
     if not tree:
         return TreeBatch(ids, positions, (groups >= 0).long(), *gather)
-    slot = torch.arange(width)
+    groups, branches = groups.to(device), branches.to(device)
+    slot = torch.arange(width, device=device)
     causal = slot[:, None] >= slot[None, :]
     same_row = groups[:, :, None] == groups[:, None, :]
     same_branch = (branches[:, :, None] == branches[:, None, :]) | (branches[:, None, :] == PROMPT)

@@ -2,7 +2,8 @@
 
 Log-probs never materialise vocabulary-sized logits for prompt positions: the model body runs over the whole
 sequence, then the LM head is applied only to the positions that predict response tokens, `lm_head_chunk`
-positions at a time, with an fp32 logsumexp. Sequences are length-sorted into batches under a token budget.
+positions at a time, with an fp32 logsumexp. A prompt runs once for all of its responses and short rows are
+packed side by side (`mapray.scoring.packing`); rows are length-sorted into batches under a token budget.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def run_body(body, model, batch: TreeBatch, tree: bool) -> torch.Tensor:
     """The model body's last hidden states over a tree (or plain padded) batch."""
     mask = batch.attention_mask
     if tree and model.config._attn_implementation == "eager":  # eager adds the mask to the scores
-        mask = torch.zeros(mask.shape, dtype=model.dtype).masked_fill(~mask, torch.finfo(model.dtype).min)
+        mask = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(model.dtype).min)
     device = next(model.parameters()).device
     return body(input_ids=batch.input_ids.to(device), attention_mask=mask.to(device),
                 position_ids=batch.position_ids.to(device)).last_hidden_state
@@ -99,7 +101,7 @@ class TorchLogprobEngine:
         return out
 
     def _score_rows(self, packed: list[list[SharedPromptRow]], tree: bool, out: list[float]) -> None:
-        batch = tree_batch(packed, tree)
+        batch = tree_batch(packed, tree, self.device)
         hidden = run_body(self.body, self.model, batch, tree)
         rows_t = batch.rows.to(self.device)
         picked = hidden[rows_t, batch.slots.to(self.device)]
@@ -155,7 +157,7 @@ class TorchRewardEngine:
         rows = [SharedPromptRow(s[:-1], [(i, s[-1:])]) for i, s in enumerate(sequences) if len(s) <= self.tree_limit]
         packed = pack(rows, max(map(len, rows))) if rows else []
         for batch in budget_batches([sum(map(len, members)) for members in packed], self.token_budget):
-            tree = tree_batch([packed[i] for i in batch])
+            tree = tree_batch([packed[i] for i in batch], device=self.device)
             hidden = run_body(self.model.base_model, self.model, tree, True)
             scores = self.model.score(hidden[tree.rows.to(self.device), tree.token_slots.to(self.device)])
             for i, value in zip(tree.owners.tolist(), scores[:, 0].double().tolist()):
