@@ -74,7 +74,11 @@ def test_packed_rewards_equal_one_sequence_at_a_time(tiny, attn):
                                                                attn_implementation=attn).eval()
     expected = [naive_reward(model, s) for s in seqs]
     engine = TorchRewardEngine(ModelConfig(path=tiny["reward"], token_budget=512), model=model)
-    assert engine.rewards(seqs) == pytest.approx(expected, abs=1e-9 if attn == "sdpa" else 1e-5)
+    got, real, _ = _with_work(engine.rewards, seqs)
+    assert got == pytest.approx(expected, abs=1e-9 if attn == "sdpa" else 1e-5)
+    # each question's templated prompt is computed once for its five answers (or more: a common prefix)
+    prompts = [enc.encode_pair([{"role": "user", "content": f"question {k}"}], "a", "b").prompt for k in range(3)]
+    assert real <= sum(map(len, seqs)) - sum(4 * len(p) for p in prompts)
     engine.tree_limit = sorted(map(len, seqs))[len(seqs) // 2]  # half packed, half through the padded path
     assert engine.rewards(seqs) == pytest.approx(expected, abs=1e-9 if attn == "sdpa" else 1e-5)
 
@@ -150,6 +154,23 @@ def test_packed_rows_sit_side_by_side_without_seeing_each_other():
         (1, 3, 0), (1, 4, 1), (4, 8, 2), (5, 9, 2)]
 
 
+def test_common_prefix_groups_pairs_not_the_shared_system_prompt():
+    from mapray.scoring.packing import group_by_common_prefix
+
+    system = [9, 9, 9]  # common to every sequence: must not glue unrelated rows together
+    seqs = [system + [1, 1, 5], system + [2, 2, 2, 7], system + [1, 1, 6, 6], system + [3], system + [2, 2, 2, 8],
+            system + [2, 2, 2]]
+    rows = group_by_common_prefix(seqs)
+    assert [(r.prompt, r.responses) for r in rows] == [
+        (system + [1, 1], [(0, [5]), (2, [6, 6])]),
+        (system + [2, 2], [(5, [2]), (1, [2, 7]), (4, [2, 8])]),  # a whole sequence keeps its last token
+        ([], [(3, system + [3])]),
+    ]
+    lone_first = [system + [0], system + [5, 5, 1], system + [5, 5, 2]]  # the lone one does not take a partner
+    assert [len(r.responses) for r in group_by_common_prefix(lone_first)] == [1, 2]
+    assert group_by_common_prefix([]) == []
+
+
 def test_pack_is_first_fit_decreasing_within_capacity():
     from mapray.scoring.packing import SharedPromptRow, pack
 
@@ -169,8 +190,8 @@ def test_split_long_keeps_each_response_whole():
     assert [len(p.responses) for p in split_long([row], max_tokens=0)] == [1, 1, 1]
 
 
-def _logprobs_and_work(engine, seqs):
-    """The engine's log-probs, the real tokens its batches held and the slots (rows x width) they took."""
+def _with_work(score, seqs):
+    """score(seqs), the real tokens its tree batches held and the slots (rows x width) they took."""
     from mapray.scoring import torch_engine
 
     real, slots = [], []
@@ -183,7 +204,7 @@ def _logprobs_and_work(engine, seqs):
 
     build, torch_engine.tree_batch = torch_engine.tree_batch, recording
     try:
-        return engine.logprobs(seqs), sum(real), sum(slots)
+        return score(seqs), sum(real), sum(slots)
     finally:
         torch_engine.tree_batch = build
 
@@ -204,7 +225,7 @@ def test_prefix_sharing_and_packing_equal_separate_sequences(tiny, attn, tol):
     work = {}
     for sharing, packing in [(True, True), (True, False), (False, True), (False, False)]:
         engine = TorchLogprobEngine(dataclasses.replace(cfg, prefix_sharing=sharing, packing=packing), model=model)
-        got, real, slots = _logprobs_and_work(engine, seqs)
+        got, real, slots = _with_work(engine.logprobs, seqs)
         assert got == pytest.approx(expected, abs=tol), (sharing, packing)
         assert real == (prompts_once if sharing else every_prompt)  # each distinct prompt once
         work[sharing, packing] = slots

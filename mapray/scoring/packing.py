@@ -53,6 +53,43 @@ def group_by_prompt(sequences: list[tuple[list[int], list[int]]]) -> list[Shared
     return [SharedPromptRow(list(prompt), responses) for prompt, responses in rows.items()]
 
 
+def group_by_common_prefix(sequences: list[list[int]], min_shared: int = 1) -> list[SharedPromptRow]:
+    """Whole sequences (a reward model's input) grouped under a shared leading part of at least `min_shared`
+    tokens, each member keeping one token of its own.
+
+    Any shared prefix gives the same values, so the grouping only decides the speed-up. Sorted, a pair's
+    chosen and rejected (the same templated prompt) sit next to each other; a group grows while the next
+    sequence shares all of the group's prefix, and a lone sequence joins the next one only if that one does
+    not share more with the one after it (so a system prompt common to every row does not glue the rows).
+    """
+    order = sorted(range(len(sequences)), key=lambda i: sequences[i])
+    # lcp[k]: tokens sequence k (in sorted order) shares with k + 1; zeros past the end
+    lcp = [_common_prefix(sequences[a], sequences[b]) for a, b in zip(order, order[1:])] + [0, 0]
+    rows: list[SharedPromptRow] = []
+    start = 0
+    while start < len(order):
+        end, shared = start + 1, 0
+        if lcp[start] >= max(min_shared, 1) and lcp[start] >= lcp[start + 1]:
+            shared = lcp[start]
+            end = start + 2
+            while end < len(order) and lcp[end - 1] >= shared:
+                end += 1
+        members = order[start:end]
+        cut = min([shared] + [len(sequences[i]) - 1 for i in members]) if len(members) > 1 else 0
+        rows.append(SharedPromptRow(sequences[members[0]][:cut], [(i, sequences[i][cut:]) for i in members]))
+        start = end
+    return rows
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def split_long(rows: list[SharedPromptRow], max_tokens: int) -> list[SharedPromptRow]:
     """Rows longer than `max_tokens` split into smaller rows of the same prompt (one response at least)."""
     out = []

@@ -14,7 +14,15 @@ import torch
 
 from mapray.config import ModelConfig
 from mapray.scoring.batching import budget_batches
-from mapray.scoring.packing import SharedPromptRow, TreeBatch, group_by_prompt, pack, split_long, tree_batch
+from mapray.scoring.packing import (
+    SharedPromptRow,
+    TreeBatch,
+    group_by_common_prefix,
+    group_by_prompt,
+    pack,
+    split_long,
+    tree_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +139,10 @@ class TorchRewardEngine:
     """Any `AutoModelForSequenceClassification` with one label; the raw logit of that label is the reward.
 
     Models built on transformers' generic sequence-classification head (Llama, Qwen, Mistral, Gemma and most
-    decoder reward models) are scored packed: sequences side by side in a row under a block-diagonal mask, the
-    head applied at each sequence's last token. Any other head (or a sequence past the tree-mask limit) goes
-    through the model's own forward on a padded batch.
+    decoder reward models) take the log-prob path's tree rows: sequences that share a leading part (a pair's
+    templated prompt) share it, rows are packed side by side, and the head is applied at each sequence's last
+    token. Any other head (or a sequence past the tree-mask limit) goes through the model's own forward on a
+    padded batch.
     """
 
     def __init__(self, cfg: ModelConfig, local_path: str | None = None, model=None):
@@ -153,16 +162,21 @@ class TorchRewardEngine:
     @torch.inference_mode()
     def rewards(self, sequences: list[list[int]]) -> list[float]:
         out = [0.0] * len(sequences)
-        # each sequence as a row whose one-token "response" is its last token: the head reads that slot
-        rows = [SharedPromptRow(s[:-1], [(i, s[-1:])]) for i, s in enumerate(sequences) if len(s) <= self.tree_limit]
-        packed = pack(rows, max(map(len, rows))) if rows else []
+        # a pair's two sequences share their templated prompt: found as their common prefix, computed once
+        rows = split_long(group_by_common_prefix(sequences) if self.tree_limit else [], self.tree_limit)
+        tree_rows = [row for row in rows if len(row) <= self.tree_limit]
+        packed = pack(tree_rows, max(map(len, tree_rows))) if tree_rows else []
         for batch in budget_batches([sum(map(len, members)) for members in packed], self.token_budget):
             tree = tree_batch([packed[i] for i in batch], device=self.device)
             hidden = run_body(self.model.base_model, self.model, tree, True)
-            scores = self.model.score(hidden[tree.rows.to(self.device), tree.token_slots.to(self.device)])
-            for i, value in zip(tree.owners.tolist(), scores[:, 0].double().tolist()):
+            # the head reads each sequence's last token: where the owner changes in the token order
+            last = torch.ones(len(tree.owners), dtype=torch.bool)
+            last[:-1] = tree.owners[1:] != tree.owners[:-1]
+            picked = hidden[tree.rows[last].to(self.device), tree.token_slots[last].to(self.device)]
+            for i, value in zip(tree.owners[last].tolist(), self.model.score(picked)[:, 0].double().tolist()):
                 out[i] = value
-        alone = [i for i, s in enumerate(sequences) if len(s) > self.tree_limit]
+        alone = ([i for row in rows if len(row) > self.tree_limit for i, _ in row.responses]
+                 if self.tree_limit else list(range(len(sequences))))
         for batch in budget_batches([len(sequences[i]) for i in alone], self.token_budget):
             seqs = [sequences[alone[i]] for i in batch]
             for i, value in zip(batch, self._batch_rewards(seqs)):
