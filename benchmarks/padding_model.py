@@ -16,7 +16,8 @@ import argparse
 import json
 
 from mapray.scoring.batching import budget_batches
-from mapray.scoring.packing import SharedPromptRow, group_by_prompt, pack
+from mapray.scoring.packing import SharedPromptRow, group_by_prompt, plan_rows
+from mapray.scoring.torch_engine import TREE_MASK_MAX_TOKENS
 
 SHAPES = {"1b": (2 * 1.24e9, 4 * 2048 * 16), "8b": (2 * 6.98e9, 4 * 4096 * 32)}  # body FLOPs/token, attn/pair
 
@@ -36,8 +37,10 @@ def cost(lengths, sharing: bool, packing: bool, budget: int, engine_batch: int, 
     body, attn = SHAPES[shape]
     real = slots = flops = 0.0
     for start in range(0, len(lengths), engine_batch):
-        rows = rows_for(lengths[start:start + engine_batch], sharing)
-        units = pack(rows, max(map(len, rows))) if packing else [[row] for row in rows]
+        # the engine's own plan: with neither lever it takes no tree mask, and every sequence goes alone
+        limit = TREE_MASK_MAX_TOKENS if sharing or packing else 0
+        packed, alone = plan_rows(rows_for(lengths[start:start + engine_batch], sharing), limit, packing)
+        units = packed + [[row] for row in alone]
         widths = [sum(map(len, members)) for members in units]
         for batch in budget_batches(widths, budget):
             width = max(widths[i] for i in batch)

@@ -190,6 +190,23 @@ def test_split_long_keeps_each_response_whole():
     assert [len(p.responses) for p in split_long([row], max_tokens=0)] == [1, 1, 1]
 
 
+def test_plan_rows_packs_what_fits_and_sends_the_rest_alone():
+    from mapray.scoring.packing import SharedPromptRow, plan_rows
+
+    rows = [SharedPromptRow([1], [(0, [2] * 3), (1, [3] * 4)]), SharedPromptRow([4], [(2, [5] * 9)]),
+            SharedPromptRow([6], [(3, [7])])]  # lengths 8, 10, 2
+    packed, alone = plan_rows(rows, limit=8)
+    assert [[len(r) for r in members] for members in packed] == [[8], [2]]
+    assert [(r.prompt, r.responses) for r in alone] == [([4], [(2, [5] * 9)])]
+    packed, _ = plan_rows(rows, limit=8, packing=False)
+    assert [[len(r) for r in members] for members in packed] == [[8], [2]]
+    three = SharedPromptRow([8], [(4, [9, 9])])
+    packed, _ = plan_rows(rows[:1] + rows[2:] + [three], limit=10)  # packed up to the longest row
+    assert [[len(r) for r in members] for members in packed] == [[8], [3, 2]]
+    packed, alone = plan_rows(rows, limit=0)  # no tree mask: every response alone
+    assert packed == [] and sorted(r.responses[0][0] for r in alone) == [0, 1, 2, 3]
+
+
 def _with_work(score, seqs):
     """score(seqs), the real tokens its tree batches held and the slots (rows x width) they took."""
     from mapray.scoring import torch_engine

@@ -107,7 +107,7 @@ def split_long(rows: list[SharedPromptRow], max_tokens: int) -> list[SharedPromp
 def pack(rows: list[SharedPromptRow], capacity: int) -> list[list[SharedPromptRow]]:
     """Rows placed into packed rows of at most `capacity` tokens, first-fit decreasing.
 
-    The engine is called on one Ray batch at a time, whose rows' lengths spread widely (10 to 2,000 tokens in
+    The engine is called on one Ray batch at a time, whose rows' lengths spread widely (~50 to 2,100 tokens in
     the shipped UltraFeedback sample): padded to the longest, a batch is half padding; packed, a few percent.
     """
     bins: list[tuple[int, list[SharedPromptRow]]] = []
@@ -119,6 +119,17 @@ def pack(rows: list[SharedPromptRow], capacity: int) -> list[list[SharedPromptRo
         else:
             bins.append((len(row), [row]))
     return [members for _, members in bins]
+
+
+def plan_rows(rows: list[SharedPromptRow], limit: int,
+              packing: bool = True) -> tuple[list[list[SharedPromptRow]], list[SharedPromptRow]]:
+    """The tree-mask path's packed rows (rows of at most `limit` tokens side by side, or one each without
+    `packing`) and the rest: every response of a longer row on its own (a limit of 0: all of them)."""
+    rows = split_long(rows, limit)
+    fits = [row for row in rows if len(row) <= limit]
+    alone = [SharedPromptRow(row.prompt, [item]) for row in rows if len(row) > limit for item in row.responses]
+    packed = pack(fits, max(map(len, fits))) if packing and fits else [[row] for row in fits]
+    return packed, alone
 
 
 def tree_batch(packed: list[list[SharedPromptRow]], tree: bool = True, device: torch.device | str = "cpu") -> TreeBatch:

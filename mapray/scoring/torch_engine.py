@@ -19,8 +19,7 @@ from mapray.scoring.packing import (
     TreeBatch,
     group_by_common_prefix,
     group_by_prompt,
-    pack,
-    split_long,
+    plan_rows,
     tree_batch,
 )
 
@@ -37,6 +36,14 @@ def pick_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda was configured but CUDA is not available on this worker")
     return torch.device(device)
+
+
+def _on_device(auto_class, cfg: ModelConfig, local_path: str | None, model):
+    """The given model (tests, benchmarks) where it is, or the checkpoint at `local_path` in `cfg.dtype` on
+    `cfg.device`; in eval mode, with its device."""
+    if model is None:
+        model = auto_class.from_pretrained(local_path, dtype=DTYPES[cfg.dtype]).to(pick_device(cfg.device))
+    return model.eval(), next(model.parameters()).device
 
 
 def tree_mask_limit(cfg: ModelConfig, model) -> int:
@@ -72,10 +79,7 @@ class TorchLogprobEngine:
         """Loads the checkpoint at `local_path`, or wraps an already-built causal LM (`model`)."""
         from transformers import AutoModelForCausalLM
 
-        self.device = pick_device(cfg.device) if model is None else next(model.parameters()).device
-        if model is None:
-            model = AutoModelForCausalLM.from_pretrained(local_path, dtype=DTYPES[cfg.dtype]).to(self.device)
-        self.model = model.eval()
+        self.model, self.device = _on_device(AutoModelForCausalLM, cfg, local_path, model)
         self.body = self.model.base_model
         self.head = self.model.get_output_embeddings()
         text_config = self.model.config.get_text_config()
@@ -94,15 +98,10 @@ class TorchLogprobEngine:
             rows = group_by_prompt(sequences)
         else:
             rows = [SharedPromptRow(prompt, [(i, response)]) for i, (prompt, response) in enumerate(sequences)]
-        rows = split_long(rows, self.tree_limit)  # a limit of 0 leaves every response alone
-        tree_rows = [row for row in rows if len(row) <= self.tree_limit]
+        packed, alone = plan_rows(rows, self.tree_limit, self.packing)
         # a sequence too long for the tree mask (or a model that cannot take one) is a row of its own with a
         # plain padding mask: no width^2 mask, and SDPA may pick its flash kernel
-        plain = [[SharedPromptRow(row.prompt, [item])] for row in rows if len(row) > self.tree_limit
-                 for item in row.responses]
-        packed = pack(tree_rows, max(map(len, tree_rows))) if self.packing and tree_rows else [
-            [row] for row in tree_rows]
-        for rows_, tree in ((packed, True), (plain, False)):
+        for rows_, tree in ((packed, True), ([[row] for row in alone], False)):
             lengths = [sum(map(len, members)) for members in rows_]
             for batch in budget_batches(lengths, self.token_budget):
                 self._score_rows([rows_[i] for i in batch], tree, out)
@@ -149,23 +148,22 @@ class TorchRewardEngine:
         from transformers import AutoModelForSequenceClassification
         from transformers.modeling_layers import GenericForSequenceClassification
 
-        self.device = pick_device(cfg.device) if model is None else next(model.parameters()).device
-        if model is None:
-            model = AutoModelForSequenceClassification.from_pretrained(local_path, dtype=DTYPES[cfg.dtype])
-        if model.config.num_labels != 1:
-            raise ValueError(f"reward model {local_path} has {model.config.num_labels} labels, expected 1")
-        self.model = model.to(self.device).eval()
+        self.model, self.device = _on_device(AutoModelForSequenceClassification, cfg, local_path, model)
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"reward model {local_path} has {self.model.config.num_labels} labels, expected 1")
         self.token_budget = cfg.token_budget
-        generic = isinstance(model, GenericForSequenceClassification)
-        self.tree_limit = tree_mask_limit(cfg, model) if generic and cfg.packing else 0
+        generic = isinstance(self.model, GenericForSequenceClassification)
+        self.tree_limit = tree_mask_limit(cfg, self.model) if generic and cfg.packing else 0
 
     @torch.inference_mode()
     def rewards(self, sequences: list[list[int]]) -> list[float]:
         out = [0.0] * len(sequences)
         # a pair's two sequences share their templated prompt: found as their common prefix, computed once
-        rows = split_long(group_by_common_prefix(sequences) if self.tree_limit else [], self.tree_limit)
-        tree_rows = [row for row in rows if len(row) <= self.tree_limit]
-        packed = pack(tree_rows, max(map(len, tree_rows))) if tree_rows else []
+        if self.tree_limit:
+            rows = group_by_common_prefix(sequences)
+        else:
+            rows = [SharedPromptRow([], [(i, s)]) for i, s in enumerate(sequences)]
+        packed, alone_rows = plan_rows(rows, self.tree_limit)
         for batch in budget_batches([sum(map(len, members)) for members in packed], self.token_budget):
             tree = tree_batch([packed[i] for i in batch], device=self.device)
             hidden = run_body(self.model.base_model, self.model, tree, True)
@@ -175,8 +173,7 @@ class TorchRewardEngine:
             picked = hidden[tree.rows[last].to(self.device), tree.token_slots[last].to(self.device)]
             for i, value in zip(tree.owners[last].tolist(), self.model.score(picked)[:, 0].double().tolist()):
                 out[i] = value
-        alone = ([i for row in rows if len(row) > self.tree_limit for i, _ in row.responses]
-                 if self.tree_limit else list(range(len(sequences))))
+        alone = [row.responses[0][0] for row in alone_rows]
         for batch in budget_batches([len(sequences[i]) for i in alone], self.token_budget):
             seqs = [sequences[alone[i]] for i in batch]
             for i, value in zip(batch, self._batch_rewards(seqs)):
