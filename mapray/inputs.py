@@ -17,6 +17,7 @@ from ray.data.datasource import FileBasedDatasource
 
 from mapray import columns as C
 from mapray.config import ConfigError, InputConfig
+from mapray.uris import is_local
 
 PARQUET = (".parquet", ".pq")
 JSONL = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")
@@ -62,10 +63,9 @@ def _file_format(cfg: InputConfig, uris: list[str]) -> str:
 
 
 def _input_files(uris: list[str], file_format: str) -> InputFiles:
-    protocol = fsspec.core.split_protocol(uris[0])[0]
-    if protocol in (None, "file", "local"):
+    if is_local(uris[0]):
         return InputFiles([fsspec.core.strip_protocol(u) for u in uris], file_format, None, uris)
-    if protocol in _ARROW_NATIVE:
+    if fsspec.core.split_protocol(uris[0])[0] in _ARROW_NATIVE:
         return InputFiles(uris, file_format, None, uris)
     # any other fsspec protocol: hand Ray a pyarrow wrapper around the fsspec filesystem
     from pyarrow.fs import FSSpecHandler, PyFileSystem
@@ -161,9 +161,8 @@ def read_staged(uri: str, num_cpus: float):
 
     fs, path = fsspec.core.url_to_fs(uri)
     files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
-    protocol = fsspec.core.split_protocol(uri)[0]
     return ray.data.read_datasource(ParquetStagingDatasource(
-        files if protocol in (None, "file", "local") else [fs.unstrip_protocol(p) for p in files]),
+        files if is_local(uri) else [fs.unstrip_protocol(p) for p in files]),
         num_cpus=num_cpus)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import fsspec
 
 from mapray.config import ConfigError
+from mapray.uris import is_local
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,7 @@ def resolve_model_path(path: str) -> str:
     """A local HF checkpoint folder for `path`, copying or converting into the cache on first use."""
     if path.startswith("pkg:"):
         path = str(_package_file(path, "model"))
-    protocol = fsspec.core.split_protocol(path)[0]
-    if protocol not in (None, "file", "local"):
+    if not is_local(path):
         path = _copy_remote(path)
     local = path.removeprefix("file://")
     if local.endswith(".gguf"):

@@ -20,13 +20,14 @@ import pyarrow as pa
 from mapray import columns as C
 from mapray.config import ConfigError
 from mapray.normalize import raw_json
+from mapray.uris import absolute
 
 FOLDERS = ("scored", "selected", "rejects")
 
 
 class OutputLayout:
     def __init__(self, uri: str, run_id: str | None = None):
-        self.uri = uri.rstrip("/")
+        self.uri = absolute(uri).rstrip("/")  # handed to Ray's writers and checkpoint
         self.fs, self.root = fsspec.core.url_to_fs(self.uri)
         self.run_id = run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 

@@ -28,6 +28,7 @@ from mapray.models import check_model_path
 from mapray.normalize import Normalizer, NormalizeSpec, infer_passthrough_schema
 from mapray.outputs import OutputLayout, read_manifest, reject_rows, scored_rows
 from mapray.stages import LogprobStage, RewardStage, add_row_metrics
+from mapray.uris import absolute
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +148,8 @@ def score_rows(p: Plan, ds, models: dict):
     """The model stages and per-row metrics over normalized rows."""
     cfg = p.cfg
 
-    def cache(key: str) -> dict:
-        return {"model_sha": models[key]["sha256"], "cache_uri": cfg.cache}
+    def cache(key: str) -> dict:  # resolved here: an actor's working directory is not the driver's
+        return {"model_sha": models[key]["sha256"], "cache_uri": absolute(cfg.cache) if cfg.cache else None}
 
     if cfg.reward.source == "model":
         ds = _map_stage(ds, RewardStage, cfg.reward.model, **cache("reward.model"))

@@ -239,3 +239,22 @@ def test_tensor_parallel_actors_get_a_placement_group_of_gpu_bundles(local_ray):
                                                      {"GPU": 1.0}]
     assert strategy.placement_group_capture_child_tasks and strategy.placement_group_bundle_index == 0
     remove_placement_group(strategy.placement_group)  # a CPU machine never schedules it
+
+
+def test_relative_output_and_cache_paths_resolve_against_the_working_directory(tmp_path, tiny, local_ray,
+                                                                                monkeypatch):
+    # `mapray demo` writes to out/demo: Ray Data's checkpoint refuses relative paths, so they are resolved first
+    from mapray.uris import absolute
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "uf.jsonl").write_bytes(b"\n".join(UF.read_bytes().splitlines()[:6]) + b"\n")
+    cfg = load_config(None, base={"input": {"uri": "uf.jsonl", "format": "chat"}, "output": "out/rel",
+                                  "cache": "cache", "policy": _model(tiny["policy"])})
+    manifest = score(cfg)
+    assert manifest["counts"]["input"] == 6
+    assert (tmp_path / "out" / "rel" / "manifest.json").exists()
+    assert pq.read_table(tmp_path / "out" / "rel" / "scored").num_rows == manifest["counts"]["scored"] > 0
+    assert list((tmp_path / "cache").glob("logprobs-float32/*/part-*.parquet"))  # the actor wrote here
+    assert absolute("out/rel") == str(tmp_path / "out" / "rel")
+    assert absolute("file://out/x") == str(tmp_path / "out" / "x")
+    assert absolute("s3://bucket/out") == "s3://bucket/out"
