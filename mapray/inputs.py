@@ -76,27 +76,71 @@ def _input_files(uris: list[str], file_format: str) -> InputFiles:
 
 
 def sample_records(files: InputFiles, n: int) -> list[dict]:
-    """The first `n` parseable rows of the first file: for format detection and the JSONL column types."""
+    """The first `n` rows of the first file that are JSON objects (JSONL) or that Python can read (Parquet):
+    for format detection and the JSONL column types. A file that cannot be read at all stops the run here."""
     uri = files.uris[0]
-    if files.file_format == "parquet":
-        import pyarrow.parquet as pq
+    try:
+        if files.file_format == "parquet":
+            return _parquet_sample(uri, n)
+        rows = []
+        with fsspec.open(uri, "rb", compression="infer") as f:
+            for line in f:
+                if len(rows) >= n:
+                    break
+                rec, reason = parse_line(line.rstrip(b"\r\n"))
+                if reason is None:
+                    rows.append(rec)
+        return rows
+    except (OSError, EOFError, pa.ArrowException) as e:  # not Parquet, a broken gzip stream, too deep a schema
+        raise ConfigError(f"input.uri: cannot read {uri}: {e}") from None
 
-        with fsspec.open(uri, "rb") as f:
-            pf = pq.ParquetFile(f)
-            batch = next(pf.iter_batches(batch_size=n), None)
-            return [] if batch is None else batch.to_pylist()
-    rows = []
-    with fsspec.open(uri, "rb", compression="infer") as f:
-        for line in f:
-            if len(rows) >= n:
-                break
+
+def _parquet_sample(uri: str, n: int) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    with fsspec.open(uri, "rb") as f:
+        batch = next(pq.ParquetFile(f).iter_batches(batch_size=n), None)
+        if batch is None:
+            return []
+        rows, reasons = table_rows(pa.Table.from_batches([batch]))
+        return [row for row, reason in zip(rows, reasons) if reason is None]
+
+
+def parse_line(raw: bytes) -> tuple[object, str | None]:
+    """One JSONL line -> (the object, None), or (what it holds, the reason it is not a row). The same rules
+    for the driver's sample and for the normalize step."""
+    try:
+        rec = json.loads(raw.decode("utf-8-sig"))  # -sig: a byte-order mark on a file's first line is no error
+    except UnicodeDecodeError:
+        return raw, "invalid UTF-8"
+    except RecursionError:
+        return raw, "invalid JSON (nested too deeply to parse)"
+    except ValueError as e:
+        return raw, f"invalid JSON ({str(e).split(':')[0]})"
+    if not isinstance(rec, dict):
+        return rec, f"row is a JSON {'null' if rec is None else type(rec).__name__}, not an object"
+    return rec, None
+
+
+def table_rows(table: pa.Table) -> tuple[list[dict], list[str | None]]:
+    """Arrow rows as dicts, with a reason for each row holding a value Python cannot read (invalid UTF-8 in a
+    string column, a date beyond Python's range); that value reads None."""
+    try:
+        return table.to_pylist(), [None] * table.num_rows
+    except Exception:  # whatever the conversion fails on: find its rows, one value at a time
+        pass
+    rows, reasons = [], []
+    for i in range(table.num_rows):
+        row, reason = {}, None
+        for name, column in zip(table.column_names, table.columns):
             try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                rows.append(rec)
-    return rows
+                row[name] = column[i].as_py()
+            except Exception as e:
+                row[name] = None
+                reason = reason or f"field '{name}' cannot be read in Python ({type(e).__name__})"
+        rows.append(row)
+        reasons.append(reason)
+    return rows, reasons
 
 
 def read_dataset(files: InputFiles, limit: int | None, num_cpus: float = 1.0):

@@ -1,7 +1,14 @@
 """The normalize step: raw input batches -> the input's own columns + pair_id + canonical `_m_*` columns.
 
 Every row comes out, good or bad: a bad row carries its reason in `_m_reject` and its raw content in `_m_raw`,
-and the writers route it to `rejects/`. Nothing is dropped here and nothing raises on bad data.
+and the writers route it to `rejects/`. Nothing is dropped here and nothing raises on bad data: no JSON value,
+in any field, can stop the run (values no Parquet file can hold, such as a lone UTF-16 surrogate, set their row
+aside, see `mapray.own_columns`); a JSONL reject keeps its line as it was in `_m_raw`.
+
+The input's own columns come back unchanged: Parquet columns as read; JSONL columns typed from the sample rows
+that would be scored, so bad rows never turn a valid row's value into another type or into JSON text (the rules,
+and the one case of JSON text, are in `mapray.own_columns`). A valid row whose value does not fit its column's
+type is set aside with a reason naming the field and the type.
 """
 
 from __future__ import annotations
@@ -14,8 +21,9 @@ import pyarrow as pa
 
 from mapray import columns as C
 from mapray.config import ColumnNames
-from mapray.formats import Pair, RejectRow, normalize_record
-from mapray.inputs import LINE
+from mapray.formats import FORMATS, Pair, RejectRow, normalize_record
+from mapray.inputs import LINE, parse_line, table_rows
+from mapray.own_columns import escape_surrogates, fit_column, infer_schema, misfit_reason, unstorable
 
 
 @dataclass(frozen=True)
@@ -27,20 +35,17 @@ class NormalizeSpec:
     passthrough: pa.Schema | None  # JSONL: the types of the input's own columns, inferred from a sample
 
 
-def infer_passthrough_schema(sample: list[dict]) -> pa.Schema:
-    """Types for the input's own JSONL fields. A field whose type the sample cannot settle (always null, or
-    mixed) is kept as JSON text, so a later row never fails for a type the sample did not show."""
-    names = list(dict.fromkeys(k for rec in sample for k in rec))
-    fields = []
-    for name in names:
-        values = [rec.get(name) for rec in sample]
-        try:
-            type_ = pa.array(values).type
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-            type_ = pa.null()
-        fields.append(pa.field(name, pa.string() if pa.types.is_null(type_) else type_,
-                               metadata={"json": "1"} if pa.types.is_null(type_) else None))
-    return pa.schema(fields)
+def infer_passthrough_schema(sample: list[dict], spec: NormalizeSpec | None = None) -> pa.Schema:
+    """Types for the input's own JSONL fields, from the sample rows that `spec` would score (all storable rows
+    where none would, or without a spec); see `mapray.own_columns` for the rules."""
+    rows = [r for r in sample if isinstance(r, dict) and unstorable(r) is None]
+    if spec is not None:
+        normalizer = Normalizer(spec)
+        rows = [r for r in rows if normalizer._read(r)[1] is None] or rows
+    cols = spec.columns if spec is not None else ColumnNames()
+    # columns a format reads as numbers keep a numeric type when the sample has no value for them
+    unseen = {cols.score_chosen: pa.float64(), cols.score_rejected: pa.float64(), cols.scores: pa.list_(pa.float64())}
+    return infer_schema(rows, unseen)
 
 
 class Normalizer:
@@ -48,36 +53,49 @@ class Normalizer:
     Output: the input's own columns, `pair_id` and the `_m_*` columns of `mapray.columns.INTERNAL`."""
 
     def __init__(self, spec: NormalizeSpec):
+        if spec.format not in FORMATS:  # here, not per row: `_read` turns a reader's errors into reasons
+            raise ValueError(f"unknown format {spec.format!r}")
         self.spec = spec
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        if LINE in table.column_names:
-            records, reasons = _parse_lines(table.column(LINE).to_pylist())
+        jsonl = LINE in table.column_names and self.spec.passthrough is not None
+        lines = table.column(LINE).to_pylist() if jsonl else None
+        if lines is not None:
+            records, reasons = _parse_lines(lines)
             sources = table.column(C.SOURCE).to_pylist()
-            base = None
         else:
-            records = table.to_pylist()
-            reasons = [None] * len(records)
+            records, reasons = table_rows(table)
             sources = [None] * len(records)
             base = table.drop_columns([c for c in (*C.INTERNAL, *C.SCORED) if c in table.column_names])
-        pairs: list[Pair | None] = []
+        pairs: list[Pair | None] = [None] * len(records)
         for i, rec in enumerate(records):
-            pair = None
             if reasons[i] is None:
-                try:
-                    pair = self._normalize(rec)
-                except RejectRow as e:
-                    reasons[i] = str(e)
-            pairs.append(pair)
-        if base is None:
+                pairs[i], reasons[i] = self._pair(rec, lines[i] if lines is not None else None)
+        if lines is not None:
             base = self._passthrough(records, reasons)
         ids = [p.pair_id if p is not None else _raw_id(rec, self.spec.columns.id) for p, rec in zip(pairs, records)]
-        return _with_canonical(base, pairs, ids, reasons, records, sources)
+        out = _with_canonical(base, pairs, ids, reasons, records, sources)
+        if lines is not None:  # a JSONL reject keeps its line as it was, escapes and all
+            out = C.set_column(out, C.RAW, [None if r is None else raw_json(line) for line, r in zip(lines, reasons)],
+                               pa.string())
+        return out
+
+    def _pair(self, rec: dict, line: bytes | None) -> tuple[Pair | None, str | None]:
+        """The row's pair, or the reason it has none. `line`: the JSONL line (None: an Arrow row, storable)."""
+        reason = unstorable(rec, line) if line is not None else None
+        return (None, reason) if reason is not None else self._read(rec)
+
+    def _read(self, rec: dict) -> tuple[Pair | None, str | None]:
+        try:
+            return self._normalize(rec), None
+        except RejectRow as e:
+            return None, str(e)
+        except Exception as e:  # a format reader's bug must cost its row, not the run; the reason says so
+            return None, f"internal error reading this row ({type(e).__name__}: {str(e)[:200]}); please report it"
 
     def _normalize(self, rec: dict) -> Pair:
         pair = normalize_record(rec, self.spec.format, self.spec.columns)
-        size = sum(len(m["content"]) for m in pair.prompt) + sum(
-            len(t) for t in (pair.chosen or "", pair.rejected or "", *(pair.candidates or [])))
+        size = pair.text_size()
         if size > self.spec.max_row_chars:
             raise RejectRow(f"row text is {size} characters, over input.max_row_chars ({self.spec.max_row_chars})")
         if self.spec.needs_scores and pair.score_chosen is None:
@@ -86,50 +104,30 @@ class Normalizer:
         return pair
 
     def _passthrough(self, records: list, reasons: list) -> pa.Table:
-        """Builds the JSONL row's own columns with the sampled types; a value that does not fit its column's
-        type rejects the row, naming the field."""
+        """The JSONL rows' own columns with the sampled types; a row with a field the sample did not have, or a
+        value that does not fit its column's type, is set aside (see `mapray.own_columns`)."""
         schema = self.spec.passthrough
+        names = set(schema.names)
+        for i, rec in enumerate(records):
+            extra = next((k for k in rec if k not in names), None) if reasons[i] is None else None
+            if extra is not None:
+                reasons[i] = f"field '{extra}' is not among the input's columns (first rows define them)"
         arrays = []
         for field in schema:
-            values = [_field_value(rec, field, reasons[i] is None) for i, rec in enumerate(records)]
-            try:
-                arrays.append(pa.array(values, type=field.type))
-            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError):
-                for i, v in enumerate(values):
-                    try:
-                        pa.array([v], type=field.type)
-                    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError):
-                        reasons[i] = f"field '{field.name}' does not match the input's type {field.type}"
-                        values[i] = None
-                arrays.append(pa.array(values, type=field.type))
-        for i, rec in enumerate(records):
-            extra = [k for k in rec if k not in schema.names] if reasons[i] is None else []
-            if extra:
-                reasons[i] = f"field '{extra[0]}' is not among the input's columns (first rows define them)"
+            values = [rec.get(field.name) if reasons[i] is None else None for i, rec in enumerate(records)]
+            array, misfits = fit_column(field, values)
+            for i in misfits:
+                reasons[i] = misfit_reason(field, values[i])
+            arrays.append(array)
         if not arrays:  # no line of the sample parsed: the table still needs its row count
             return pa.table({C.PAIR_ID: pa.nulls(len(records), pa.string())})
         return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _field_value(rec, field: pa.Field, keep: bool):
-    if not keep or not isinstance(rec, dict):
-        return None
-    value = rec.get(field.name)
-    if field.metadata and value is not None:
-        return json.dumps(value, ensure_ascii=False)
-    return value
-
-
 def _parse_lines(lines: list[bytes]) -> tuple[list, list]:
     records, reasons = [], []
     for raw in lines:
-        try:
-            rec = json.loads(raw.decode("utf-8"))
-            reason = None if isinstance(rec, dict) else f"row is a JSON {type(rec).__name__}, not an object"
-        except UnicodeDecodeError:
-            rec, reason = raw, "invalid UTF-8"
-        except ValueError as e:
-            rec, reason = raw, f"invalid JSON ({str(e).split(':')[0]})"
+        rec, reason = parse_line(raw)
         records.append(rec)
         reasons.append(reason)
     return records, reasons
@@ -137,9 +135,9 @@ def _parse_lines(lines: list[bytes]) -> tuple[list, list]:
 
 def _raw_id(rec, id_column: str | None) -> str | None:
     """A rejected row keeps its own id where it has one, so rejects/ can be joined back to the input."""
-    if id_column is None or not isinstance(rec, dict) or rec.get(id_column) is None:
-        return None
-    return str(rec[id_column])
+    if id_column is None or not isinstance(rec, dict) or not isinstance(rec.get(id_column), (str, int, float)):
+        return None  # a list or an object is no id to join on
+    return escape_surrogates(str(rec[id_column]))
 
 
 def _with_canonical(base: pa.Table, pairs: list, ids: list, reasons: list, records: list,
@@ -151,10 +149,11 @@ def _with_canonical(base: pa.Table, pairs: list, ids: list, reasons: list, recor
 
     new = {
         C.PAIR_ID: ids,
-        C.PROMPT: col(lambda p: json.dumps(p.prompt, ensure_ascii=False)),
-        C.CHOSEN: col(lambda p: p.chosen),
-        C.REJECTED: col(lambda p: p.rejected),
-        C.CANDIDATES: col(lambda p: None if p.candidates is None else json.dumps(p.candidates, ensure_ascii=False)),
+        C.PROMPT: col(lambda p: _json(p.prompt)),
+        C.CHOSEN: col(lambda p: _json(p.chosen)),
+        C.REJECTED: col(lambda p: _json(p.rejected)),
+        C.CANDIDATES: col(lambda p: _json(p.candidates)),
+        C.CANDIDATE_REWARDS: col(lambda p: p.candidate_scores),
         C.SCORE_CHOSEN: col(lambda p: p.score_chosen),
         C.SCORE_REJECTED: col(lambda p: p.score_rejected),
         C.REJECT: reasons,
@@ -168,8 +167,17 @@ def _with_canonical(base: pa.Table, pairs: list, ids: list, reasons: list, recor
     return base
 
 
+def _json(value) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False)
+
+
 def raw_json(rec) -> str:
-    """The raw row as JSON text for rejects/; undecodable bytes are kept with backslash escapes."""
+    """The raw row as JSON text for rejects/: undecodable bytes kept with backslash escapes; lone UTF-16
+    surrogates, which UTF-8 (and so Arrow) cannot hold, written as JSON `\\uXXXX` escapes, so the text still
+    parses back to the same value."""
     if isinstance(rec, bytes):
         return rec.decode("utf-8", errors="backslashreplace")
-    return json.dumps(rec, ensure_ascii=False, default=str)
+    try:
+        return escape_surrogates(json.dumps(rec, ensure_ascii=False, default=str))
+    except (RecursionError, ValueError) as e:  # nested beyond what Python's encoder takes
+        return json.dumps(f"<row not written back as JSON: {type(e).__name__}>")

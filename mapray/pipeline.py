@@ -1,18 +1,16 @@
 """The one place that knows the order: read -> normalize -> rewards -> policy -> reference -> row metrics ->
-staged rows; then the global pass: pool moments -> map_z -> selection -> scored/, selected/, rejects/ ->
-manifest.json.
+staged rows; then the global pass: pool moments -> map, map_unreg, map_z (with the alpha of this pass) ->
+selection -> scored/, selected/, rejects/ -> README.md (dataset card) -> manifest.json.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import fsspec
@@ -20,21 +18,19 @@ import fsspec
 from mapray import __version__
 from mapray import columns as C
 from mapray import selection as S
-from mapray.config import ConfigError, ModelConfig, RayConfig, RunConfig, SelectionConfig, configured_models, to_dict
+from mapray.config import ConfigError, RayConfig, RunConfig, SelectionConfig, configured_models, to_dict
 from mapray.formats import RejectRow, detect_format
 from mapray.inputs import InputFiles, discover, read_dataset, read_staged, sample_records
 from mapray.manifest import build_manifest, identify_models
 from mapray.models import check_model_path
 from mapray.normalize import Normalizer, NormalizeSpec, infer_passthrough_schema
-from mapray.outputs import OutputLayout, read_manifest, reject_rows, scored_rows
+from mapray.outputs import OutputLayout, TrlColumns, read_manifest, reject_rows, scored_rows
+from mapray.preflight import check_models
+from mapray.runtime import LIGHT_TASK_CPUS, checkpointed, checkpointed_rows, init_ray, map_stage, watched
 from mapray.stages import LogprobStage, RewardStage, add_row_metrics
 from mapray.uris import absolute
 
 log = logging.getLogger(__name__)
-
-# Reading, normalizing and the per-row metrics are light, I/O-bound tasks: asking a whole CPU each would leave
-# them waiting behind the model actors on small machines (Ray Data budgets CPUs across operators).
-LIGHT_TASK_CPUS = 0.25
 
 
 @dataclass
@@ -46,6 +42,7 @@ class Plan:
     spec: NormalizeSpec
     layout: OutputLayout
     warnings: list[str]
+    trl: TrlColumns  # how scored/ writes TRL's prompt / chosen / rejected
 
 
 def plan(cfg: RunConfig) -> Plan:
@@ -64,16 +61,19 @@ def plan(cfg: RunConfig) -> Plan:
         except RejectRow as e:
             raise ConfigError(f"input.format: {e}") from None
         log.info("input format detected: %s", fmt)
-    passthrough = infer_passthrough_schema(sample) if files.file_format == "jsonl" else None
-    spec = NormalizeSpec(fmt, cfg.input.columns, cfg.reward.source == "columns", cfg.input.max_row_chars,
-                         passthrough)
+    # before Ray starts: standard rows are plain text (TRL's tokenization), the other formats go through a template
+    check_models(cfg, needs_chat_template=fmt != "standard")
+    spec = NormalizeSpec(fmt, cfg.input.columns, cfg.reward.source == "columns", cfg.input.max_row_chars, None)
+    if files.file_format == "jsonl":  # the own columns' types, from the sample rows this spec would score
+        spec = replace(spec, passthrough=infer_passthrough_schema(sample, spec))
     warnings = []
     if cfg.metric.implicit == "dpo" and cfg.reference is not None and cfg.reference.path == cfg.policy.path:
         warnings.append("reference.path equals policy.path: the DPO implicit margin is identically 0, "
                         "so MAP ranks by the explicit margin alone")
     for w in warnings:
         log.warning(w)
-    return Plan(cfg, files, spec, layout, warnings)
+    trl = TrlColumns.of(fmt, cfg.input.columns, sample[0] if sample else {})
+    return Plan(cfg, files, spec, layout, warnings, trl)
 
 
 def run_key(cfg: RunConfig, files: InputFiles) -> str:
@@ -87,55 +87,6 @@ def run_key(cfg: RunConfig, files: InputFiles) -> str:
     payload = json.dumps({"config": to_dict(cfg), "files": listing, "mapray": __version__}, sort_keys=True,
                          default=str)
     return "run-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def init_ray(cfg: RayConfig, models: list[ModelConfig]) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    # vLLM reads its settings from the environment: the driver's VLLM_* variables reach every worker
-    env_vars = {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}
-    env_vars.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # unset, vLLM's CPU backend sized it to 17 GiB here
-    env_vars.update(cfg.env_vars)
-    kwargs = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
-    if address:
-        ray.init(address=address, **kwargs)
-        return
-    num_cpus = cfg.num_cpus or os.cpu_count() or 1
-    needed = sum(m.actors * m.cpus_per_actor for m in models)
-    # Actor pools hold their CPUs for the whole run; the read and normalize tasks need some left over, or the
-    # pipeline waits forever (seen with two 1-CPU actors on a 2-CPU machine).
-    if needed > num_cpus - 2 * LIGHT_TASK_CPUS:
-        raise ConfigError(f"the model stages' actors need {needed:g} CPUs but the local Ray has {num_cpus}; "
-                          "lower actors or cpus_per_actor (fractions are fine)")
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)  # never a stray local head
-
-
-def _map_stage(ds, stage_cls, model: ModelConfig, **kwargs):
-    import ray.data
-
-    placement = {}
-    if model.engine == "vllm" and model.tensor_parallel_size > 1:
-        # vLLM's Ray executor places its shard workers in the placement group its caller runs in: each actor
-        # gets a group of one GPU bundle per shard and holds no GPU itself
-        placement = {"num_gpus": 0, "ray_remote_args_fn": partial(_tensor_parallel_group, model)}
-    return ds.map_batches(
-        stage_cls, fn_constructor_kwargs={"cfg": model, **kwargs}, batch_format="pyarrow",
-        batch_size=model.batch_size, compute=ray.data.ActorPoolStrategy(size=model.actors),
-        num_cpus=model.cpus_per_actor, **({"num_gpus": model.gpus_per_actor} | placement),
-    )
-
-
-def _tensor_parallel_group(model: ModelConfig) -> dict:
-    from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    bundles = [{"CPU": model.cpus_per_actor, "GPU": 1.0}] + [{"GPU": 1.0}] * (model.tensor_parallel_size - 1)
-    group = placement_group(bundles, strategy="STRICT_PACK")
-    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
-        group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
 
 
 def normalized_rows(p: Plan):
@@ -152,41 +103,13 @@ def score_rows(p: Plan, ds, models: dict):
         return {"model_sha": models[key]["sha256"], "cache_uri": absolute(cfg.cache) if cfg.cache else None}
 
     if cfg.reward.source == "model":
-        ds = _map_stage(ds, RewardStage, cfg.reward.model, **cache("reward.model"))
-    ds = _map_stage(ds, LogprobStage, cfg.policy, role="policy", **cache("policy"))
+        ds = map_stage(ds, RewardStage, cfg.reward.model, **cache("reward.model"))
+    ds = map_stage(ds, LogprobStage, cfg.policy, role="policy", **cache("policy"))
     if cfg.metric.needs_reference_model:
-        ds = _map_stage(ds, LogprobStage, cfg.reference, role="reference", **cache("reference"))
+        ds = map_stage(ds, LogprobStage, cfg.reference, role="reference", **cache("reference"))
     return ds.map_batches(add_row_metrics, fn_kwargs={"metric": cfg.metric,
                                                       "rewards_from_columns": cfg.reward.source == "columns"},
                           batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
-
-
-def checkpointed_rows(uri: str) -> int:
-    """Rows Ray Data's checkpoint records as written (its id files are Parquet)."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    if not fs.exists(path):
-        return 0
-    import pyarrow.parquet as pq
-
-    return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in fs.find(path) if f.endswith(".parquet"))
-
-
-@contextlib.contextmanager
-def checkpointed(path: str, id_column: str):
-    """Ray Data's own job checkpointing for the writes inside: each written row's id is recorded under `path`,
-    and a rerun of the same pipeline skips the rows already written."""
-    import ray.data
-    from ray.data.checkpoint import CheckpointConfig
-
-    ctx = ray.data.DataContext.get_current()
-    previous = ctx.checkpoint_config
-    # kept on success: the staging folder, checkpoint included, goes only once the run is published
-    ctx.checkpoint_config = CheckpointConfig(id_column=id_column, checkpoint_path=path,
-                                             delete_checkpoint_on_success=False)
-    try:
-        yield
-    finally:
-        ctx.checkpoint_config = previous
 
 
 def score(cfg: RunConfig) -> dict:
@@ -210,54 +133,82 @@ def score(cfg: RunConfig) -> dict:
     done_before = checkpointed_rows(layout.staged("checkpoint"))
     model_pass_at = time.time()
     if not layout.is_done("rows"):
-        with checkpointed(layout.staged("checkpoint"), C.ROW):
-            normalized = read_staged(layout.staged("normalized"), num_cpus=LIGHT_TASK_CPUS)
-            score_rows(p, normalized, models).write_parquet(layout.staged("rows"))
+        with checkpointed(layout.staged("checkpoint"), C.ROW) as unwritten, watched():
+            normalized = unwritten(read_staged(layout.staged("normalized"), num_cpus=LIGHT_TASK_CPUS))
+            # light too: a write's default whole CPU would wait beside the model actors until the pass ends
+            score_rows(p, normalized, models).write_parquet(layout.staged("rows"),
+                                                            ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
         layout.mark_done("rows")
     scored_at = time.time()
     timings["model_pass_s"] = scored_at - model_pass_at  # model stages + row metrics + staged write
-    counts, moments = finish(ray.data.read_parquet(layout.staged("rows")), layout, cfg.metric.alpha,
-                             cfg.selection)
+    counts, moments, chosen = finish(ray.data.read_parquet(layout.staged("rows")), layout, cfg.metric.alpha,
+                                     cfg.selection, trl=p.trl)
     timings.update(global_pass_s=time.time() - scored_at, total_s=time.time() - started)
     manifest = build_manifest(cfg, models, counts, moments, p.warnings,
-                              {k: round(v, 3) for k, v in timings.items()}, layout.run_id)
-    manifest["resumed"] = resumed
+                              {k: round(v, 3) for k, v in timings.items()}, layout.run_id, p.spec.format)
+    manifest["resumed"], manifest["selection"] = resumed, chosen
     manifest["counts"]["scored_this_attempt"] = checkpointed_rows(layout.staged("checkpoint")) - done_before
     layout.publish(manifest)
     return manifest
 
 
 def finish(rows, layout: OutputLayout, alpha: float, sel: SelectionConfig,
-           dedupe: bool = True) -> tuple[dict, dict]:
-    """The global pass over staged rows: writes scored/, selected/ and rejects/ into the staging folder."""
+           dedupe: bool = True, trl: TrlColumns | None = None) -> tuple[dict, dict, dict]:
+    """The global pass over staged rows: the MAP forms with this alpha, the selection, and scored/, selected/ and
+    rejects/ written into the staging folder. Returns counts, pool moments and how the selection was made."""
     duplicates = S.duplicate_rejects(rows) if dedupe else {}
     if duplicates:
         rows = rows.map_batches(partial(S.reject_rows_by_key, reasons=duplicates, stage="dedupe"),
                                 batch_format="pyarrow")
     good = rows.map_batches(S.only_good, batch_format="pyarrow")
     pool = S.pool_moments(good)
-    cut = S.find_cutoff(good, pool, alpha, sel)
-    scored = good.map_batches(partial(S.mark_selected, selection=cut, alpha=alpha, sel=sel),
-                              batch_format="pyarrow").map_batches(scored_rows, batch_format="pyarrow")
+    chosen = S.decide(good, pool, alpha, sel)
+    scored = good.map_batches(partial(S.mark_selected, selection=chosen),
+                              batch_format="pyarrow").map_batches(partial(scored_rows, trl=trl),
+                                                                  batch_format="pyarrow")
     for name in ("scored", "selected", "rejects"):  # a global pass cut short earlier left partial folders
         layout.remove(layout.staged(name))
         layout.ensure(layout.staged(name))
     scored.write_parquet(layout.staged("scored"))
     import ray.data
 
-    written = ray.data.read_parquet(layout.staged("scored")) if pool.explicit.count else None
-    if written is not None:
-        written.map_batches(S.only_selected, batch_format="pyarrow").write_parquet(layout.staged("selected"))
+    if chosen.count:
+        ray.data.read_parquet(layout.staged("scored")).map_batches(S.only_selected, batch_format="pyarrow") \
+            .write_parquet(layout.staged("selected"))
     rejects = rows.map_batches(S.only_rejected, batch_format="pyarrow").map_batches(
         reject_rows, batch_format="pyarrow").materialize()
     n_rejected = rejects.count()
     if n_rejected:
         rejects.write_parquet(layout.staged("rejects"))
     counts = {"input": pool.explicit.count + n_rejected, "scored": pool.explicit.count,
-              "rejected": n_rejected, "selected": cut.count,
+              "rejected": n_rejected, "selected": chosen.count,
               "rejected_by_reason": _reason_counts(rejects) if n_rejected else {}}
+    _keep_schemas(layout, counts, partial(_empty_scored, rows=rows, selection=chosen, trl=trl))
     moments = {"explicit_margin": pool.explicit.to_dict(), "abs_implicit_margin": pool.implicit_abs.to_dict()}
-    return counts, moments
+    return counts, moments, chosen.summary()
+
+
+def _keep_schemas(layout: OutputLayout, counts: dict, empty_scored) -> None:
+    """An empty folder gets one 0-row file with its columns: Ray writes no file for no rows, and a reader
+    (pyarrow, Ray, pandas, `datasets` streaming) needs one to give a 0-row table instead of an error."""
+    if not counts["rejected"]:
+        layout.write_empty("rejects", C.REJECTS_SCHEMA)
+    if counts["selected"]:
+        return
+    import ray.data
+
+    if counts["scored"]:  # selected/ takes the exact schema scored/ was written with
+        schema = ray.data.read_parquet(layout.staged("scored")).schema().base_schema
+    else:
+        schema = empty_scored().schema
+        layout.write_empty("scored", schema)
+    layout.write_empty("selected", schema)
+
+
+def _empty_scored(rows, selection: S.Selection, trl: TrlColumns | None):
+    """A 0-row scored/ table, built by the same steps as the real rows."""
+    empty = rows.schema().base_schema.empty_table()
+    return scored_rows(S.mark_selected(empty, selection), trl)
 
 
 def _reason_counts(rejects) -> dict:
@@ -275,22 +226,25 @@ def reselect(uri: str, sel: SelectionConfig, alpha: float | None = None) -> dict
     layout = OutputLayout(uri)
     started = time.time()
     rows = ray.data.read_parquet(layout.final("scored")).map_batches(_as_good_rows, batch_format="pyarrow")
-    counts, moments = finish(rows.materialize(), layout, alpha, sel, dedupe=False)
+    counts, moments, chosen = finish(rows.materialize(), layout, alpha, sel, dedupe=False)
     counts.update(input=previous["counts"]["input"], rejected=previous["counts"]["rejected"],
                   rejected_by_reason=previous["counts"].get("rejected_by_reason", {}))
     config = dict(previous["config"], selection=to_dict(sel))
     config["metric"] = dict(config["metric"], alpha=alpha)
-    manifest = dict(previous, config=config, counts=counts, pool_moments=moments, run_id=layout.run_id,
-                    reselected_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    manifest = dict(previous, config=config, counts=counts, selection=chosen, pool_moments=moments,
+                    run_id=layout.run_id, reselected_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     timings=dict(previous.get("timings", {}), reselect_s=time.time() - started))
-    layout.remove(layout.staged("rejects"))  # empty here: the published rejects/ stays as it was
+    if layout.has_parquet(layout.final("rejects")):
+        layout.remove(layout.staged("rejects"))  # the published rejects/ stays as it was
+    # else: an output from before empty folders kept their schema gets the 0-row rejects file now
     layout.publish(manifest)
     return manifest
 
 
 def _as_good_rows(table):
-    """scored/ rows back into the shape of staged rows (no reject reason), recomputing map_z/selected."""
-    table = table.drop_columns([c for c in ("map_z", "selected") if c in table.column_names])
+    """scored/ rows back into the shape of staged rows (no reject reason); the MAP forms and `selected` are
+    dropped, the global pass computes them again with the reselection's alpha."""
+    table = table.drop_columns([c for c in ("map", "map_unreg", "map_z", "selected") if c in table.column_names])
     for name in (C.REJECT, C.REJECT_STAGE, C.RAW, C.SOURCE, C.ROW):
         table = C.set_column(table, name, [None] * table.num_rows, C.INTERNAL_TYPES[name])
     return table

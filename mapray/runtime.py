@@ -1,0 +1,246 @@
+"""How a scoring run runs on Ray: starting Ray with room for what the run asks for, a model stage as an actor
+pool, Ray Data's job checkpointing around the staged write, and a watchdog that stops a run Ray cannot schedule.
+`pipeline.py` tells the story of a run; this module is the machinery under it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from functools import partial
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray.data
+from ray.data._internal.execution.execution_callback import ExecutionCallback
+from ray.data.checkpoint import CheckpointConfig, IdColumnCheckpointManager
+
+from mapray.config import ConfigError, ModelConfig, RayConfig
+
+# Reading, normalizing and the per-row metrics are light, I/O-bound tasks: asking a whole CPU each would leave
+# them waiting behind the model actors on small machines (Ray Data budgets CPUs across operators).
+LIGHT_TASK_CPUS = 0.25
+# Beside the actors, the model pass runs two light tasks: the read of staged rows (skipping the written ones)
+# and the row metrics with the staged write. Nothing else: Ray Data's own checkpoint filter is never planned.
+LIGHT_TASKS_BESIDE_ACTORS = 2
+# How long a run may sit with no actor at work and nothing moving while it asks Ray for more than the cluster
+# has, before it stops. Generous: an autoscaling cluster may take minutes to bring a node up.
+STALL_LIMIT_S = 600.0
+_STALL_LIMIT_KEY = "mapray.stall_limit_s"  # a DataContext key: the watchdog reads it from its execution
+
+
+class RunStalled(ConfigError):
+    """The run asks Ray for more than the cluster has and cannot go on: like a config error, one line."""
+
+
+def init_ray(cfg: RayConfig, models: list[ModelConfig]) -> None:
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    # vLLM reads its settings from the environment: the driver's VLLM_* variables reach every worker
+    env_vars = {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}
+    env_vars.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # unset, vLLM's CPU backend sized it to 17 GiB here
+    env_vars.update(cfg.env_vars)
+    kwargs = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+        return
+    num_cpus = cfg.num_cpus or os.cpu_count() or 1
+    check_local_cpus(num_cpus, models)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)  # never a stray local head
+
+
+def cpus_asked(models: list[ModelConfig]) -> float:
+    """CPUs the model pass holds at once: every actor pool for the whole pass, plus the light tasks that must
+    run beside them, or the pipeline waits forever (seen with two 1-CPU actors on a 2-CPU machine)."""
+    return sum(m.actors * m.cpus_per_actor for m in models) + LIGHT_TASKS_BESIDE_ACTORS * LIGHT_TASK_CPUS
+
+
+def check_local_cpus(num_cpus: float, models: list[ModelConfig]) -> None:
+    needed = cpus_asked(models)
+    if needed > num_cpus:
+        actors = needed - LIGHT_TASKS_BESIDE_ACTORS * LIGHT_TASK_CPUS
+        raise ConfigError(f"the model stages' actors need {actors:g} CPUs and the tasks beside them "
+                          f"{needed - actors:g}, but the local Ray has {num_cpus:g}; lower actors or "
+                          "cpus_per_actor (fractions are fine), or raise ray.num_cpus")
+
+
+def map_stage(ds, stage_cls, model: ModelConfig, **kwargs):
+    """A model stage over `ds` on a fixed pool of `model.actors` actors, each loading the model once."""
+    placement = {}
+    if model.engine == "vllm" and model.tensor_parallel_size > 1:
+        # vLLM's Ray executor places its shard workers in the placement group its caller runs in: each actor
+        # gets a group of one GPU bundle per shard and holds no GPU itself
+        placement = {"num_gpus": 0, "ray_remote_args_fn": partial(_tensor_parallel_group, model)}
+    return ds.map_batches(
+        stage_cls, fn_constructor_kwargs={"cfg": model, **kwargs}, batch_format="pyarrow",
+        batch_size=model.batch_size, compute=ray.data.ActorPoolStrategy(size=model.actors),
+        num_cpus=model.cpus_per_actor, **({"num_gpus": model.gpus_per_actor} | placement),
+    )
+
+
+def _tensor_parallel_group(model: ModelConfig) -> dict:
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundles = [{"CPU": model.cpus_per_actor, "GPU": 1.0}] + [{"GPU": 1.0}] * (model.tensor_parallel_size - 1)
+    group = placement_group(bundles, strategy="STRICT_PACK")
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+        group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
+
+
+# --- resuming: Ray Data's checkpoint records and recovers the writes; mapray skips the written rows itself ---
+
+def _committed_files(uri: str) -> tuple[object, list[str]]:
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(path):
+        return fs, []
+    # a `.pending.parquet` records a write in progress: Ray Data deletes it and that write's files on recovery
+    return fs, [f for f in fs.find(path) if f.endswith(".parquet") and not f.endswith(".pending.parquet")]
+
+
+def checkpointed_rows(uri: str) -> int:
+    """Rows Ray Data's checkpoint records as written (its committed id files are Parquet)."""
+    import pyarrow.parquet as pq
+
+    fs, files = _committed_files(uri)
+    return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files)
+
+
+def written_ids(uri: str, id_column: str) -> pa.Array:
+    """The ids of the rows the checkpoint records as written, one array."""
+    import pyarrow.parquet as pq
+
+    fs, files = _committed_files(uri)
+    chunks = [pq.read_table(f, filesystem=fs, columns=[id_column])[id_column].cast(pa.string()) for f in files]
+    return pa.chunked_array(chunks, pa.string()).combine_chunks()
+
+
+def skip_written(table: pa.Table, id_column: str, written: pa.Array) -> pa.Table:
+    """The rows whose id is not among `written`."""
+    ids = table[id_column]
+    return table.filter(pc.invert(pc.is_in(ids, value_set=written.cast(ids.type))))
+
+
+class _RecoverOnly(IdColumnCheckpointManager):
+    """Ray Data's recovery of a cut-short run (deleting the files of writes whose checkpoint was never
+    committed), without its filter: Ray Data would skip the written rows in a pool of actors that ask a whole
+    CPU each (fixed in Ray 2.60: `create_checkpoint_filter_op` sets only their memory), which the model actors
+    on a small machine never leave free. Returning no ids keeps that operator out of the plan."""
+
+    def load_checkpoint(self, data_file_dir=None, data_file_filesystem=None):
+        if data_file_dir is not None:
+            self._clean_pending_checkpoints(data_file_dir, data_file_filesystem)
+        return None, 0
+
+
+@contextlib.contextmanager
+def checkpointed(path: str, id_column: str):
+    """Ray Data's own job checkpointing for the writes inside: each written row's id is recorded under `path`,
+    and a rerun recovers the writes a crash cut short. Yields the function that drops the rows an earlier
+    attempt wrote from a dataset, in a light task of its own."""
+    written = written_ids(path, id_column)  # committed before this attempt: what recovery keeps
+    ctx = ray.data.DataContext.get_current()
+    previous = ctx.checkpoint_config
+    # kept on success: the staging folder, checkpoint included, goes only once the run is published
+    ctx.checkpoint_config = CheckpointConfig(id_column=id_column, checkpoint_path=path,
+                                             delete_checkpoint_on_success=False, checkpoint_manager_cls=_RecoverOnly)
+
+    def unwritten(ds):
+        if not len(written):
+            return ds
+        return ds.map_batches(skip_written, fn_kwargs={"id_column": id_column, "written": written},
+                              batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
+
+    try:
+        yield unwritten
+    finally:
+        ctx.checkpoint_config = previous
+
+
+# --- the watchdog: a run that waits on resources it can never get stops with one line ---
+
+@contextlib.contextmanager
+def watched(limit_s: float = STALL_LIMIT_S):
+    """Stops an execution with RunStalled once, for `limit_s`, no actor had a batch in hand and nothing moved
+    while the run asks Ray for more than the cluster has. A slow batch is an actor at work and a loading model a
+    pending actor that fits in the cluster: neither stops a run, however long it takes. Watches the datasets
+    made inside (a dataset keeps the DataContext it was made with, as `checkpointed` relies on too)."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.set_config(_STALL_LIMIT_KEY, limit_s)
+    ctx.custom_execution_callback_classes.append(_Watchdog)
+    try:
+        yield
+    finally:
+        ctx.custom_execution_callback_classes.remove(_Watchdog)
+        ctx.remove_config(_STALL_LIMIT_KEY)
+
+
+class _Watchdog(ExecutionCallback):
+    """Ray Data calls it at every step of an execution's scheduling loop (it reads the executor's operators,
+    Ray Data internals that mapray pins to Ray 2.60); an exception raised here fails the execution."""
+
+    def before_execution_starts(self, executor) -> None:
+        self.limit_s = executor._data_context.get_config(_STALL_LIMIT_KEY, STALL_LIMIT_S)
+        self.last, self.since = None, time.monotonic()
+
+    def on_execution_step(self, executor) -> None:
+        topology = executor._topology or {}
+        now, state = time.monotonic(), _progress(topology)
+        # an actor with a batch in hand is working, however long a big model takes over it; a task of a task
+        # pool may be running or may be waiting in Ray's queue for a CPU, so only movement says it ran
+        if state != self.last or any(op.get_actor_info().active for op in topology):
+            self.last, self.since = state, now
+            return
+        if now - self.since >= self.limit_s:
+            shortfall = resource_shortfall(topology, ray.cluster_resources())
+            if shortfall:
+                raise RunStalled(f"no progress for {self.limit_s:g} s: {shortfall}")
+
+
+def _progress(topology) -> tuple:
+    """What moves while a run makes progress (Ray Data's own no-progress measure, plus finished tasks)."""
+    return tuple((op.metrics.num_outputs_taken, op.metrics.num_tasks_finished, state.total_enqueued_input_blocks(),
+                  state.total_enqueued_output_blocks()) for op, state in topology.items())
+
+
+_RESOURCES = (("CPU", "cpu"), ("GPU", "gpu"))
+
+
+def resource_shortfall(topology, capacity: dict) -> str | None:
+    """What the operators ask for (their actors, pending ones included, and the next task of each operator
+    with input waiting) against the cluster's `capacity` (Ray's resource names); None when it fits."""
+    parts, asked = [], dict.fromkeys((name for name, _ in _RESOURCES), 0.0)
+    next_task = dict(asked)
+    for op, state in topology.items():
+        if op.has_completed():
+            continue
+        held, actors = op.current_logical_usage(), op.get_actor_info()
+        if held.cpu or held.gpu:
+            count = actors.running + actors.pending + actors.restarting
+            holders = _count(count, "actor") if count else _count(op.num_active_tasks(), "task")
+            parts.append(f"{op.name}: {holders}, {_fmt(held)}")
+            for name, attr in _RESOURCES:
+                asked[name] += getattr(held, attr)
+        task = op.incremental_resource_usage()
+        if state.has_pending_bundles() and (task.cpu or task.gpu):
+            parts.append(f"{op.name}: its next task, {_fmt(task)}")
+            for name, attr in _RESOURCES:
+                next_task[name] = max(next_task[name], getattr(task, attr))
+    short = [name for name in asked if asked[name] + next_task[name] > capacity.get(name, 0.0) + 1e-9]
+    if not short:
+        return None
+    wanted = ", ".join(f"{n} {asked[n] + next_task[n]:g}" for n in short)
+    has = ", ".join(f"{n} {capacity.get(n, 0.0):g}" for n in short)
+    return (f"Ray cannot schedule what this run asks for: {wanted} asked ({'; '.join(parts)}), {has} in the "
+            "cluster; lower a model's actors, cpus_per_actor or gpus_per_actor, or give Ray more")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def _fmt(res) -> str:
+    return ", ".join(f"{name} {getattr(res, attr):g}" for name, attr in _RESOURCES if getattr(res, attr))
