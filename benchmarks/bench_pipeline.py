@@ -34,7 +34,7 @@ def config(args, actors: int, cpus: float, output: str):
     from mapray.config import load_config
 
     base = {
-        "input": {"uri": str(DATA), "format": "chat", "columns": {"id": "prompt_id"}, "limit": args.pairs},
+        "input": {"uri": str(DATA), "format": "conversational", "columns": {"id": "prompt_id"}, "limit": args.pairs},
         "output": output,
         "policy": {"path": args.model, "dtype": args.dtype, "max_length": args.max_length,
                    "token_budget": args.token_budget, "batch_size": args.batch_size, "actors": actors,

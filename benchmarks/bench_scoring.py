@@ -46,10 +46,10 @@ def real_pairs(model_path: str, data: str, n: int, max_length: int):
 
     from mapray.config import ColumnNames
     from mapray.formats import RejectRow, detect_format, normalize_record
-    from mapray.templates import ChatEncoder
+    from mapray.templates import PairEncoder
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    enc = ChatEncoder(tokenizer, max_length)
+    enc = PairEncoder(tokenizer, max_length)
     cols, seqs = ColumnNames(), []
     with open(data) as f:
         for line in f:
@@ -86,15 +86,18 @@ def drawn_lengths(n: int, prompt_len: int, response_len: int, exact: bool, seed:
 
 def file_lengths(path: str, n: int, max_length: int):
     """The first n rows of a lengths file (JSON lines [prompt, chosen, rejected], written by --write-lengths),
-    truncated as a run truncates them."""
-    from mapray.templates import truncate_pair
+    truncated as a run truncates them (keep_start; a prompt that fills max_length is cut to max_length - 1 so
+    that the row still counts)."""
+    from mapray.templates import truncate
 
     out = []
     with open(path) as f:
         for line in f:
             p, c, r = json.loads(line)
-            pair = truncate_pair([0] * p, [0] * c, [0] * r, max_length, max_length // 2)
-            out.append((len(pair.prompt), len(pair.chosen), len(pair.rejected)))
+            p = min(p, max_length - 1)
+            (prompt, chosen), _ = truncate([0] * p, [0] * c, max_length, "keep_start")
+            _, rejected = truncate([0] * p, [0] * r, max_length, "keep_start")[0]
+            out.append((len(prompt), len(chosen), len(rejected)))
             if len(out) == n:
                 break
     return out

@@ -10,11 +10,12 @@ import pyarrow as pa
 
 PAIR_ID = "pair_id"
 
-# internal, dropped from scored/
-PROMPT = "_m_prompt"  # JSON list of {role, content}
-CHOSEN = "_m_chosen"
+# internal, dropped from scored/ (which carries them as TRL's prompt / chosen / rejected instead)
+PROMPT = "_m_prompt"  # JSON: a string (standard) or a list of {role, content} (conversational)
+CHOSEN = "_m_chosen"  # JSON: the completion, a string or a list of messages
 REJECTED = "_m_rejected"
-CANDIDATES = "_m_candidates"  # JSON list of strings (unscored N-candidates rows)
+CANDIDATES = "_m_candidates"  # JSON list of strings: every response of an N-candidates row
+CANDIDATE_REWARDS = "_m_candidate_rewards"  # one reward per candidate (null where a candidate takes no part)
 SCORE_CHOSEN = "_m_score_chosen"
 SCORE_REJECTED = "_m_score_rejected"
 REJECT = "_m_reject"  # reason; null for a good row
@@ -23,13 +24,20 @@ RAW = "_m_raw"  # the raw input row as JSON, kept only for rejected rows
 SOURCE = "_m_source"  # file:line for JSONL input
 ROW = "_m_row"  # a unique key per input row (tells copies of a duplicated pair_id apart)
 
-INTERNAL = [PROMPT, CHOSEN, REJECTED, CANDIDATES, SCORE_CHOSEN, SCORE_REJECTED, REJECT, REJECT_STAGE, RAW, SOURCE,
-            ROW]
+INTERNAL = [PROMPT, CHOSEN, REJECTED, CANDIDATES, CANDIDATE_REWARDS, SCORE_CHOSEN, SCORE_REJECTED, REJECT,
+            REJECT_STAGE, RAW, SOURCE, ROW]
 INTERNAL_TYPES = {
     PROMPT: pa.string(), CHOSEN: pa.string(), REJECTED: pa.string(), CANDIDATES: pa.string(),
+    CANDIDATE_REWARDS: pa.list_(pa.float64()),
     SCORE_CHOSEN: pa.float64(), SCORE_REJECTED: pa.float64(), REJECT: pa.string(), REJECT_STAGE: pa.string(),
     RAW: pa.string(), SOURCE: pa.string(), ROW: pa.string(),
 }
+
+# TRL's preference columns, first in every scored row: the pair mapray scored, in TRL's explicit-prompt form
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+TRL_COLUMNS = ("prompt", "chosen", "rejected")
+CANDIDATE_REWARDS_OUT = "candidate_rewards"  # N-candidates runs: aligned with the input's list of responses
+ORIGINAL_PREFIX = "original_"  # an input column named like a TRL column, in another shape, is kept under this
 
 # public, added to every scored row in this order
 SCORED = {

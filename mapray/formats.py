@@ -3,14 +3,20 @@
 Pure Python, no Ray: `normalize_record` takes one input row (a dict) and returns a `Pair` or raises
 `RejectRow` whose message is the reason written to `rejects/`.
 
-Formats (`input.format`):
-- text: `prompt`, `chosen`, `rejected` strings.
-- chat: `chosen` / `rejected` are lists of {role, content}; the shared prefix before the last (assistant) turn is
-  the prompt. When both lists hold only the assistant turn, the `prompt` column becomes the user turn.
-- transcript: Anthropic HH style "\\n\\nHuman: ...\\n\\nAssistant: ..." texts; the prompt is everything before the
-  last "\\n\\nAssistant:", turned into user/assistant messages.
-- candidates: `prompt` plus a list of responses and (optionally) a list of scores. With scores the pair is
-  picked here; without, the reward stage scores every candidate and picks it (see `pick_pair`).
+The pair is TRL's explicit-prompt form (`trl/docs/source/dataset_formats.md`), standard or conversational:
+- standard: `prompt`, `chosen`, `rejected` strings. Without a `prompt` field the prompt is implicit: the longest
+  common leading text of chosen and rejected (TRL's `extract_prompt`, which gives a trailing space back to the
+  responses). Scored as plain text, no chat template (see `mapray.templates`).
+- conversational: `chosen` / `rejected` lists of {role, content} messages (roles system, user, assistant, tool).
+  With a `prompt` message list the prompt is explicit and chosen/rejected are the completions; without one, the
+  prompt is the longest common leading run of turns (TRL's `extract_prompt`). A `prompt` *string* beside full
+  conversations (UltraFeedback-binarized) is a copy of the first user turn: ignored, except that when chosen and
+  rejected hold only the assistant turn it becomes the user turn.
+- transcript: Anthropic HH "\\n\\nHuman: ...\\n\\nAssistant: ..." texts -> conversational; the prompt is everything
+  before the last "\\n\\nAssistant:".
+- candidates: a prompt (string: one user turn, or messages) plus a list of responses and optionally a list of scores
+  -> conversational. With scores the pair is picked here; without, the reward stage scores every candidate and
+  picks it (`pick_pair`).
 """
 
 from __future__ import annotations
@@ -23,8 +29,11 @@ from dataclasses import dataclass
 
 from mapray.config import ColumnNames
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+FORMATS = ("standard", "conversational", "transcript", "candidates")
 _TURN = re.compile(r"\n\n(Human|Assistant):")
+
+Messages = list[dict]
 
 
 class RejectRow(ValueError):
@@ -34,65 +43,110 @@ class RejectRow(ValueError):
 @dataclass
 class Pair:
     pair_id: str
-    prompt: list[dict]  # chat messages, ending with a user (or system) turn
-    chosen: str | None  # None for unscored candidates, until the reward stage picks the pair
-    rejected: str | None
+    prompt: str | Messages  # standard: text; conversational: messages ending with a non-assistant turn
+    chosen: str | Messages | None  # a completion: text, or messages; None for candidates until rewards pick it
+    rejected: str | Messages | None
     score_chosen: float | None = None
     score_rejected: float | None = None
-    candidates: list[str] | None = None  # unscored N-candidates rows only
+    candidates: list[str] | None = None  # N-candidates rows: every response, aligned with the input's list
+    candidate_scores: list[float | None] | None = None  # the input's scores, aligned; None where ignored
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+    def text_size(self) -> int:
+        """Characters of text in the pair (prompt, responses, candidates)."""
+        parts = [self.prompt, self.chosen, self.rejected, *(self.candidates or [])]
+        return sum(len(p) if isinstance(p, str) else sum(len(m["content"]) for m in p) for p in parts if p)
+
+
+def assistant(text: str) -> Messages:
+    """A response text as a conversational completion."""
+    return [{"role": "assistant", "content": text}]
 
 
 def detect_format(sample: dict, cols: ColumnNames) -> str:
-    """Guesses the format from one representative row's fields."""
+    """The format of a representative row, by TRL's rules (`is_conversational`, then explicit vs implicit
+    prompt), with mapray's own transcript and candidates formats first."""
     if cols.responses in sample:
         return "candidates"
     chosen = sample.get(cols.chosen)
-    if isinstance(chosen, list):
-        return "chat"
-    if isinstance(chosen, str) and isinstance(sample.get(cols.prompt), str):
-        return "text"
-    if isinstance(chosen, str) and "\n\nAssistant:" in chosen:
+    if any(_looks_like_messages(sample.get(name)) for name in (cols.prompt, cols.chosen, cols.rejected)):
+        return "conversational"
+    if isinstance(chosen, str) and cols.prompt not in sample and "\n\nAssistant:" in chosen:
         return "transcript"
+    if isinstance(chosen, str):
+        return "standard"
     raise RejectRow(f"cannot detect the input format from fields {sorted(sample)}; set input.format")
 
 
+def _looks_like_messages(value) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
+
+
 def normalize_record(rec: dict, fmt: str, cols: ColumnNames) -> Pair:
-    if fmt == "text":
-        pair = _from_text(rec, cols)
-    elif fmt == "chat":
-        pair = _from_chat(rec, cols)
-    elif fmt == "transcript":
-        pair = _from_transcript(rec, cols)
-    elif fmt == "candidates":
-        pair = _from_candidates(rec, cols)
-    else:
+    readers = {"standard": _from_standard, "conversational": _from_conversational,
+               "transcript": _from_transcript, "candidates": _from_candidates}
+    if fmt not in readers:
         raise ValueError(f"unknown format {fmt!r}")
+    pair = readers[fmt](rec, cols)
     pair.pair_id = _pair_id(rec, pair, cols)
     return pair
 
 
-def _from_text(rec: dict, cols: ColumnNames) -> Pair:
-    prompt = _string(rec, cols.prompt, "prompt")
-    chosen, rejected = _responses(_string(rec, cols.chosen), _string(rec, cols.rejected))
-    sc, sr = _scores(rec, cols)
-    return Pair("", [{"role": "user", "content": prompt}], chosen, rejected, sc, sr)
+def _from_standard(rec: dict, cols: ColumnNames) -> Pair:
+    chosen, rejected = _string(rec, cols.chosen), _string(rec, cols.rejected)
+    if cols.prompt in rec:
+        prompt = _string(rec, cols.prompt, "prompt")
+    else:
+        prompt, chosen, rejected = extract_text_prompt(chosen, rejected)
+        if not prompt.strip():
+            raise RejectRow("empty prompt (chosen and rejected share no leading text)")
+    _check_responses(chosen, rejected)
+    return Pair("", prompt, chosen, rejected, *_scores(rec, cols))
 
 
-def _from_chat(rec: dict, cols: ColumnNames) -> Pair:
-    chosen_msgs = _messages(rec, cols.chosen)
-    rejected_msgs = _messages(rec, cols.rejected)
-    for name, msgs in ((cols.chosen, chosen_msgs), (cols.rejected, rejected_msgs)):
-        if msgs[-1]["role"] != "assistant":
+def extract_text_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """TRL's `extract_prompt` on strings: the longest common prefix, minus a trailing space that goes back to the
+    responses."""
+    idx = 0
+    while idx < min(len(chosen), len(rejected)) and chosen[idx] == rejected[idx]:
+        idx += 1
+    if idx == min(len(chosen), len(rejected)):
+        raise RejectRow("one of chosen and rejected is a prefix of the other: no completion to tell apart")
+    if idx > 0 and chosen[idx - 1] == " ":
+        idx -= 1
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def _from_conversational(rec: dict, cols: ColumnNames) -> Pair:
+    chosen, rejected = _messages(rec, cols.chosen), _messages(rec, cols.rejected)
+    prompt_field = rec.get(cols.prompt)
+    if isinstance(prompt_field, list):
+        prompt = _messages(rec, cols.prompt)
+    else:
+        turns = 0
+        while turns < min(len(chosen), len(rejected)) and chosen[turns] == rejected[turns]:
+            turns += 1
+        prompt, chosen, rejected = chosen[:turns], chosen[turns:], rejected[turns:]
+        if not prompt:
+            if cols.prompt not in rec or any(m["role"] != "assistant" for m in chosen + rejected):
+                raise RejectRow("prompts of chosen and rejected differ (no leading turn in common)")
+            # UltraFeedback-style rows holding only the assistant turn: the prompt column is the user turn
+            prompt = [{"role": "user", "content": _string(rec, cols.prompt, "prompt")}]
+    for name, completion in ((cols.chosen, chosen), (cols.rejected, rejected)):
+        if not completion:
+            raise RejectRow(f"{name} has no completion after the prompt")
+        if completion[-1]["role"] != "assistant":
             raise RejectRow(f"{name} does not end with an assistant turn")
-    prompt = chosen_msgs[:-1]
-    if prompt != rejected_msgs[:-1]:
-        raise RejectRow("prompts of chosen and rejected differ")
-    if not prompt:
-        prompt = [{"role": "user", "content": _string(rec, cols.prompt, "prompt")}]
     _check_prompt(prompt)
-    chosen, rejected = _responses(chosen_msgs[-1]["content"], rejected_msgs[-1]["content"])
-    sc, sr = _scores(rec, cols)
-    return Pair("", prompt, chosen, rejected, sc, sr)
+    _check_responses(_text_of(chosen), _text_of(rejected), same=chosen == rejected)
+    return Pair("", prompt, chosen, rejected, *_scores(rec, cols))
+
+
+def _text_of(completion: Messages) -> str:
+    return "".join(m["content"] for m in completion if m["role"] == "assistant")
 
 
 def _from_transcript(rec: dict, cols: ColumnNames) -> Pair:
@@ -100,12 +154,11 @@ def _from_transcript(rec: dict, cols: ColumnNames) -> Pair:
     rejected_prompt, rejected = split_transcript(_string(rec, cols.rejected))
     if chosen_prompt != rejected_prompt:
         raise RejectRow("prompts of chosen and rejected differ")
-    chosen, rejected = _responses(chosen, rejected)
-    sc, sr = _scores(rec, cols)
-    return Pair("", chosen_prompt, chosen, rejected, sc, sr)
+    _check_responses(chosen, rejected)
+    return Pair("", chosen_prompt, assistant(chosen), assistant(rejected), *_scores(rec, cols))
 
 
-def split_transcript(text: str) -> tuple[list[dict], str]:
+def split_transcript(text: str) -> tuple[Messages, str]:
     """Splits an HH transcript into prompt messages and the last assistant response."""
     parts = _TURN.split(text)
     # parts = [preamble, speaker, text, speaker, text, ...]
@@ -122,7 +175,11 @@ def split_transcript(text: str) -> tuple[list[dict], str]:
 
 
 def _from_candidates(rec: dict, cols: ColumnNames) -> Pair:
-    prompt = [{"role": "user", "content": _string(rec, cols.prompt, "prompt")}]
+    if isinstance(rec.get(cols.prompt), list):
+        prompt = _messages(rec, cols.prompt)
+        _check_prompt(prompt)
+    else:
+        prompt = [{"role": "user", "content": _string(rec, cols.prompt, "prompt")}]
     responses = rec.get(cols.responses)
     if not isinstance(responses, list):
         raise RejectRow(_type_reason(cols.responses, responses, "a list of strings"))
@@ -130,24 +187,24 @@ def _from_candidates(rec: dict, cols: ColumnNames) -> Pair:
         raise RejectRow(f"{cols.responses} holds a non-string response")
     scores = rec.get(cols.scores)
     if scores is None:
-        candidates = _distinct(responses, range(len(responses)))
-        if len(candidates) < 2:
+        if len(_distinct(responses)) < 2:
             raise RejectRow("fewer than 2 distinct candidates")
-        return Pair("", prompt, None, None, candidates=[responses[i] for i in candidates])
+        return Pair("", prompt, None, None, candidates=responses)
     if not isinstance(scores, list) or len(scores) != len(responses):
         raise RejectRow(f"{cols.scores} must be a list as long as {cols.responses}")
     values = [_finite(s, f"{cols.scores}[{i}]") for i, s in enumerate(scores)]
     best, worst = pick_pair(responses, values)
-    return Pair("", prompt, responses[best], responses[worst], values[best], values[worst])
+    return Pair("", prompt, assistant(responses[best]), assistant(responses[worst]), values[best], values[worst],
+                candidates=responses, candidate_scores=values)
 
 
-def pick_pair(responses: list[str], scores: list[float]) -> tuple[int, int]:
+def pick_pair(responses: list[str], scores: list[float | None]) -> tuple[int, int]:
     """Indices of (chosen, rejected) among scored candidates.
 
     Deterministic ties: empty and duplicate responses are ignored (first occurrence kept); chosen is the first
     candidate with the highest score, rejected the last one with the lowest score among the others.
     """
-    keep = _distinct(responses, range(len(responses)))
+    keep = _distinct(responses)
     if len(keep) < 2:
         raise RejectRow("fewer than 2 distinct candidates")
     best = max(keep, key=lambda i: (scores[i], -i))
@@ -156,11 +213,16 @@ def pick_pair(responses: list[str], scores: list[float]) -> tuple[int, int]:
     return best, worst
 
 
-def _distinct(responses: list[str], indices) -> list[int]:
+def distinct_candidates(responses: list[str]) -> list[int]:
+    """Indices of the candidates that take part in picking a pair: non-empty, first of each duplicate text."""
+    return _distinct(responses)
+
+
+def _distinct(responses: list[str]) -> list[int]:
     seen: set[str] = set()
     keep = []
-    for i in indices:
-        text = responses[i].strip()
+    for i, response in enumerate(responses):
+        text = response.strip()
         if text and text not in seen:
             seen.add(text)
             keep.append(i)
@@ -180,7 +242,7 @@ def _string(rec: dict, name: str, what: str | None = None) -> str:
     return value
 
 
-def _messages(rec: dict, name: str) -> list[dict]:
+def _messages(rec: dict, name: str) -> Messages:
     if name not in rec:
         raise RejectRow(f"missing field '{name}'")
     msgs = rec[name]
@@ -200,21 +262,20 @@ def _messages(rec: dict, name: str) -> list[dict]:
     return out
 
 
-def _check_prompt(messages: list[dict]) -> None:
+def _check_prompt(messages: Messages) -> None:
     if messages[-1]["role"] == "assistant":
         raise RejectRow("prompt ends with an assistant turn")
     if not any(m["content"].strip() for m in messages):
         raise RejectRow("empty prompt")
 
 
-def _responses(chosen: str, rejected: str) -> tuple[str, str]:
+def _check_responses(chosen: str, rejected: str, same: bool | None = None) -> None:
     if not chosen.strip():
         raise RejectRow("empty chosen response")
     if not rejected.strip():
         raise RejectRow("empty rejected response")
-    if chosen == rejected:
+    if chosen == rejected if same is None else same:
         raise RejectRow("chosen and rejected responses are identical")
-    return chosen, rejected
 
 
 def _scores(rec: dict, cols: ColumnNames) -> tuple[float | None, float | None]:
@@ -231,11 +292,15 @@ def _scores(rec: dict, cols: ColumnNames) -> tuple[float | None, float | None]:
 def _finite(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RejectRow(_type_reason(name, value, "a number"))
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond float range
+        raise RejectRow(f"{name} is infinite") from None
     if math.isnan(value):
         raise RejectRow(f"{name} is NaN")
     if math.isinf(value):
         raise RejectRow(f"{name} is infinite")
-    return float(value)
+    return value
 
 
 def _type_reason(name: str, value, expected: str) -> str:
@@ -251,4 +316,5 @@ def _pair_id(rec: dict, pair: Pair, cols: ColumnNames) -> str:
             raise RejectRow(_type_reason(cols.id, value, "a string or integer id"))
         return str(value)
     content = [pair.prompt, pair.chosen, pair.rejected, pair.candidates]
-    return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()[:24]
+    encoded = json.dumps(content, ensure_ascii=False).encode("utf-8", errors="surrogatepass")
+    return hashlib.sha256(encoded).hexdigest()[:24]

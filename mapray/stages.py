@@ -17,7 +17,7 @@ import pyarrow as pa
 from mapray import columns as C
 from mapray import metrics
 from mapray.config import MetricConfig, ModelConfig
-from mapray.formats import RejectRow, pick_pair
+from mapray.formats import RejectRow, assistant, distinct_candidates, pick_pair
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def _load_encoder(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     from mapray.models import resolve_model_path
-    from mapray.templates import ChatEncoder
+    from mapray.templates import PairEncoder
 
     if cfg.device != "cuda" and cfg.engine == "torch":  # vLLM's CPU backend binds its own OpenMP threads
         import torch
@@ -35,7 +35,8 @@ def _load_encoder(cfg: ModelConfig):
         torch.set_num_threads(max(1, math.ceil(cfg.cpus_per_actor)))
     local = resolve_model_path(cfg.path)
     tokenizer = AutoTokenizer.from_pretrained(local)
-    return ChatEncoder(tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.chat_template), local
+    return PairEncoder(tokenizer, cfg.max_length, cfg.truncation_mode, cfg.chat_template,
+                       cfg.split_special_tokens), local
 
 
 class _ModelStage:
@@ -98,7 +99,7 @@ class LogprobStage(_ModelStage):
         rows, encoded, reasons = [], [], {}
         for i in C.good_rows(table):
             try:
-                pair = self.encoder.encode_pair(json.loads(prompts[i]), chosen[i], rejected[i])
+                pair = self.encoder.encode_pair(*(json.loads(column[i]) for column in (prompts, chosen, rejected)))
             except RejectRow as e:
                 reasons[i] = str(e)
                 continue
@@ -114,7 +115,7 @@ class LogprobStage(_ModelStage):
             out[f"{self.prefix}chosen_logps"][i] = sums[2 * k]
             out[f"{self.prefix}rejected_logps"][i] = sums[2 * k + 1]
             if not self.prefix:
-                out["chosen_tokens"][i], out["rejected_tokens"][i] = len(pair.chosen), len(pair.rejected)
+                out["chosen_tokens"][i], out["rejected_tokens"][i] = len(pair.chosen[1]), len(pair.rejected[1])
                 out["chosen_truncated"][i] = pair.chosen_truncated
                 out["rejected_truncated"][i] = pair.rejected_truncated
         for name, values in out.items():
@@ -126,12 +127,13 @@ class RewardStage(_ModelStage):
     """Explicit rewards from a reward model: the raw logit of a single-label sequence classifier, on the prompt
     and response through the reward model's own chat template.
 
-    In: `_m_prompt`, `_m_chosen`, `_m_rejected`, `_m_candidates`, `_m_reject`.
-    Out: `reward_chosen`, `reward_rejected`; for unscored N-candidates rows every candidate is scored, then
-    `_m_chosen` / `_m_rejected` are set to the argmax / argmin (ties: `mapray.formats.pick_pair`).
+    In: `_m_prompt`, `_m_chosen`, `_m_rejected`, `_m_candidates`, `_m_candidate_rewards`, `_m_reject`.
+    Out: `reward_chosen`, `reward_rejected`; for N-candidates rows every candidate is scored (as an assistant
+    turn), `_m_candidate_rewards` holds the rewards aligned with the candidates, and `_m_chosen` / `_m_rejected`
+    are set to the argmax / argmin (ties: `mapray.formats.pick_pair`).
     """
 
-    INPUTS = [C.PROMPT, C.CHOSEN, C.REJECTED, C.CANDIDATES, C.REJECT]
+    INPUTS = [C.PROMPT, C.CHOSEN, C.REJECTED, C.CANDIDATES, C.CANDIDATE_REWARDS, C.REJECT]
     KIND = "rewards"
 
     def _load_engine(self):
@@ -144,34 +146,41 @@ class RewardStage(_ModelStage):
         prompts = table.column(C.PROMPT).to_pylist()
         chosen, rejected = table.column(C.CHOSEN).to_pylist(), table.column(C.REJECTED).to_pylist()
         candidates = table.column(C.CANDIDATES).to_pylist()
-        # every response of a row to score: [chosen, rejected] or all its candidates
-        responses = {i: json.loads(candidates[i]) if candidates[i] is not None else [chosen[i], rejected[i]]
-                     for i in C.good_rows(table)}
-        groups, owners, reasons = [], [], {}
-        for i, texts in responses.items():
+        candidate_rewards = table.column(C.CANDIDATE_REWARDS).to_pylist()
+        groups, owners, reasons = [], {}, {}
+        for i in C.good_rows(table):
+            prompt = json.loads(prompts[i])
+            if candidates[i] is None:
+                completions = [json.loads(chosen[i]), json.loads(rejected[i])]
+            else:  # every candidate that takes part in picking the pair (not empty, not a duplicate)
+                texts = json.loads(candidates[i])
+                owners[i] = (texts, distinct_candidates(texts))
+                completions = [assistant(texts[k]) for k in owners[i][1]]
             try:
-                groups.append([self.encoder.encode_full(json.loads(prompts[i]), t)[0] for t in texts])
+                groups.append((i, [self.encoder.encode_full(prompt, c)[0] for c in completions]))
             except RejectRow as e:
                 reasons[i] = str(e)
-                continue
-            owners.append(i)
         reward_c, reward_r = [None] * table.num_rows, [None] * table.num_rows
-        for i, values in zip(owners, self._scores(groups, "rewards")):
-            if candidates[i] is None:
+        for (i, _), values in zip(groups, self._scores([g for _, g in groups], "rewards")):
+            if i not in owners:
                 reward_c[i], reward_r[i] = values
                 continue
-            best, worst = pick_pair(responses[i], values)
-            chosen[i], rejected[i] = responses[i][best], responses[i][worst]
-            reward_c[i], reward_r[i] = values[best], values[worst]
-        table = C.set_column(table, C.CHOSEN, chosen, pa.string())
-        table = C.set_column(table, C.REJECTED, rejected, pa.string())
-        table = C.set_column(table, "reward_chosen", reward_c, pa.float64())
-        table = C.set_column(table, "reward_rejected", reward_r, pa.float64())
+            texts, scored = owners[i]
+            rewards = [None] * len(texts)
+            for k, value in zip(scored, values):
+                rewards[k] = value
+            best, worst = pick_pair(texts, rewards)
+            chosen[i], rejected[i] = (json.dumps(assistant(texts[k]), ensure_ascii=False) for k in (best, worst))
+            reward_c[i], reward_r[i], candidate_rewards[i] = rewards[best], rewards[worst], rewards
+        for name, values in ((C.CHOSEN, chosen), (C.REJECTED, rejected), ("reward_chosen", reward_c),
+                             ("reward_rejected", reward_r), (C.CANDIDATE_REWARDS, candidate_rewards)):
+            table = C.set_column(table, name, values, C.INTERNAL_TYPES.get(name) or C.SCORED[name])
         return C.mark_rejected(table, reasons, "reward")
 
 
 def add_row_metrics(table: pa.Table, metric: MetricConfig, rewards_from_columns: bool) -> pa.Table:
-    """Per-row margins and MAP forms (everything but the pool-level map_z and selection)."""
+    """Per-row margins and implicit rewards. The MAP forms are not computed here: they depend on alpha, which
+    reaches them only in the global pass (selection.add_scores), so a reselection with another alpha is right."""
     if rewards_from_columns:
         table = C.set_column(table, "reward_chosen", table.column(C.SCORE_CHOSEN), pa.float64())
         table = C.set_column(table, "reward_rejected", table.column(C.SCORE_REJECTED), pa.float64())
@@ -191,11 +200,8 @@ def add_row_metrics(table: pa.Table, metric: MetricConfig, rewards_from_columns:
         r_c = metrics.implicit_reward(form, beta, num("chosen_logps"), num("chosen_tokens"), ref_c)
         r_r = metrics.implicit_reward(form, beta, num("rejected_logps"), num("rejected_tokens"), ref_r)
         m_im = r_c - r_r
-        values = {
-            "explicit_margin": m_ex, "implicit_reward_chosen": r_c, "implicit_reward_rejected": r_r,
-            "implicit_margin": m_im, "map": metrics.map_score(m_ex, m_im, metric.alpha),
-            "map_unreg": metrics.map_unregularised(m_ex, m_im, metric.alpha),
-        }
+        values = {"explicit_margin": m_ex, "implicit_reward_chosen": r_c, "implicit_reward_rejected": r_r,
+                  "implicit_margin": m_im}
     for name, array in values.items():
         table = C.set_column(table, name, pa.array(array, pa.float64(), mask=~good), pa.float64())
     return table

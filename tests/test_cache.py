@@ -44,7 +44,9 @@ def _new_policy(tiny, out):
 
 
 def _cfg(tmp_path, policy, tiny, name, cache):
-    model = {"max_length": 192, "token_budget": 2048, "batch_size": 8, "cpus_per_actor": 0.5}
+    # keep_end: with keep_start, rows whose prompt alone fills max_length (7 of these 16) would be set aside
+    model = {"max_length": 192, "truncation_mode": "keep_end", "token_budget": 2048, "batch_size": 8,
+             "cpus_per_actor": 0.5}
     return load_config(None, base={
         "input": {"uri": str(tmp_path / "in.jsonl"), "columns": {"id": "prompt_id"}},
         "output": str(tmp_path / name), "cache": cache,

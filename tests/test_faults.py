@@ -14,8 +14,9 @@ from tests.conftest import UF
 def test_actor_killed_mid_run_every_pair_exactly_once(tmp_path, tiny, local_ray):
     lines = UF.read_bytes().splitlines()[:160]
     (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    model = {"path": tiny["policy"], "max_length": 1024, "token_budget": 4096, "batch_size": 4,
-             "cpus_per_actor": 0.5}
+    # keep_end: with keep_start, rows whose prompt alone fills max_length (22 of these 160) would be set aside
+    model = {"path": tiny["policy"], "max_length": 1024, "truncation_mode": "keep_end", "token_budget": 4096,
+             "batch_size": 4, "cpus_per_actor": 0.5}
     cfg = load_config(None, base={"input": {"uri": str(tmp_path / "in.jsonl"), "columns": {"id": "prompt_id"}},
                                   "output": str(tmp_path / "out"), "policy": model})
     killer = ActorKiller("MapBatches(LogprobStage)", after_s=4.0)

@@ -17,23 +17,49 @@ def msg(role, content):
     return {"role": role, "content": content}
 
 
-def test_text_pair():
-    p = normalize_record({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."}, "text", COLS)
-    assert p.prompt == [msg(U, "Hi?")] and (p.chosen, p.rejected) == ("Hello.", "Go away.")
+def test_standard_explicit_pair():
+    p = normalize_record({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."}, "standard", COLS)
+    assert (p.prompt, p.chosen, p.rejected) == ("Hi?", "Hello.", "Go away.") and not p.conversational
     assert p.score_chosen is None and len(p.pair_id) == 24
 
 
-def test_chat_pair_with_scores_and_id():
+def test_standard_implicit_prompt_is_trl_extract_prompt():
+    from trl.data_utils import extract_prompt
+
+    rec = {"chosen": "The sky is blue.", "rejected": "The sky is green."}
+    p = normalize_record(rec, "standard", COLS)
+    assert (p.prompt, p.chosen, p.rejected) == ("The sky is", " blue.", " green.")  # the space goes back
+    assert extract_prompt(rec) == {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
+
+
+def test_conversational_with_scores_and_id():
     rec = {"prompt_id": "x1", "prompt": "Q", "chosen": [msg(U, "Q"), msg(A, "good")],
            "rejected": [msg(U, "Q"), msg(A, "bad")], "score_chosen": 8.0, "score_rejected": 3}
-    p = normalize_record(rec, "chat", ColumnNames(id="prompt_id"))
-    assert (p.pair_id, p.prompt, p.chosen, p.rejected) == ("x1", [msg(U, "Q")], "good", "bad")
-    assert (p.score_chosen, p.score_rejected) == (8.0, 3.0)
+    p = normalize_record(rec, "conversational", ColumnNames(id="prompt_id"))
+    assert (p.pair_id, p.prompt, p.chosen, p.rejected) == ("x1", [msg(U, "Q")], [msg(A, "good")], [msg(A, "bad")])
+    assert (p.score_chosen, p.score_rejected) == (8.0, 3.0) and p.conversational
 
 
-def test_chat_pair_assistant_only_uses_prompt_column():
+def test_conversational_explicit_prompt_with_system_and_tool_turns():
+    prompt = [msg("system", "be brief"), msg(U, "weather?"), msg(A, "calling"), msg("tool", "sunny"), msg(U, "so?")]
+    rec = {"prompt": prompt, "chosen": [msg(A, "It is sunny.")], "rejected": [msg(A, "No idea.")]}
+    p = normalize_record(rec, "conversational", COLS)
+    assert (p.prompt, p.chosen, p.rejected) == (prompt, rec["chosen"], rec["rejected"])
+
+
+def test_conversational_implicit_prompt_is_trl_extract_prompt():
+    from trl.data_utils import extract_prompt
+
+    rec = {"chosen": [msg(U, "q"), msg(A, "a1"), msg(U, "q2"), msg(A, "long")],
+           "rejected": [msg(U, "q"), msg(A, "a1"), msg(U, "q2"), msg(A, "no")]}
+    p = normalize_record(rec, "conversational", COLS)
+    assert extract_prompt(rec) == {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
+    assert p.prompt == rec["chosen"][:3]
+
+
+def test_conversational_assistant_only_uses_prompt_column():
     rec = {"prompt": "Q", "chosen": [msg(A, "good")], "rejected": [msg(A, "bad")]}
-    assert normalize_record(rec, "chat", COLS).prompt == [msg(U, "Q")]
+    assert normalize_record(rec, "conversational", COLS).prompt == [msg(U, "Q")]
 
 
 def test_transcript_split_multi_turn():
@@ -47,18 +73,24 @@ def test_candidates_with_scores_and_tie_rule():
     rec = {"prompt": "Q", "all_generated_responses": ["a", "b", "c", "b", ""], "all_rm_scores": [1, 5, 1, 9, 9]}
     p = normalize_record(rec, "candidates", COLS)
     # the duplicate "b" and the empty candidate are ignored; max = b (5); min among others: last of ties = c
-    assert (p.chosen, p.rejected, p.score_chosen, p.score_rejected) == ("b", "c", 5.0, 1.0)
+    assert (p.chosen, p.rejected, p.score_chosen, p.score_rejected) == ([msg(A, "b")], [msg(A, "c")], 5.0, 1.0)
+    assert p.candidates == rec["all_generated_responses"] and p.candidate_scores == [1.0, 5.0, 1.0, 9.0, 9.0]
     assert pick_pair(["x", "y", "z"], [2.0, 2.0, 2.0]) == (0, 2)
 
 
 def test_candidates_without_scores_wait_for_the_reward_stage():
     p = normalize_record({"prompt": "Q", "all_generated_responses": ["a", "b", "a"]}, "candidates", COLS)
-    assert p.chosen is None and p.candidates == ["a", "b"]
+    assert p.chosen is None and p.candidates == ["a", "b", "a"] and p.prompt == [msg(U, "Q")]
 
 
-def test_detect_format():
-    assert detect_format({"prompt": "q", "chosen": [], "rejected": []}, COLS) == "chat"
-    assert detect_format({"prompt": "q", "chosen": "a", "rejected": "b"}, COLS) == "text"
+def test_detect_format_by_trl_rules():
+    assert detect_format({"prompt": "q", "chosen": [msg(U, "q"), msg(A, "a")], "rejected": []}, COLS) == \
+        "conversational"
+    assert detect_format({"prompt": [msg(U, "q")], "chosen": [msg(A, "a")], "rejected": []}, COLS) == \
+        "conversational"
+    assert detect_format({"chosen": [msg(U, "q"), msg(A, "a")]}, COLS) == "conversational"
+    assert detect_format({"prompt": "q", "chosen": "a", "rejected": "b"}, COLS) == "standard"
+    assert detect_format({"chosen": "The sky is blue.", "rejected": "The sky is red."}, COLS) == "standard"
     assert detect_format({"chosen": "\n\nHuman: q\n\nAssistant: a"}, COLS) == "transcript"
     assert detect_format({"prompt": "q", "all_generated_responses": []}, COLS) == "candidates"
     with pytest.raises(RejectRow, match="cannot detect"):
@@ -66,30 +98,41 @@ def test_detect_format():
 
 
 REJECTS = [
-    ("text", {"chosen": "a", "rejected": "b"}, "missing field 'prompt'"),
-    ("text", {"prompt": None, "chosen": "a", "rejected": "b"}, "null field 'prompt'"),
-    ("text", {"prompt": "  ", "chosen": "a", "rejected": "b"}, "empty prompt"),
-    ("text", {"prompt": "q", "chosen": ["a"], "rejected": "b"}, "field 'chosen' must be a string, got list"),
-    ("text", {"prompt": "q", "chosen": " \n", "rejected": "b"}, "empty chosen response"),
-    ("text", {"prompt": "q", "chosen": "a", "rejected": ""}, "empty rejected response"),
-    ("text", {"prompt": "q", "chosen": "a", "rejected": "a"}, "chosen and rejected responses are identical"),
-    ("text", {"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": float("nan"), "score_rejected": 1},
+    ("standard", {"chosen": "a", "rejected": "b"}, "empty prompt (chosen and rejected share no leading text)"),
+    ("standard", {"chosen": "same", "rejected": "same, longer"}, "one of chosen and rejected is a prefix"),
+    ("standard", {"prompt": None, "chosen": "a", "rejected": "b"}, "null field 'prompt'"),
+    ("standard", {"prompt": "  ", "chosen": "a", "rejected": "b"}, "empty prompt"),
+    ("standard", {"prompt": "q", "chosen": ["a"], "rejected": "b"}, "field 'chosen' must be a string, got list"),
+    ("standard", {"prompt": "q", "chosen": " \n", "rejected": "b"}, "empty chosen response"),
+    ("standard", {"prompt": "q", "chosen": "a", "rejected": ""}, "empty rejected response"),
+    ("standard", {"prompt": "q", "chosen": "a", "rejected": "a"}, "chosen and rejected responses are identical"),
+    ("standard", {"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": float("nan"), "score_rejected": 1},
      "score_chosen is NaN"),
-    ("text", {"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 1, "score_rejected": float("inf")},
+    ("standard", {"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 1, "score_rejected": float("inf")},
      "score_rejected is infinite"),
-    ("text", {"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": "9", "score_rejected": 1},
+    ("standard", {"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 10**400, "score_rejected": 1},
+     "score_chosen is infinite"),
+    ("standard", {"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": "9", "score_rejected": 1},
      "field 'score_chosen' must be a number, got str"),
-    ("text", {"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 1}, "missing field 'score_rejected'"),
-    ("chat", {"chosen": [msg(U, "q"), msg(A, "a")], "rejected": [msg(U, "Q"), msg(A, "b")]},
+    ("standard", {"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 1}, "missing field 'score_rejected'"),
+    ("conversational", {"chosen": [msg(U, "q"), msg(A, "a")], "rejected": [msg(U, "Q"), msg(A, "b")]},
      "prompts of chosen and rejected differ"),
-    ("chat", {"chosen": [msg(U, "q"), msg("bot", "a")], "rejected": [msg(U, "q"), msg(A, "b")]},
+    ("conversational", {"prompt": "q", "chosen": [msg(U, "q"), msg(A, "a")], "rejected": [msg(U, "Q"), msg(A, "b")]},
+     "prompts of chosen and rejected differ"),
+    ("conversational", {"chosen": [msg(U, "q"), msg("bot", "a")], "rejected": [msg(U, "q"), msg(A, "b")]},
      "chosen[1] has unknown role 'bot'"),
-    ("chat", {"chosen": [msg(U, "q"), msg(A, 5)], "rejected": [msg(U, "q"), msg(A, "b")]},
+    ("conversational", {"chosen": [msg(U, "q"), msg(A, 5)], "rejected": [msg(U, "q"), msg(A, "b")]},
      "chosen[1] content is not a string"),
-    ("chat", {"chosen": [msg(U, "q"), msg(U, "a")], "rejected": [msg(U, "q"), msg(A, "b")]},
+    ("conversational", {"chosen": [msg(U, "q"), msg(U, "a")], "rejected": [msg(U, "q"), msg(A, "b")]},
      "chosen does not end with an assistant turn"),
-    ("chat", {"chosen": [], "rejected": [msg(U, "q"), msg(A, "b")]}, "field 'chosen' must be a non-empty list"),
-    ("chat", {"chosen": ["hi"], "rejected": [msg(U, "q"), msg(A, "b")]}, "chosen[0] is not a {role, content}"),
+    ("conversational", {"chosen": [msg(U, "q"), msg(A, "a")], "rejected": [msg(U, "q"), msg(A, "a")]},
+     "chosen has no completion after the prompt"),
+    ("conversational", {"prompt": [msg(U, "q"), msg(A, "x")], "chosen": [msg(A, "a")], "rejected": [msg(A, "b")]},
+     "prompt ends with an assistant turn"),
+    ("conversational", {"chosen": [], "rejected": [msg(U, "q"), msg(A, "b")]},
+     "field 'chosen' must be a non-empty list"),
+    ("conversational", {"chosen": ["hi"], "rejected": [msg(U, "q"), msg(A, "b")]},
+     "chosen[0] is not a {role, content}"),
     ("transcript", {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q"},
      "transcript does not end with an Assistant turn"),
     ("transcript", {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q2\n\nAssistant: b"},
@@ -115,7 +158,7 @@ def test_reject_reasons(fmt, rec, reason):
 
 def test_missing_configured_id():
     with pytest.raises(RejectRow, match="missing id field 'uid'"):
-        normalize_record({"prompt": "q", "chosen": "a", "rejected": "b"}, "text", ColumnNames(id="uid"))
+        normalize_record({"prompt": "q", "chosen": "a", "rejected": "b"}, "standard", ColumnNames(id="uid"))
 
 
 def _lines_table(lines: list[bytes]) -> pa.Table:
@@ -150,7 +193,7 @@ def test_jsonl_line_failures_and_type_mismatch():
              json.dumps(dict(good, score_chosen="high")).encode(),
              json.dumps(dict(good, extra_field=1)).encode(),
              json.dumps({k: v for k, v in good.items() if k != "score_chosen"}).encode()]
-    spec = NormalizeSpec("text", COLS, needs_scores=True, max_row_chars=10**6,
+    spec = NormalizeSpec("standard", COLS, needs_scores=True, max_row_chars=10**6,
                          passthrough=infer_passthrough_schema([good]))
     out = Normalizer(spec)(_lines_table(lines))
     reasons = out.column(C.REJECT).to_pylist()
@@ -169,7 +212,7 @@ def test_jsonl_line_failures_and_type_mismatch():
 def test_real_ultrafeedback_rows_normalize():
     lines = UF.read_bytes().splitlines()[:200]
     sample = [json.loads(x) for x in lines]
-    spec = NormalizeSpec("chat", ColumnNames(id="prompt_id"), True, 10**6, infer_passthrough_schema(sample))
+    spec = NormalizeSpec("conversational", ColumnNames(id="prompt_id"), True, 10**6, infer_passthrough_schema(sample))
     out = Normalizer(spec)(_lines_table(lines))
     assert out.column(C.REJECT).null_count == 200
     assert out.column(C.PAIR_ID).to_pylist() == [s["prompt_id"] for s in sample]

@@ -80,7 +80,9 @@ def test_score_job_submitted_to_a_ray_head(ray_head, tmp_path, tiny):
     (tmp_path / "run.yaml").write_text(json.dumps({
         "input": {"uri": str(tmp_path / "in.jsonl"), "columns": {"id": "prompt_id"}},
         "output": str(tmp_path / "out"),
-        "policy": {"path": tiny["policy"], "max_length": 256, "token_budget": 4096, "cpus_per_actor": 0.5},
+        # keep_end: with keep_start, rows whose prompt alone fills max_length (6 of these 12) would be set aside
+        "policy": {"path": tiny["policy"], "max_length": 256, "truncation_mode": "keep_end", "token_budget": 4096,
+                   "cpus_per_actor": 0.5},
         "selection": {"top_k": 3},
     }))
     job_id = _submit_when_ready(

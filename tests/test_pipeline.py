@@ -10,10 +10,10 @@ import pytest
 from mapray import columns as C
 from mapray import metrics
 from mapray.config import ColumnNames, ModelConfig, load_config
-from mapray.formats import normalize_record
+from mapray.formats import assistant, normalize_record
 from mapray.pipeline import reselect, score
 from mapray.scoring.torch_engine import TorchLogprobEngine, TorchRewardEngine
-from mapray.templates import ChatEncoder
+from mapray.templates import PairEncoder
 from tests.conftest import HH, UF
 
 N_GOOD = 30
@@ -29,7 +29,10 @@ BAD_LINES = [
 
 
 def _model(path, **kw):
-    return {"path": path, "max_length": 192, "token_budget": 2048, "batch_size": 8, "cpus_per_actor": 0.5, **kw}
+    # keep_end: with keep_start (TRL's default) the tiny tokenizer's long prompts would fill max_length 192 alone
+    # in most rows (17 of the 30 UF rows), and such pairs are set aside
+    return {"path": path, "max_length": 192, "truncation_mode": "keep_end", "token_budget": 2048, "batch_size": 8,
+            "cpus_per_actor": 0.5, **kw}
 
 
 def _uf_input(tmp_path):
@@ -58,8 +61,12 @@ def dpo_run(tmp_path_factory, tiny, local_ray):
 def test_outputs_schema_and_counts(dpo_run):
     cfg, manifest, records, out = dpo_run
     scored = pq.read_table(out / "scored")
-    own = ["prompt_id", "prompt", "chosen", "rejected", "score_chosen", "score_rejected"]
-    assert scored.column_names == own + list(C.SCORED)
+    # TRL's columns (the scored pair, explicit prompt, conversational) first; UF's own prompt string and full
+    # conversations are kept under original_*
+    trl = ["prompt", "chosen", "rejected"]
+    own = ["prompt_id", "original_prompt", "original_chosen", "original_rejected", "score_chosen", "score_rejected"]
+    assert scored.column_names == trl + own + list(C.SCORED)
+    assert all(scored.schema.field(name).type == C.MESSAGES for name in trl)
     for name, type_ in C.SCORED.items():
         assert scored.schema.field(name).type == type_, name
     assert sorted(scored.column("pair_id").to_pylist()) == sorted(r["prompt_id"] for r in records)
@@ -95,12 +102,12 @@ def test_values_match_a_direct_computation(dpo_run, tiny):
     for role in ("policy", "reference", "reward"):
         from transformers import AutoTokenizer
 
-        encoders[role] = ChatEncoder(AutoTokenizer.from_pretrained(tiny[role]), 192)
+        encoders[role] = PairEncoder(AutoTokenizer.from_pretrained(tiny[role]), 192, "keep_end")
     engines["policy"] = TorchLogprobEngine(ModelConfig(path=tiny["policy"]), tiny["policy"])
     engines["reference"] = TorchLogprobEngine(ModelConfig(path=tiny["reference"]), tiny["reference"])
     reward = TorchRewardEngine(ModelConfig(path=tiny["reward"]), tiny["reward"])
     for rec in records[:8]:
-        pair = normalize_record(rec, "chat", ColumnNames(id="prompt_id"))
+        pair = normalize_record(rec, "conversational", ColumnNames(id="prompt_id"))
         row = rows[pair.pair_id]
         enc = encoders["policy"].encode_pair(pair.prompt, pair.chosen, pair.rejected)
         lp = engines["policy"].logprobs(enc.sequences())
@@ -109,7 +116,7 @@ def test_values_match_a_direct_computation(dpo_run, tiny):
         assert (row["chosen_logps"], row["rejected_logps"]) == pytest.approx(lp, abs=1e-4)
         assert (row["ref_chosen_logps"], row["ref_rejected_logps"]) == pytest.approx(ref, abs=1e-4)
         assert (row["reward_chosen"], row["reward_rejected"]) == pytest.approx(rw, abs=1e-4)
-        assert (row["chosen_tokens"], row["rejected_tokens"]) == (len(enc.chosen), len(enc.rejected))
+        assert (row["chosen_tokens"], row["rejected_tokens"]) == (len(enc.chosen[1]), len(enc.rejected[1]))
         assert (row["chosen_truncated"], row["rejected_truncated"]) == (enc.chosen_truncated, enc.rejected_truncated)
         m_ex = rw[0] - rw[1]
         m_im = 0.1 * (lp[0] - ref[0]) - 0.1 * (lp[1] - ref[1])
@@ -145,6 +152,36 @@ def test_reselect_by_another_metric_without_models(dpo_run):
     assert json.loads((out / "manifest.json").read_text())["config"]["selection"]["metric"] == "explicit_margin"
 
 
+@pytest.mark.parametrize("metric,rule,value", [("map", "threshold", 0.0), ("map_unreg", "top_k", 7),
+                                               ("map_z", "ratio", 0.3)])
+def test_reselect_with_a_new_alpha_recomputes_every_map_form(dpo_run, tmp_path, metric, rule, value):
+    """alpha has one way in: a reselection with alpha 0.7 (the run used 2.5) gives, for every MAP form, the
+    values and the selected set computed here from the scored margins."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(dpo_run[3], out)  # the module's run stays as it is for the other tests
+    manifest = reselect(str(out), load_config(None, base={"input": {"uri": "x"}, "output": "x", "policy": {
+        "path": "x"}, "selection": {"metric": metric, rule: value}}).selection, alpha=0.7)
+    t = pq.read_table(out / "scored")
+    m_ex, m_im = t.column("explicit_margin").to_numpy(), t.column("implicit_margin").to_numpy()
+    z = lambda x: (x - x.mean()) / x.std()  # noqa: E731 (population std, over the whole pool)
+    expected = {"map": np.abs(m_ex) - 0.7 * np.abs(m_im), "map_unreg": m_ex - 0.7 * m_im,
+                "map_z": z(m_ex) - 0.7 * z(np.abs(m_im))}
+    for name, values in expected.items():
+        assert t.column(name).to_numpy() == pytest.approx(values, abs=1e-9), name
+    ids = t.column("pair_id").to_pylist()
+    keep = expected[metric] > value if rule == "threshold" else metrics.top_k_mask(
+        expected[metric], ids, metrics.selection_count(len(ids), rule, value))
+    assert t.column("selected").to_pylist() == keep.tolist() and 0 < keep.sum() < len(ids)
+    assert sorted(pq.read_table(out / "selected").column("pair_id").to_pylist()) == sorted(
+        i for i, k in zip(ids, keep) if k)
+    assert manifest["selection"] | {"cutoff": None} == {"metric": metric, "alpha": 0.7, "rule": rule, rule: value,
+                                                        "selected": int(keep.sum()), "cutoff": None}
+    assert manifest["config"]["metric"]["alpha"] == 0.7
+    assert "- metric: `" + metric + "`, alpha 0.7" in (out / "README.md").read_text()
+
+
 def test_candidates_without_scores_are_picked_by_the_reward_model(tmp_path, tiny, local_ray):
     rows = [{"uid": f"p{i}", "prompt": f"question {i}: how to cook?",
              "all_generated_responses": [f"answer {j} for {i}" * (j + 1) for j in range(4)]} for i in range(6)]
@@ -161,12 +198,12 @@ def test_candidates_without_scores_are_picked_by_the_reward_model(tmp_path, tiny
         "fewer than 2 distinct candidates"]
     from transformers import AutoTokenizer
 
-    enc = ChatEncoder(AutoTokenizer.from_pretrained(tiny["reward"]), 192)
+    enc = PairEncoder(AutoTokenizer.from_pretrained(tiny["reward"]), 192)
     reward = TorchRewardEngine(ModelConfig(path=tiny["reward"]), tiny["reward"])
     scored = {r["pair_id"]: r for r in pq.read_table(tmp_path / "out" / "scored").to_pylist()}
     for rec in rows[:6]:
         prompt = [{"role": "user", "content": rec["prompt"]}]
-        values = reward.rewards([enc.encode_full(prompt, t)[0] for t in rec["all_generated_responses"]])
+        values = reward.rewards([enc.encode_full(prompt, assistant(t))[0] for t in rec["all_generated_responses"]])
         row = scored[rec["uid"]]
         assert row["reward_chosen"] == pytest.approx(max(values), abs=1e-4)
         assert row["reward_rejected"] == pytest.approx(min(values), abs=1e-4)
@@ -231,7 +268,7 @@ def test_publish_never_shows_a_mix_of_two_runs(tmp_path, monkeypatch):
 def test_tensor_parallel_actors_get_a_placement_group_of_gpu_bundles(local_ray):
     from ray.util.placement_group import remove_placement_group
 
-    from mapray.pipeline import _tensor_parallel_group
+    from mapray.runtime import _tensor_parallel_group
 
     model = ModelConfig(path="x", engine="vllm", tensor_parallel_size=4, cpus_per_actor=2.0, gpus_per_actor=1.0)
     strategy = _tensor_parallel_group(model)["scheduling_strategy"]
@@ -248,7 +285,7 @@ def test_relative_output_and_cache_paths_resolve_against_the_working_directory(t
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "uf.jsonl").write_bytes(b"\n".join(UF.read_bytes().splitlines()[:6]) + b"\n")
-    cfg = load_config(None, base={"input": {"uri": "uf.jsonl", "format": "chat"}, "output": "out/rel",
+    cfg = load_config(None, base={"input": {"uri": "uf.jsonl", "format": "conversational"}, "output": "out/rel",
                                   "cache": "cache", "policy": _model(tiny["policy"])})
     manifest = score(cfg)
     assert manifest["counts"]["input"] == 6

