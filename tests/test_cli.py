@@ -31,6 +31,8 @@ policy: {{path: POLICY}}
     ("input: {uri: x}\noutput: o\npolicy: {path: p, actors: two}\n", "policy.actors: expected int, got str"),
     ("input: {uri: x}\noutput: o\npolicy: {path: p}\nmetric: {implicit: dpo}\n", "needs a reference model"),
     ("input: {uri: x}\noutput: o\npolicy: {path: p}\nselection: {ratio: 1.5}\n", "selection.ratio: must be in"),
+    ("input: {uri: x}\noutput: o\npolicy: {path: p}\nselection: {ratio: 0.2, top_k: 5}\n",
+     "selection.ratio=0.2 and selection.top_k=5: set only one of ratio, top_k, threshold"),
     ("- a list\n", "must be a mapping of sections"),
     ("input: [unclosed\n", "is not valid YAML"),
 ])
@@ -82,3 +84,60 @@ def test_rescore_needs_a_cache(tmp_path, tiny):
     assert result.returncode == 2
     assert result.stderr.strip() == ("mapray: error: rescore needs a cache URI: "
                                      "set cache in the config (or --set cache=URI)")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ratio", "1.5"], "mapray: error: --ratio: must be in [0, 1], got 1.5"),
+    (["--ratio", "nan"], "mapray: error: --ratio: must be in [0, 1], got nan"),
+    (["--top-k", "-1"], "mapray: error: --top-k: must be >= 0, got -1"),
+    (["--threshold", "nan"], "mapray: error: --threshold: must be a finite number, got nan"),
+    (["--threshold=-inf"], "mapray: error: --threshold: must be a finite number, got -inf"),
+    (["--alpha", "nan"], "mapray: error: --alpha: must be a finite number >= 0, got nan"),
+    (["--alpha", "-1"], "mapray: error: --alpha: must be a finite number >= 0, got -1.0"),
+])
+def test_select_checks_its_arguments_before_anything_runs(tmp_path, capsys, args, message):
+    from mapray.cli import main
+
+    # the folder has no manifest: the argument is refused first, before the output is read or Ray starts
+    assert main(["select", "--output", str(tmp_path), *args]) == 2
+    assert capsys.readouterr().err.splitlines() == [message]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ratio", "0.2", "--top-k", "3"], "argument --top-k: not allowed with argument --ratio"),
+    (["--top-k", "3", "--threshold", "0.5"], "argument --threshold: not allowed with argument --top-k"),
+    (["--ratio", "abc"], "argument --ratio: invalid float value: 'abc'"),
+    # the choices are config.SelectionMetric's names, in its order
+    (["--metric", "mapz"], "argument --metric: invalid choice: 'mapz' (choose from 'map_z', 'map', 'map_unreg', "
+                           "'explicit_margin', 'implicit_margin_small', 'random', 'implicit_margin_large', "
+                           "'dpo_loss', 'dpo_grad_weight', 'rm_confidence', 'rank_disagreement')"),
+])
+def test_select_usage_errors_are_one_line(tmp_path, capsys, args, message):
+    from mapray.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["select", "--output", str(tmp_path), *args])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"mapray: error: {message} (see mapray select --help)"]
+
+
+def test_select_takes_its_defaults_from_the_config(monkeypatch, tmp_path):
+    from mapray import cli, pipeline
+    from mapray.config import SelectionConfig
+
+    seen = []
+    monkeypatch.setattr(pipeline, "reselect", lambda uri, sel, alpha: seen.append((sel, alpha)) or {})
+    monkeypatch.setattr(cli, "summary", lambda manifest, output: "")
+    assert cli.main(["select", "--output", str(tmp_path)]) == 0
+    assert seen == [(SelectionConfig(), None)]  # unset flags: SelectionConfig's defaults (map_z, ratio 0.4)
+    assert cli.main(["select", "--output", str(tmp_path), "--metric", "map", "--threshold", "0.5"]) == 0
+    assert seen[1] == (SelectionConfig(metric="map", threshold=0.5), None)
+
+
+def test_version(capsys):
+    from mapray import __version__
+    from mapray.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"mapray {__version__}\n"

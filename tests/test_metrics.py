@@ -55,9 +55,12 @@ def test_map_z_by_hand_and_constant_column():
 
 
 def test_selection_count_and_top_k_ties():
-    assert metrics.selection_count(10, 0.4, None) == 4
-    assert metrics.selection_count(9, 0.4, None) == 3  # floor, like int(len * ratio)
-    assert metrics.selection_count(5, 0.4, 7) == 5
+    assert metrics.selection_count(10, "ratio", 0.4) == 4
+    assert metrics.selection_count(9, "ratio", 0.4) == 3  # floor, like int(len * ratio)
+    assert metrics.selection_count(5, "top_k", 7) == 5
+    assert metrics.selection_count(9, "top_k", 7) == 7
+    with pytest.raises(ValueError, match="not a ranking rule"):
+        metrics.selection_count(9, "threshold", 0.5)
     mask = metrics.top_k_mask(np.array([1.0, 3.0, 3.0, 2.0]), ["d", "c", "b", "a"], 2)
     assert mask.tolist() == [False, True, True, False]
     mask = metrics.top_k_mask(np.array([1.0, 3.0, 3.0, 2.0]), ["d", "c", "b", "a"], 1)
@@ -70,7 +73,21 @@ def test_selection_scores_per_metric():
             "pair_id": ["a", "b"]}
     assert metrics.selection_score("implicit_margin_small", cols).tolist() == [-3.0, -1.0]
     assert metrics.selection_score("explicit_margin", cols).tolist() == [2.0, 1.0]
+    assert metrics.selection_score("map_unreg", cols).tolist() == [3.0, 0.0]
+    with pytest.raises(ValueError, match="unknown selection metric 'mapp'"):
+        metrics.selection_score("mapp", cols)
     r1 = metrics.selection_score("random", cols, seed=1)
     assert r1.tolist() == metrics.selection_score("random", {"pair_id": ["a", "b"]}, seed=1).tolist()
     assert r1.tolist() != metrics.selection_score("random", cols, seed=2).tolist()
     assert ((r1 >= 0) & (r1 < 1)).all()
+
+
+def test_map_forms_share_one_alpha():
+    m_ex, m_im = np.array([4.0, -1.0, 0.0, 3.0]), np.array([0.0, 2.0, -2.0, 1.0])
+    pool = metrics.PoolMoments.of(m_ex, m_im)  # m_ex: mean 1.5, var 4.25; |m_im| = [0, 2, 2, 1]: mean 1.25, var 0.6875
+    forms = metrics.map_forms(m_ex, m_im, 0.5, pool)
+    assert forms["map"].tolist() == [4.0, 0.0, -1.0, 2.5]  # |m_ex| - 0.5 |m_im|
+    assert forms["map_unreg"].tolist() == [4.0, -2.0, 1.0, 2.5]  # m_ex - 0.5 m_im
+    z_ex = (m_ex - 1.5) / math.sqrt(4.25)
+    z_im = (np.array([0.0, 2.0, 2.0, 1.0]) - 1.25) / math.sqrt(0.6875)
+    assert forms["map_z"] == pytest.approx(z_ex - 0.5 * z_im, abs=1e-12)
