@@ -172,7 +172,8 @@ def test_driver_killed_mid_run_resumes_with_every_model_stage(tmp_path, tiny, lo
 
 
 def _assert_same_rows(resumed: pa.Table, fresh: pa.Table) -> None:
-    """Every numeric column to 1e-9 (the pool moments are summed over other blocks), every other one exactly."""
+    """Every numeric column to fp32 rounding (a resumed run batches rows differently, and the torch engines' scores
+    move in the last bits with their batch neighbours: up to ~1e-6 relative), every other one exactly."""
     assert resumed.schema == fresh.schema and resumed.num_rows == fresh.num_rows
     numeric = [f.name for f in fresh.schema if pa.types.is_floating(f.type) or pa.types.is_integer(f.type)
                or pa.types.is_boolean(f.type)]
@@ -181,6 +182,6 @@ def _assert_same_rows(resumed: pa.Table, fresh: pa.Table) -> None:
     for name in fresh.column_names:
         if name in numeric:
             got, want = (t[name].to_numpy(zero_copy_only=False).astype(float) for t in (resumed, fresh))
-            np.testing.assert_allclose(got, want, rtol=0, atol=1e-9, err_msg=name)
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5, err_msg=name)
         else:
             assert resumed[name].to_pylist() == fresh[name].to_pylist(), name

@@ -1,12 +1,19 @@
-"""Fault injection for tests and the GPU check: SIGKILL a Ray worker process mid-run, for real."""
+"""Fault injection for tests and the GPU check, for real: SIGKILL a Ray worker process mid-run, catch a task in
+flight on a node (by the title Ray gives the worker running it) so the node can be lost under it, and wait for
+the moment a fault should land."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def find_processes(pattern: str) -> list[int]:
@@ -45,3 +52,52 @@ class ActorKiller(threading.Thread):
                     self.killed, self.killed_at = pid, time.time()
                     return
             time.sleep(0.1)
+
+
+def wait_until(check: Callable[[], T], what: str, timeout_s: float = 300.0, poll_s: float = 0.1) -> T:
+    """Polls `check` until it returns something truthy and returns that; TimeoutError naming `what` if not."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = check()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:g} s for {what}")
+        time.sleep(poll_s)
+
+
+AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")  # a raylet's own helpers, not workers
+
+
+def worker_titles(raylet_pid: int) -> dict[int, str]:
+    """The connected workers of a raylet (its children, less its agents) and their titles: Ray calls a worker
+    `ray::IDLE`, an actor `ray::<Class>`, and a worker at work `ray::<task>` (`ray::ListFiles`,
+    `ray::<Class>.<method>`) while it runs that task. A worker still starting up has no `ray::` title yet."""
+    titles = {}
+    for children in Path(f"/proc/{raylet_pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            for pid in map(int, children.read_text().split()):
+                with contextlib.suppress(OSError):
+                    title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                    if title.startswith("ray::") and not title.startswith(AGENTS):
+                        titles[pid] = title
+    return titles
+
+
+def catch_task(raylets: dict[str, int], match: Callable[[str], bool], stop: Callable[[], bool],
+               timeout_s: float = 300.0) -> tuple[str, int, str] | None:
+    """Watches the workers of these raylets (node id -> raylet pid) until one runs a task whose title `match`es,
+    and SIGSTOPs that worker: the task stays in flight there until the caller kills its node (and then the
+    worker, which, stopped, would never notice its raylet is gone). Returns (node id, pid, title); None once
+    `stop()` is true first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not stop():
+        for node_id, raylet_pid in raylets.items():
+            for pid, title in worker_titles(raylet_pid).items():
+                if match(title):
+                    os.kill(pid, signal.SIGSTOP)
+                    if match(worker_titles(raylet_pid).get(pid, "")):  # still that task: caught in flight
+                        return node_id, pid, title
+                    os.kill(pid, signal.SIGCONT)
+        time.sleep(0.01)
+    return None
