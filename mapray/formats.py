@@ -274,7 +274,8 @@ def _check_responses(chosen: str, rejected: str, same: bool | None = None) -> No
         raise RejectRow("empty chosen response")
     if not rejected.strip():
         raise RejectRow("empty rejected response")
-    if chosen == rejected if same is None else same:
+    identical = chosen == rejected if same is None else same  # conversational: the whole completions compared
+    if identical:
         raise RejectRow("chosen and rejected responses are identical")
 
 
