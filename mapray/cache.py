@@ -1,87 +1,252 @@
 """Scores a model already computed, reused across runs: rescoring with a new policy reruns only the policy.
 
-Layout under the cache URI: `<kind>-<dtype>/<model sha256>/part-*.parquet` with columns `key` (a hash of the
-exact token ids scored) and `value` (the scores of that row: two log-prob sums, or one reward per sequence).
-The model's content hash (the manifest's identity) changes with any change to its weights, config or
-tokenizer, so a new checkpoint never reads an old checkpoint's scores. Each actor loads its model's entries
-once (tens of bytes a row: millions of rows fit) and adds a part file per batch it had to score. A model that
-is actually loaded leaves a marker under `_loads/`, so "not run at all on a full cache hit" is checkable.
+What is cached is one model stage's output for one row, keyed by what decides it: the row's texts, hashed with
+the stage's namespace (the model's content hash, dtype, engine and every encoding setting). A new checkpoint or
+another `max_length` is another namespace, so it never reads another checkpoint's scores. The key needs no
+tokenizer, so hits are found before any model stage runs.
+
+Layout under the cache URI:
+
+    <kind>-<dtype>/<model sha256>/_loads/...               one marker per time the model was actually loaded
+    <kind>-<dtype>/<model sha256>/<settings>/gen-<run>/    one generation per run: Parquet, `key`, `value`
+
+No process ever holds the cache. Hits are found by Ray Data joins in a pass of their own before the model pass
+(`attach_hits`): the pool's keys (a narrow table) joined with each namespace's generations on the key, then the
+values joined back onto the rows on their row id; the rows are written with their cached values, and each stage
+scores only the rows without one. The join's shuffle tasks ask a whole CPU each, which is why the lookup is not in
+the model pass: beside the model actors on a small machine they would never run. After the model pass, each
+namespace gets one generation holding what this run scored (`write_generation`: one Ray Data write, files of at
+least `GENERATION_ROWS_PER_FILE` rows), and `compact` merges a namespace's generations into one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-Group = Sequence  # one row's sequences: token-id lists, or (prompt ids, response ids) pairs
+from mapray import columns as C
+from mapray.config import ConfigError, ModelConfig
+from mapray.uris import move_folder
+
+COMPLETE = "_complete"  # written into a generation once all of its files are in place
+FORMAT = 2  # the cache layout and key scheme; part of every namespace, so an older layout is never read
+GENERATION_ROWS_PER_FILE = 500_000
+ROWS_PER_JOIN_PARTITION = 250_000  # a join partition is held in memory by one aggregator: ~1 GB of wide rows
 
 
-class ScoreCache:
-    def __init__(self, uri: str, kind: str, dtype: str, model_sha: str):
-        self.fs, self.path = fsspec.core.url_to_fs(f"{uri.rstrip('/')}/{kind}-{dtype}/{model_sha}")
-        self.values: dict[str, list[float]] = {}
-        if self.fs.exists(self.path):
-            for file in self.fs.find(self.path):
-                if file.endswith(".parquet"):
-                    table = pq.read_table(file, filesystem=self.fs)
-                    self.values.update(zip(table.column("key").to_pylist(), table.column("value").to_pylist()))
+@dataclass(frozen=True)
+class Namespace:
+    """Where one model stage's cached values live, and the id its keys are hashed with."""
 
-    @staticmethod
-    def key(group: Group) -> str:
-        digest = hashlib.blake2b(digest_size=16)
-        for item in group:
-            for ids in item if isinstance(item, tuple) else (item,):
-                digest.update(np.asarray(ids, dtype=np.int64).tobytes())
-                digest.update(b"|")
-            digest.update(b"#")
-        return digest.hexdigest()
+    role: str  # reward, policy or reference: names the row's cache columns
+    root: str  # the cache URI
+    store: str  # <kind>-<dtype>
+    model_sha: str
+    settings: str  # a hash of everything besides the model that changes the values
 
-    def put(self, entries: dict[str, list[float]]) -> None:
-        """One part file, written under a temporary name and renamed, so a reader never sees half of it."""
-        if not entries:
-            return
-        self.values.update(entries)
-        self.fs.makedirs(self.path, exist_ok=True)
-        table = pa.table({"key": list(entries), "value": pa.array(list(entries.values()), pa.list_(pa.float64()))})
-        name = f"{self.path}/part-{uuid.uuid4().hex}"
-        with self.fs.open(f"{name}.tmp", "wb") as f:
-            pq.write_table(table, f)
-        self.fs.mv(f"{name}.tmp", f"{name}.parquet")
+    @property
+    def id(self) -> str:
+        return f"{self.store}/{self.model_sha}/{self.settings}"
+
+    @property
+    def model_dir(self) -> str:
+        return f"{self.root.rstrip('/')}/{self.store}/{self.model_sha}"
+
+    @property
+    def data_dir(self) -> str:
+        return f"{self.model_dir}/{self.settings}"
+
+    @property
+    def value_column(self) -> str:
+        return f"_m_cache_{self.role}"  # the row's cached or computed value (internal: never written to scored/)
+
+    @property
+    def new_key_column(self) -> str:
+        return f"_m_cache_new_{self.role}"  # the key of a value this run computed (null for a hit)
+
+    def generations(self) -> list[str]:
+        """The finished generations (a move into place on an object store is a copy: not all there at once)."""
+        fs, path = fsspec.core.url_to_fs(self.data_dir)
+        if not fs.exists(path):
+            return []
+        done = fs.glob(f"{path}/gen-*/{COMPLETE}")
+        return sorted(fs.unstrip_protocol(p.rsplit("/", 1)[0]) for p in done)
 
     def record_load(self) -> None:
-        self.fs.makedirs(f"{self.path}/_loads", exist_ok=True)
-        with self.fs.open(f"{self.path}/_loads/{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}", "w") as f:
+        fs, path = fsspec.core.url_to_fs(f"{self.model_dir}/_loads")
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(f"{path}/{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}", "w") as f:
             f.write("model loaded\n")
 
     def loads(self) -> int:
-        folder = f"{self.path}/_loads"
-        return len(self.fs.ls(folder)) if self.fs.exists(folder) else 0
+        fs, path = fsspec.core.url_to_fs(f"{self.model_dir}/_loads")
+        return len(fs.ls(path)) if fs.exists(path) else 0
 
 
-def cached_scores(groups: list[Group], score: Callable[[list], list[float]],
-                  cache: ScoreCache | None) -> list[list[float]]:
-    """Scores of each group (one value per sequence): from the cache where present, the rest through `score`
-    in one call, then stored. Naive equivalent: [score(g) for g in groups]."""
-    out: list[list[float] | None] = [None] * len(groups)
-    todo = []
-    for i, group in enumerate(groups):
-        key = cache.key(group) if cache is not None else None
-        hit = cache.values.get(key) if cache is not None else None
-        if hit is not None and len(hit) == len(group):
-            out[i] = hit
+def namespace(cache_uri: str, role: str, kind: str, cfg: ModelConfig, model_sha: str) -> Namespace:
+    # everything that changes the token ids a row becomes, or the numbers a model gives for them
+    settings = {"format": FORMAT, "engine": cfg.engine, "max_length": cfg.max_length,
+                "truncation_mode": cfg.truncation_mode, "split_special_tokens": cfg.split_special_tokens,
+                "chat_template": cfg.chat_template}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return Namespace(role, cache_uri, f"{kind}-{cfg.dtype}", model_sha, f"v{FORMAT}-{digest}")
+
+
+def row_keys(table: pa.Table, ns: Namespace, pick: str | None) -> list[str | None]:
+    """Each good row's key in `ns`, from its normalized texts (null for a rejected row).
+
+    A candidates row whose pair a reward model picks (`pick`: that reward namespace's id) is keyed by all of its
+    candidates and the picking model, not by the pair: the pair is not known until the rewards are, and the
+    lookup runs before any model. Every other row is keyed by its prompt and its two completions."""
+    prompts, chosen, rejected, candidates = (table.column(c).to_pylist()
+                                             for c in (C.PROMPT, C.CHOSEN, C.REJECTED, C.CANDIDATES))
+    reject = table.column(C.REJECT).to_pylist()
+    keys: list[str | None] = []
+    for i in range(table.num_rows):
+        if reject[i] is not None:
+            keys.append(None)
+        elif candidates[i] is not None and (ns.role == "reward" or pick is not None):
+            keys.append(_key(ns.id, "candidates", pick or "", prompts[i], candidates[i]))
         else:
-            todo.append((i, key))
-    if todo:
-        values = iter(score([seq for i, _ in todo for seq in groups[i]]))
-        for i, _ in todo:
-            out[i] = [next(values) for _ in groups[i]]
-        if cache is not None:
-            cache.put({key: out[i] for i, key in todo})
-    return out
+            keys.append(_key(ns.id, "pair", prompts[i], chosen[i], rejected[i]))
+    return keys
+
+
+def _key(*parts: str) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        data = part.encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(8, "little"))  # length-prefixed: ("ab", "c") != ("a", "bc")
+        digest.update(data)
+    return digest.hexdigest()
+
+
+# --- finding hits: Ray Data joins, before the model pass ---
+
+def attach_hits(rows, lookups: list[tuple[Namespace, str | None]], num_rows: int, schema: pa.Schema):
+    """`rows` (of `schema`) with each namespace's cached values in its value column (null where there is none).
+
+    `lookups` pairs each namespace that has generations with its `pick` (see `row_keys`)."""
+    import ray.data
+
+    partitions = max(1, -(-num_rows // ROWS_PER_JOIN_PARTITION))
+    key_columns = {ns.role: f"_m_cache_key_{ns.role}" for ns, _ in lookups}
+    narrow = rows.map_batches(partial(_key_table, lookups=lookups, names=key_columns), batch_format="pyarrow")
+    for ns, _ in lookups:
+        files = [f for g in ns.generations() for f in _parquet_files(g)]
+        cached = ray.data.read_parquet(files).rename_columns({"key": key_columns[ns.role],
+                                                              "value": ns.value_column})
+        narrow = narrow.join(cached, "left_outer", num_partitions=partitions, on=(key_columns[ns.role],))
+        # a key stored twice (two runs that overlapped) would repeat the row: keep one
+        narrow = narrow.map_batches(_first_per, fn_args=(C.ROW,), batch_format="pyarrow", batch_size=None)
+    values = narrow.select_columns([C.ROW] + [ns.value_column for ns, _ in lookups])
+    joined = rows.join(values, "left_outer", num_partitions=partitions, on=(C.ROW,))
+    # the join reorders columns and widens strings to large_string: scored/ must not depend on a cache hit
+    target = pa.schema([*schema, *(pa.field(ns.value_column, pa.list_(pa.float64())) for ns, _ in lookups)])
+    return joined.map_batches(lambda table: table.select(target.names).cast(target), batch_format="pyarrow")
+
+
+def _key_table(table: pa.Table, lookups, names: dict) -> pa.Table:
+    out = {C.ROW: table.column(C.ROW)}
+    for ns, pick in lookups:
+        out[names[ns.role]] = pa.array(row_keys(table, ns, pick), pa.string())
+    return pa.table(out)
+
+
+def namespaces_under(cache_uri: str) -> list[Namespace]:
+    """Every namespace stored under `cache_uri` (checked before Ray starts: a wrong URI is one line)."""
+    fs, root = fsspec.core.url_to_fs(cache_uri)
+    if not fs.isdir(root):
+        raise ConfigError(f"cache: no cache at {cache_uri}")
+    folders = sorted(fs.glob(f"{root.rstrip('/')}/*/*/v{FORMAT}-*"))
+    return [Namespace("", cache_uri, *folder.rstrip("/").split("/")[-3:]) for folder in folders]
+
+
+def _first_per(table: pa.Table, column: str) -> pa.Table:
+    """The first of the rows that share a value of `column`. After a join: a row repeated for each match, which
+    all land in the same partition, hence the same block. In a generation: two rows of one run with the same
+    texts."""
+    if table.num_rows == 0:
+        return table
+    _, first = np.unique(table.column(column).to_numpy(zero_copy_only=False), return_index=True)
+    return table if len(first) == table.num_rows else table.take(pa.array(np.sort(first)))
+
+
+def _parquet_files(folder: str) -> list[str]:
+    fs, path = fsspec.core.url_to_fs(folder)
+    return [fs.unstrip_protocol(f) for f in fs.find(path) if f.endswith(".parquet")]
+
+
+# --- in a stage: cached values where the lookup found them, the model for the rest ---
+
+def cached_values(table: pa.Table, ns: Namespace | None) -> list[list[float] | None]:
+    """The value the lookup attached to each row (None everywhere without a cache or a lookup)."""
+    if ns is None or ns.value_column not in table.column_names:
+        return [None] * table.num_rows
+    return table.column(ns.value_column).to_pylist()
+
+
+def with_values(table: pa.Table, ns: Namespace | None, values: list, new_keys: list) -> pa.Table:
+    """Records each row's value, and the key of every value computed here (what `write_generation` stores)."""
+    if ns is None:
+        return table
+    table = C.set_column(table, ns.value_column, values, pa.list_(pa.float64()))
+    return C.set_column(table, ns.new_key_column, new_keys, pa.string())
+
+
+# --- storing: one generation per run, compaction of many into one ---
+
+def write_generation(rows, ns: Namespace, name: str) -> None:
+    """What the run computed in `ns` (rows with a new key), as the generation `gen-<name>`. Written beside it
+    and renamed: a lookup lists only finished generations. Rewriting an existing generation is a no-op, so a
+    resumed run can call it again."""
+    final = f"{ns.data_dir}/gen-{name}"
+    fs, path = fsspec.core.url_to_fs(final)
+    if fs.exists(f"{path}/{COMPLETE}"):
+        return
+    if fs.exists(path):  # a move cut short
+        fs.rm(path, recursive=True)
+    from ray.data.expressions import col
+
+    fresh = rows.select_columns([ns.new_key_column, ns.value_column]) \
+        .filter(expr=col(ns.new_key_column).is_not_null()) \
+        .rename_columns({ns.new_key_column: "key", ns.value_column: "value"}) \
+        .map_batches(_first_per, fn_args=("key",), batch_format="pyarrow", batch_size=None)
+    _write_renamed(fresh, final)
+
+
+def compact(ns: Namespace) -> int:
+    """Merges every generation of `ns` into one (each key once) and deletes the old ones; returns how many
+    generations were merged. Run it while no run is reading this cache (e.g. from the scheduled job's guard)."""
+    import ray.data
+
+    old = ns.generations()
+    if len(old) < 2:
+        return 0
+    ds = ray.data.read_parquet([f for g in old for f in _parquet_files(g)])
+    partitions = max(1, -(-ds.count() // ROWS_PER_JOIN_PARTITION))
+    merged = ds.repartition(partitions, keys=["key"]).map_batches(_first_per, fn_args=("key",),
+                                                                    batch_format="pyarrow", batch_size=None)
+    _write_renamed(merged, f"{ns.data_dir}/gen-compact-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}")
+    fs, _ = fsspec.core.url_to_fs(ns.data_dir)
+    for g in old:
+        fs.rm(fsspec.core.url_to_fs(g)[1], recursive=True)
+    return len(old)
+
+
+def _write_renamed(ds, final: str) -> None:
+    fs, path = fsspec.core.url_to_fs(final)
+    tmp = f"{path.rsplit('/', 1)[0]}/.tmp-{uuid.uuid4().hex}"
+    ds.write_parquet(fs.unstrip_protocol(tmp), min_rows_per_file=GENERATION_ROWS_PER_FILE)
+    if not fs.exists(tmp):  # nothing computed: Ray writes no file for no rows, and no generation is needed
+        return
+    move_folder(fs, tmp, path)
+    fs.touch(f"{path}/{COMPLETE}")

@@ -12,7 +12,15 @@ import typing
 from importlib import resources
 
 from mapray import __version__
-from mapray.config import DEFAULT_RATIO, ConfigError, SelectionConfig, SelectionMetric, load_config, validate_selection
+from mapray.config import (
+    DEFAULT_RATIO,
+    ConfigError,
+    RayConfig,
+    SelectionConfig,
+    SelectionMetric,
+    load_config,
+    validate_selection,
+)
 
 DEMO_CONFIG = "demo.yaml"
 
@@ -52,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--alpha", type=float, metavar="A",
                         help="weight of the implicit term (default: the scoring run's)")
     select.add_argument("--seed", type=int, help=f"seed for --metric random (default {default.seed})")
+
+    compact = verbs.add_parser("compact-cache", help="merge each model's cached scores (one generation per run) "
+                               "into one; run it while no scoring run uses the cache")
+    compact.add_argument("cache", metavar="CACHE", help="the cache URI of the runs' configs")
 
     _add_report_verbs(verbs)
 
@@ -109,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb in ("report", "show"):
             return _report(args)
+        if args.verb == "compact-cache":
+            return _compact(args.cache)
         if args.verb == "select":
             output, manifest = args.output, _select(args)
         else:
@@ -120,6 +134,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mapray: error: {e}", file=sys.stderr)
         return 2
     print(summary(manifest, output))
+    return 0
+
+
+def _compact(cache_uri: str) -> int:
+    from mapray.cache import compact, namespaces_under
+    from mapray.runtime import init_ray
+
+    spaces = namespaces_under(cache_uri)
+    init_ray(RayConfig(), [])
+    for ns in spaces:
+        merged = compact(ns)
+        print(f"{ns.id}: {f'{merged} generations merged into one' if merged else 'nothing to merge'}")
     return 0
 
 

@@ -17,7 +17,7 @@ from ray.data.datasource import FileBasedDatasource
 
 from mapray import columns as C
 from mapray.config import ConfigError, InputConfig
-from mapray.uris import is_local
+from mapray.uris import is_local, reachable
 
 PARQUET = (".parquet", ".pq")
 JSONL = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")
@@ -38,14 +38,14 @@ def discover(cfg: InputConfig) -> InputFiles:
     uris = cfg.uri if isinstance(cfg.uri, list) else [cfg.uri]
     found: list[str] = []
     for uri in uris:
+        fs, path = reachable(uri, "input.uri")  # a missing package or bucket, an unreachable endpoint
         try:
-            fs, path = fsspec.core.url_to_fs(uri)
             if fs.isdir(path):
                 files = sorted(p for p in fs.find(path) if p.endswith(PARQUET + JSONL))
             else:
                 files = sorted(fs.glob(path)) if any(ch in path for ch in "*?[") else (
                     [path] if fs.exists(path) else [])
-        except Exception as e:  # unreachable bucket, bad credentials, unknown protocol
+        except Exception as e:  # no permission to list, a broken mount
             raise ConfigError(f"input.uri: cannot read {uri}: {e}") from None
         if not files:
             raise ConfigError(f"input.uri: no input files at {uri}")

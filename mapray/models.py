@@ -4,6 +4,14 @@ A model path is a local checkpoint folder, an fsspec URI of one (copied once int
 file (dequantized once into the local cache as a HF checkpoint, which both engines load), or
 `pkg:PACKAGE/FILE` for a file shipped inside an installed Python package (the demo's SmolLM2). Nothing is
 ever fetched from a model hub.
+
+A model's identity is a SHA-256 over its config, tokenizer and weight bytes (the manifest and the score cache key
+on it). Reading 16 GB per 8B checkpoint per run is too much, so the hash is computed once and remembered in a
+small JSON memo under `cache_root()/identities/`, keyed by what a listing alone tells: the checkpoint's location
+and each file's name, size and modification time (a local stat), or for a remote checkpoint its URI and each
+object's size and version tag (ETag, md5Hash/generation, else a modification time). A rerun with unchanged
+checkpoints reads no weight bytes and copies nothing; a rewritten file changes the key and is hashed again. The
+same listing keys a remote checkpoint's local copy, so a checkpoint rewritten in place gets a fresh copy.
 """
 
 from __future__ import annotations
@@ -11,20 +19,29 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import fsspec
 
 from mapray.config import ConfigError
-from mapray.uris import is_local
+from mapray.uris import is_local, reachable
 
 log = logging.getLogger(__name__)
 
 _CONTENT_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja", ".gguf")
+# what an object store's listing says about a version: content hashes first, else times (all present are kept)
+_VERSION_FIELDS = ("ETag", "etag", "md5Hash", "generation", "VersionId", "mtime", "LastModified",
+                   "last_modified", "updated", "modified", "created")
+_MEMO_FORMAT = 1  # part of every memo key: a change to what is hashed must not reuse older memos
+# a file modified this close to its hashing may be rewritten within the same mtime tick (coarse on some
+# filesystems), unseen by its stat: such a hash is used but not remembered (git's "racy" entries)
+_SETTLE_NS = 2_000_000_000
 
 
 def cache_root() -> Path:
@@ -36,7 +53,7 @@ def check_model_path(path: str, key: str) -> None:
     if path.startswith("pkg:"):
         _package_file(path, key)
         return
-    fs, local = fsspec.core.url_to_fs(path)
+    fs, local = reachable(path, key)
     try:
         exists = fs.exists(local)
     except Exception as e:  # credentials, unreachable host: one line, not a traceback
@@ -64,16 +81,21 @@ def resolve_model_path(path: str) -> str:
         path = str(_package_file(path, "model"))
     if not is_local(path):
         path = _copy_remote(path)
-    local = path.removeprefix("file://")
-    if local.endswith(".gguf"):
-        return _dequantized(Path(local))
-    return local
+    return _checkpoint_dir(path)
 
 
-def _copy_remote(uri: str) -> str:
-    target = cache_root() / "remote" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+def _checkpoint_dir(local: str) -> str:
+    local = local.removeprefix("file://")
+    return _dequantized(Path(local)) if local.endswith(".gguf") else local
+
+
+def _copy_remote(uri: str, listing: list | None = None) -> str:
+    """The local copy of `uri`, keyed by the URI and its listing (`listing` if already read)."""
+    fs, remote = fsspec.core.url_to_fs(uri)
+    if listing is None:
+        listing = remote_listing(fs, remote)
+    target = cache_root() / "remote" / _digest([uri, listing])[:16]
     if not target.exists():
-        fs, remote = fsspec.core.url_to_fs(uri)
         with _staging_dir(target) as tmp:
             if remote.endswith(".gguf"):
                 fs.get(remote, str(tmp / Path(remote).name))
@@ -123,13 +145,102 @@ def _staging_dir(target: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def identify_model(path: str) -> dict:
+    """`{"path", "sha256"}` of a configured model path (local, `pkg:`, `.gguf` or remote): the local checkpoint the
+    engines load and the SHA-256 of its files, remembered under its listing."""
+    if path.startswith("pkg:") or is_local(path):
+        return model_identity(resolve_model_path(path))
+    fs, remote = fsspec.core.url_to_fs(path)
+    listing = remote_listing(fs, remote)
+    key = {"format": _MEMO_FORMAT, "uri": path, "files": listing}
+    found = _recall(key)
+    if found is None:  # first sight of these objects: copy them (the engines need the copy anyway) and hash it
+        local = _checkpoint_dir(_copy_remote(path, listing))
+        found = {"path": local, "sha256": content_sha256(local)}
+        _remember(key, found)
+    return {"path": found["path"], "sha256": found["sha256"]}
+
+
 def model_identity(local_dir: str) -> dict:
-    """Path plus a SHA-256 over the config, tokenizer and weight files: what the manifest and caches key on."""
+    """Path plus the SHA-256 of `content_sha256`, remembered under the folder and its files' stat."""
+    started = time.time_ns()
+    key = _local_key(Path(local_dir))
+    found = _recall(key)
+    if found is None:
+        found = {"path": local_dir, "sha256": content_sha256(local_dir)}
+        newest = max((mtime for *_, mtime in key["files"]), default=0)
+        # a file that changed while it was read, or may change unseen within its mtime tick, is not remembered
+        if _local_key(Path(local_dir)) == key and newest < started - _SETTLE_NS:
+            _remember(key, found)
+    return {"path": local_dir, "sha256": found["sha256"]}
+
+
+def content_sha256(local_dir: str) -> str:
+    """SHA-256 over each config, tokenizer and weight file's name and bytes, in name order: reads every byte."""
     digest = hashlib.sha256()
-    root = Path(local_dir)
-    for file in sorted(p for p in root.iterdir() if p.is_file() and p.suffix in _CONTENT_SUFFIXES):
+    for file in _content_files(Path(local_dir)):
         digest.update(file.name.encode())
         with open(file, "rb") as f:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
-    return {"path": local_dir, "sha256": digest.hexdigest()}
+    return digest.hexdigest()
+
+
+def _content_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_file() and p.suffix in _CONTENT_SUFFIXES)
+
+
+def _local_key(root: Path) -> dict:
+    files = []
+    for file in _content_files(root):
+        st = file.stat()  # follows links: a HF snapshot's files are links to blobs
+        files.append([file.name, st.st_size, st.st_ino, st.st_mtime_ns])
+    return {"format": _MEMO_FORMAT, "dir": str(root.resolve()), "files": files}
+
+
+def remote_listing(fs: fsspec.AbstractFileSystem, remote: str) -> list:
+    """`[name, size, {version fields}]` for every object under `remote`, from a listing alone (no bytes read)."""
+    root = remote.rstrip("/")
+    fs.invalidate_cache(root)  # fsspec instances (and their listing caches) live as long as a Ray worker process
+    out = []
+    for name, info in fs.find(root, detail=True).items():
+        relative = name[len(root):].lstrip("/") or Path(name).name
+        tags = {f: str(info[f]) for f in _VERSION_FIELDS if info.get(f) is not None}
+        out.append([relative, info.get("size"), tags])
+    return sorted(out, key=lambda entry: entry[0])
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _memo_file(key: dict) -> Path:
+    return cache_root() / "identities" / f"{_digest(key)[:32]}.json"
+
+
+def _recall(key: dict) -> dict | None:
+    """The remembered identity for `key`, or None when there is none or it cannot be trusted."""
+    try:
+        memo = json.loads(_memo_file(key).read_text())
+    except (OSError, ValueError):  # absent, unreadable or corrupt: hash again
+        return None
+    sha = memo.get("sha256") if isinstance(memo, dict) else None
+    valid = isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)
+    return memo if valid and memo.get("key") == key else None
+
+
+def _remember(key: dict, identity: dict) -> None:
+    """Writes the memo atomically (temp file + rename): a reader sees the old memo, the new one or none."""
+    file = _memo_file(key)
+    tmp = None
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".tmp-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"key": key, **identity}, f)
+        os.replace(tmp, file)
+    except OSError as e:  # a read-only cache costs a rehash next run, not this run
+        log.warning("cannot remember the identity of %s: %s", identity["path"], e)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)

@@ -24,7 +24,7 @@ from mapray import card
 from mapray import columns as C
 from mapray.config import ColumnNames, ConfigError
 from mapray.normalize import raw_json
-from mapray.uris import absolute
+from mapray.uris import absolute, filesystem, move_folder, reachable
 
 FOLDERS = ("scored", "selected", "rejects")
 
@@ -32,7 +32,7 @@ FOLDERS = ("scored", "selected", "rejects")
 class OutputLayout:
     def __init__(self, uri: str, run_id: str | None = None):
         self.uri = absolute(uri).rstrip("/")  # handed to Ray's writers and checkpoint
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.fs, self.root = filesystem(self.uri, "output")
         self.run_id = run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
     def final(self, name: str) -> str:
@@ -44,6 +44,7 @@ class OutputLayout:
     def check_writable(self) -> None:
         """Fails before any model loads when the output URI cannot be written."""
         probe = f"{self.root}/_staging/.write-probe-{self.run_id}"
+        reachable(self.uri, "output")  # before makedirs, which would create a missing bucket
         try:
             self.fs.makedirs(f"{self.root}/_staging", exist_ok=True)
             with self.fs.open(probe, "wb") as f:
@@ -95,7 +96,7 @@ class OutputLayout:
                 continue
             if self.fs.exists(final):
                 self.fs.rm(final, recursive=True)
-            self.fs.mv(staged, final, recursive=True)
+            move_folder(self.fs, staged, final)
         with self.fs.open(f"{self.root}/README.md", "w") as f:
             f.write(card.render(manifest))
         write_manifest(self.uri, manifest)

@@ -18,6 +18,7 @@ import fsspec
 from mapray import __version__
 from mapray import columns as C
 from mapray import selection as S
+from mapray.cache import Namespace, attach_hits, namespace, write_generation
 from mapray.config import ConfigError, RayConfig, RunConfig, SelectionConfig, configured_models, to_dict
 from mapray.formats import RejectRow, detect_format
 from mapray.inputs import InputFiles, discover, read_dataset, read_staged, sample_records
@@ -28,7 +29,7 @@ from mapray.outputs import OutputLayout, TrlColumns, read_manifest, reject_rows,
 from mapray.preflight import check_models
 from mapray.runtime import LIGHT_TASK_CPUS, checkpointed, checkpointed_rows, init_ray, map_stage, watched
 from mapray.stages import LogprobStage, RewardStage, add_row_metrics
-from mapray.uris import absolute
+from mapray.uris import absolute, reachable
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,16 @@ class Plan:
     layout: OutputLayout
     warnings: list[str]
     trl: TrlColumns  # how scored/ writes TRL's prompt / chosen / rejected
+    models: dict  # each configured model's identity (`mapray.manifest.identify_models`)
 
 
 def plan(cfg: RunConfig) -> Plan:
     for key, model in configured_models(cfg):
         check_model_path(model.path, f"{key}.path")
     files = discover(cfg.input)
-    layout = OutputLayout(cfg.output, run_id=run_key(cfg, files))
-    layout.check_writable()
+    OutputLayout(cfg.output).check_writable()
+    if cfg.cache:
+        reachable(cfg.cache, "cache")
     sample = sample_records(files, cfg.input.schema_sample_rows)
     fmt = cfg.input.format
     if fmt == "auto":
@@ -63,6 +66,8 @@ def plan(cfg: RunConfig) -> Plan:
         log.info("input format detected: %s", fmt)
     # before Ray starts: standard rows are plain text (TRL's tokenization), the other formats go through a template
     check_models(cfg, needs_chat_template=fmt != "standard")
+    models = identify_models(cfg)  # remembered: a rerun with unchanged checkpoints reads no weights
+    layout = OutputLayout(cfg.output, run_id=run_key(cfg, files, models))
     spec = NormalizeSpec(fmt, cfg.input.columns, cfg.reward.source == "columns", cfg.input.max_row_chars, None)
     if files.file_format == "jsonl":  # the own columns' types, from the sample rows this spec would score
         spec = replace(spec, passthrough=infer_passthrough_schema(sample, spec))
@@ -73,19 +78,21 @@ def plan(cfg: RunConfig) -> Plan:
     for w in warnings:
         log.warning(w)
     trl = TrlColumns.of(fmt, cfg.input.columns, sample[0] if sample else {})
-    return Plan(cfg, files, spec, layout, warnings, trl)
+    return Plan(cfg, files, spec, layout, warnings, trl, models)
 
 
-def run_key(cfg: RunConfig, files: InputFiles) -> str:
+def run_key(cfg: RunConfig, files: InputFiles, models: dict) -> str:
     """Names the staging folder: the same config over the same input files (by name, size and modification
-    time) resumes there; any change starts a fresh run."""
+    time) and the same model contents resumes there; any change, a checkpoint rewritten in place included,
+    starts a fresh run."""
     listing = []
     for uri in files.uris:
         fs, path = fsspec.core.url_to_fs(uri)
         info = fs.info(path)
         listing.append([uri, info.get("size"), str(info.get("mtime") or info.get("LastModified") or "")])
-    payload = json.dumps({"config": to_dict(cfg), "files": listing, "mapray": __version__}, sort_keys=True,
-                         default=str)
+    shas = {key: model["sha256"] for key, model in models.items()}
+    payload = json.dumps({"config": to_dict(cfg), "files": listing, "models": shas, "mapray": __version__},
+                         sort_keys=True, default=str)
     return "run-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -95,15 +102,34 @@ def normalized_rows(p: Plan):
     return ds.map_batches(Normalizer(p.spec), batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
 
 
-def score_rows(p: Plan, ds, models: dict):
+def cache_namespaces(cfg: RunConfig, models: dict) -> dict[str, tuple[Namespace, str | None]]:
+    """Each model stage's cache namespace, with the `pick` its keys take (`mapray.cache.row_keys`); empty
+    without a cache."""
+    if not cfg.cache:
+        return {}
+    uri = absolute(cfg.cache)  # resolved here: an actor's working directory is not the driver's
+    out = {}
+    if cfg.reward.source == "model":
+        out["reward"] = (namespace(uri, "reward", RewardStage.KIND, cfg.reward.model,
+                                   models["reward.model"]["sha256"]), None)
+    pick = out["reward"][0].id if "reward" in out else None  # a reward model picks candidates rows' pairs
+    out["policy"] = (namespace(uri, "policy", LogprobStage.KIND, cfg.policy, models["policy"]["sha256"]), pick)
+    if cfg.metric.needs_reference_model:
+        out["reference"] = (namespace(uri, "reference", LogprobStage.KIND, cfg.reference,
+                                      models["reference"]["sha256"]), pick)
+    return out
+
+
+def score_rows(p: Plan, ds, caches: dict):
     """The model stages and per-row metrics over normalized rows."""
     cfg = p.cfg
 
-    def cache(key: str) -> dict:  # resolved here: an actor's working directory is not the driver's
-        return {"model_sha": models[key]["sha256"], "cache_uri": absolute(cfg.cache) if cfg.cache else None}
+    def cache(role: str) -> dict:
+        ns, pick = caches.get(role, (None, None))
+        return {"cache": ns, "pick": pick}
 
     if cfg.reward.source == "model":
-        ds = map_stage(ds, RewardStage, cfg.reward.model, **cache("reward.model"))
+        ds = map_stage(ds, RewardStage, cfg.reward.model, **cache("reward"))
     ds = map_stage(ds, LogprobStage, cfg.policy, role="policy", **cache("policy"))
     if cfg.metric.needs_reference_model:
         ds = map_stage(ds, LogprobStage, cfg.reference, role="reference", **cache("reference"))
@@ -121,7 +147,7 @@ def score(cfg: RunConfig) -> dict:
     init_ray(cfg.ray, [m for _, m in configured_models(cfg)])
     import ray.data
 
-    models = identify_models(cfg)
+    models = p.models
     layout = p.layout
     resumed = layout.exists(layout.staged("rows"))
     timings = {"start_s": time.time() - started}  # config checks, Ray start, model identities
@@ -130,17 +156,24 @@ def score(cfg: RunConfig) -> dict:
         normalized_rows(p).write_parquet(layout.staged("normalized"))
         layout.mark_done("normalized")
     timings["normalize_s"] = time.time() - started - timings["start_s"]
+    caches = cache_namespaces(cfg, models)
+    model_input = look_up_cached(layout, caches)
+    timings["cache_lookup_s"] = time.time() - started - timings["start_s"] - timings["normalize_s"]
     done_before = checkpointed_rows(layout.staged("checkpoint"))
     model_pass_at = time.time()
     if not layout.is_done("rows"):
         with checkpointed(layout.staged("checkpoint"), C.ROW) as unwritten, watched():
-            normalized = unwritten(read_staged(layout.staged("normalized"), num_cpus=LIGHT_TASK_CPUS))
+            normalized = unwritten(read_staged(model_input, num_cpus=LIGHT_TASK_CPUS))
             # light too: a write's default whole CPU would wait beside the model actors until the pass ends
-            score_rows(p, normalized, models).write_parquet(layout.staged("rows"),
+            score_rows(p, normalized, caches).write_parquet(layout.staged("rows"),
                                                             ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
         layout.mark_done("rows")
     scored_at = time.time()
     timings["model_pass_s"] = scored_at - model_pass_at  # model stages + row metrics + staged write
+    for ns, _ in caches.values() if layout.has_parquet(layout.staged("rows")) else ():
+        write_generation(ray.data.read_parquet(layout.staged("rows")), ns, layout.run_id)  # one per namespace
+    timings["cache_store_s"] = time.time() - scored_at
+    scored_at = time.time()
     counts, moments, chosen = finish(ray.data.read_parquet(layout.staged("rows")), layout, cfg.metric.alpha,
                                      cfg.selection, trl=p.trl)
     timings.update(global_pass_s=time.time() - scored_at, total_s=time.time() - started)
@@ -150,6 +183,24 @@ def score(cfg: RunConfig) -> dict:
     manifest["counts"]["scored_this_attempt"] = checkpointed_rows(layout.staged("checkpoint")) - done_before
     layout.publish(manifest)
     return manifest
+
+
+def look_up_cached(layout: OutputLayout, caches: dict) -> str:
+    """The staged rows the model pass reads: the normalized rows, with their cached values attached when any
+    namespace has stored some (a pass of its own: see `mapray.cache`)."""
+    lookups = [(ns, pick) for ns, pick in caches.values() if ns.generations()]
+    if not lookups:
+        return layout.staged("normalized")
+    if not layout.is_done("looked_up"):
+        import ray.data
+
+        layout.remove(layout.staged("looked_up"))
+        normalized = read_staged(layout.staged("normalized"), num_cpus=LIGHT_TASK_CPUS)
+        footers = ray.data.read_parquet(layout.staged("normalized"))  # count and schema from the files' footers
+        attach_hits(normalized, lookups, footers.count(), footers.schema().base_schema) \
+            .write_parquet(layout.staged("looked_up"))
+        layout.mark_done("looked_up")
+    return layout.staged("looked_up")
 
 
 def finish(rows, layout: OutputLayout, alpha: float, sel: SelectionConfig,

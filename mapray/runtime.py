@@ -36,8 +36,20 @@ class RunStalled(ConfigError):
 
 
 def init_ray(cfg: RayConfig, models: list[ModelConfig]) -> None:
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        _start_ray(cfg, models)
+    size_shuffles()
+
+
+def size_shuffles() -> None:
+    """Shuffles (the selection's sort, the duplicate count, the cache's joins) default to 200 partitions when
+    Ray Data cannot tell the input's block count: a task and an output block each, seconds of fixed cost per run
+    on a small machine. One per cluster CPU keeps every CPU busy."""
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    ray.data.DataContext.get_current().default_hash_shuffle_parallelism = max(2, cpus)
+
+
+def _start_ray(cfg: RayConfig, models: list[ModelConfig]) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     # vLLM reads its settings from the environment: the driver's VLLM_* variables reach every worker
     env_vars = {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}
@@ -49,6 +61,10 @@ def init_ray(cfg: RayConfig, models: list[ModelConfig]) -> None:
         return
     num_cpus = cfg.num_cpus or os.cpu_count() or 1
     check_local_cpus(num_cpus, models)
+    # every Parquet read starts this many footer-reading actors (Ray Data's default: 32 processes, whatever the
+    # machine); on one machine, one per CPU reads the footers as fast
+    footer_actors = os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(max(1, int(num_cpus))))
+    env_vars.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", footer_actors)  # read where the listing runs
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)  # never a stray local head
 
 

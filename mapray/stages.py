@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from mapray import columns as C
 from mapray import metrics
+from mapray.cache import Namespace, cached_values, row_keys, with_values
 from mapray.config import MetricConfig, ModelConfig
 from mapray.formats import RejectRow, assistant, distinct_candidates, pick_pair
 
@@ -40,21 +41,17 @@ def _load_encoder(cfg: ModelConfig):
 
 
 class _ModelStage:
-    """Loads the tokenizer at once and the model only when a row needs it: on a full cache hit the model is
-    never loaded at all."""
+    """Loads the tokenizer at once and the model only when a row needs it: when every row of the pool has a
+    cached value (`mapray.cache`), the model is never loaded at all."""
 
     KIND = ""
 
-    def __init__(self, cfg: ModelConfig, model_sha: str | None = None, cache_uri: str | None = None):
+    def __init__(self, cfg: ModelConfig, cache: Namespace | None = None, pick: str | None = None):
         self.cfg = cfg
+        self.cache, self.pick = cache, pick
         self.encoder, self.local = _load_encoder(cfg)
         self._engine = None
-        self.cache = None
-        if cache_uri is not None and model_sha is not None:
-            from mapray.cache import ScoreCache
-
-            self.cache = ScoreCache(cache_uri, self.KIND, cfg.dtype, model_sha)
-        else:
+        if cache is None:
             _ = self.engine  # no cache: load at actor start, so a model that cannot load fails the job early
 
     @property
@@ -65,10 +62,11 @@ class _ModelStage:
                 self.cache.record_load()
         return self._engine
 
-    def _scores(self, groups: list, score_name: str) -> list[list[float]]:
-        from mapray.cache import cached_scores
-
-        return cached_scores(groups, lambda seqs: getattr(self.engine, score_name)(seqs), self.cache)
+    def _cached(self, table: pa.Table) -> tuple[list, list]:
+        """The values the cache lookup attached to the rows, and each row's key (to store what is computed)."""
+        if self.cache is None:
+            return [None] * table.num_rows, [None] * table.num_rows
+        return cached_values(table, self.cache), row_keys(table, self.cache, self.pick)
 
 
 class LogprobStage(_ModelStage):
@@ -76,15 +74,18 @@ class LogprobStage(_ModelStage):
 
     In: `_m_prompt`, `_m_chosen`, `_m_rejected`, `_m_reject`.
     Out (policy): `chosen_logps`, `rejected_logps`, `chosen_tokens`, `rejected_tokens`, `chosen_truncated`,
-    `rejected_truncated`. Out (reference): `ref_chosen_logps`, `ref_rejected_logps`.
+    `rejected_truncated`. Out (reference): `ref_chosen_logps`, `ref_rejected_logps`. A row's cached value holds
+    all six, in that order (`VALUE`).
     """
 
     INPUTS = [C.PROMPT, C.CHOSEN, C.REJECTED, C.REJECT]
     KIND = "logprobs"
+    VALUE = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens", "chosen_truncated",
+             "rejected_truncated")
 
-    def __init__(self, cfg: ModelConfig, role: str = "policy", model_sha: str | None = None,
-                 cache_uri: str | None = None):
-        super().__init__(cfg, model_sha, cache_uri)
+    def __init__(self, cfg: ModelConfig, role: str = "policy", cache: Namespace | None = None,
+                 pick: str | None = None):
+        super().__init__(cfg, cache, pick)
         self.role = role
         self.prefix = "ref_" if role == "reference" else ""
 
@@ -96,30 +97,34 @@ class LogprobStage(_ModelStage):
     def __call__(self, table: pa.Table) -> pa.Table:
         C.require(table, self.INPUTS, f"{self.role} log-probs")
         prompts, chosen, rejected = (table.column(c).to_pylist() for c in (C.PROMPT, C.CHOSEN, C.REJECTED))
-        rows, encoded, reasons = [], [], {}
+        values, keys = self._cached(table)
+        new_keys: list[str | None] = [None] * table.num_rows
+        todo, encoded, reasons = [], [], {}
         for i in C.good_rows(table):
+            if values[i] is not None:
+                continue
             try:
                 pair = self.encoder.encode_pair(*(json.loads(column[i]) for column in (prompts, chosen, rejected)))
             except RejectRow as e:
                 reasons[i] = str(e)
                 continue
-            rows.append(i)
+            todo.append(i)
             encoded.append(pair)
-        sums = [v for pair_sums in self._scores([pair.sequences() for pair in encoded], "logprobs") for v in pair_sums]
-        n = table.num_rows
-        out = {f"{self.prefix}chosen_logps": [None] * n, f"{self.prefix}rejected_logps": [None] * n}
-        if not self.prefix:
-            out.update(chosen_tokens=[None] * n, rejected_tokens=[None] * n,
-                       chosen_truncated=[None] * n, rejected_truncated=[None] * n)
-        for k, (i, pair) in enumerate(zip(rows, encoded)):
-            out[f"{self.prefix}chosen_logps"][i] = sums[2 * k]
-            out[f"{self.prefix}rejected_logps"][i] = sums[2 * k + 1]
-            if not self.prefix:
-                out["chosen_tokens"][i], out["rejected_tokens"][i] = len(pair.chosen[1]), len(pair.rejected[1])
-                out["chosen_truncated"][i] = pair.chosen_truncated
-                out["rejected_truncated"][i] = pair.rejected_truncated
-        for name, values in out.items():
-            table = C.set_column(table, name, values, C.SCORED[name])
+        if encoded:
+            sums = self.engine.logprobs([seq for pair in encoded for seq in pair.sequences()])
+            for k, (i, pair) in enumerate(zip(todo, encoded)):
+                values[i] = [sums[2 * k], sums[2 * k + 1], len(pair.chosen[1]), len(pair.rejected[1]),
+                             float(pair.chosen_truncated), float(pair.rejected_truncated)]
+                new_keys[i] = keys[i]
+        names = self.VALUE if not self.prefix else self.VALUE[:2]
+        for j, name in enumerate(names):
+            column = [None if v is None else v[j] for v in values]
+            if name.endswith("truncated"):
+                column = [None if v is None else bool(v) for v in column]
+            elif name.endswith("tokens"):
+                column = [None if v is None else int(v) for v in column]
+            table = C.set_column(table, f"{self.prefix}{name}", column, C.SCORED[name])
+        table = with_values(table, self.cache, values, new_keys)
         return C.mark_rejected(table, reasons, self.role)
 
 
@@ -130,7 +135,8 @@ class RewardStage(_ModelStage):
     In: `_m_prompt`, `_m_chosen`, `_m_rejected`, `_m_candidates`, `_m_candidate_rewards`, `_m_reject`.
     Out: `reward_chosen`, `reward_rejected`; for N-candidates rows every candidate is scored (as an assistant
     turn), `_m_candidate_rewards` holds the rewards aligned with the candidates, and `_m_chosen` / `_m_rejected`
-    are set to the argmax / argmin (ties: `mapray.formats.pick_pair`).
+    are set to the argmax / argmin (ties: `mapray.formats.pick_pair`). A row's cached value holds the rewards of
+    the sequences it scores: chosen and rejected, or every candidate taking part.
     """
 
     INPUTS = [C.PROMPT, C.CHOSEN, C.REJECTED, C.CANDIDATES, C.CANDIDATE_REWARDS, C.REJECT]
@@ -147,34 +153,45 @@ class RewardStage(_ModelStage):
         chosen, rejected = table.column(C.CHOSEN).to_pylist(), table.column(C.REJECTED).to_pylist()
         candidates = table.column(C.CANDIDATES).to_pylist()
         candidate_rewards = table.column(C.CANDIDATE_REWARDS).to_pylist()
+        values, keys = self._cached(table)
+        new_keys: list[str | None] = [None] * table.num_rows
         groups, owners, reasons = [], {}, {}
         for i in C.good_rows(table):
-            prompt = json.loads(prompts[i])
             if candidates[i] is None:
                 completions = [json.loads(chosen[i]), json.loads(rejected[i])]
             else:  # every candidate that takes part in picking the pair (not empty, not a duplicate)
                 texts = json.loads(candidates[i])
                 owners[i] = (texts, distinct_candidates(texts))
                 completions = [assistant(texts[k]) for k in owners[i][1]]
+            if values[i] is not None:
+                continue
+            prompt = json.loads(prompts[i])
             try:
                 groups.append((i, [self.encoder.encode_full(prompt, c)[0] for c in completions]))
             except RejectRow as e:
                 reasons[i] = str(e)
+        if groups:
+            flat = iter(self.engine.rewards([seq for _, group in groups for seq in group]))
+            for i, group in groups:
+                values[i], new_keys[i] = [next(flat) for _ in group], keys[i]
         reward_c, reward_r = [None] * table.num_rows, [None] * table.num_rows
-        for (i, _), values in zip(groups, self._scores([g for _, g in groups], "rewards")):
+        for i in C.good_rows(table):
+            if values[i] is None:
+                continue
             if i not in owners:
-                reward_c[i], reward_r[i] = values
+                reward_c[i], reward_r[i] = values[i]
                 continue
             texts, scored = owners[i]
             rewards = [None] * len(texts)
-            for k, value in zip(scored, values):
+            for k, value in zip(scored, values[i]):
                 rewards[k] = value
             best, worst = pick_pair(texts, rewards)
             chosen[i], rejected[i] = (json.dumps(assistant(texts[k]), ensure_ascii=False) for k in (best, worst))
             reward_c[i], reward_r[i], candidate_rewards[i] = rewards[best], rewards[worst], rewards
-        for name, values in ((C.CHOSEN, chosen), (C.REJECTED, rejected), ("reward_chosen", reward_c),
-                             ("reward_rejected", reward_r), (C.CANDIDATE_REWARDS, candidate_rewards)):
-            table = C.set_column(table, name, values, C.INTERNAL_TYPES.get(name) or C.SCORED[name])
+        for name, values_ in ((C.CHOSEN, chosen), (C.REJECTED, rejected), ("reward_chosen", reward_c),
+                              ("reward_rejected", reward_r), (C.CANDIDATE_REWARDS, candidate_rewards)):
+            table = C.set_column(table, name, values_, C.INTERNAL_TYPES.get(name) or C.SCORED[name])
+        table = with_values(table, self.cache, values, new_keys)
         return C.mark_rejected(table, reasons, "reward")
 
 

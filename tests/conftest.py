@@ -26,8 +26,10 @@ def local_ray():
     import ray
 
     if not ray.is_initialized():
+        os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")  # as mapray's own local Ray (runtime.py)
         ray.init(address="local", num_cpus=2, include_dashboard=False,
-                 runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
+                 runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                                           "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2"}})
     yield ray
     ray.shutdown()
 

@@ -1,9 +1,14 @@
 """The benchmark scripts still run (they are what a lent GPU session executes, once): a tiny shape on the CPU."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,3 +52,26 @@ def test_padding_model_finds_sharing_and_packing_cheapest():
     assert rows[True, True]["padding"] < 0.1 < rows[False, False]["padding"]
     assert min(rows.values(), key=lambda r: r["flops_vs_ideal_8b"]) is rows[True, True]
     assert rows[True, True]["flops_vs_ideal_8b"] >= 1.0  # never below the ideal
+
+
+def test_bench_scale_pool_has_the_real_length_spread_in_tokens(tmp_path):
+    """The scale benchmark's pool (its phases run the real CLI: measured by running it, see benchmarks/README.md;
+    three CLI runs cost minutes, which the suite's budget gives to the cache and S3 tests instead)."""
+    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "benchmarks" / "bench_scale.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from mapray.testing.tiny_models import build_tokenizer
+
+    bench.write_pool(tmp_path / "pool", 50, seed=3, max_length=64, rows_per_file=20, reuse=False)
+    files = sorted((tmp_path / "pool").glob("*.parquet"))
+    table = pa.concat_tables(pq.read_table(f) for f in files)
+    assert [pq.read_metadata(f).num_rows for f in files] == [20, 20, 10] and table.num_rows == 50
+    assert len(set(table["id"].to_pylist())) == 50
+    tokenizer = build_tokenizer()
+    counts = np.array([[len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in row]
+                       for row in zip(*(table[c].to_pylist() for c in ("prompt", "chosen", "rejected")))])
+    assert counts.max() <= 64 // 2 - 2 + 2 and counts.min() >= 1  # capped at half of max_length, within 2 tokens
+    assert len(np.unique(counts[:, 1])) > 5  # a spread, not one length
+    before = files[0].stat().st_mtime_ns
+    bench.write_pool(tmp_path / "pool", 50, seed=3, max_length=64, rows_per_file=20, reuse=True)
+    assert files[0].stat().st_mtime_ns == before  # the same settings: the pool is kept

@@ -291,7 +291,7 @@ def test_relative_output_and_cache_paths_resolve_against_the_working_directory(t
     assert manifest["counts"]["input"] == 6
     assert (tmp_path / "out" / "rel" / "manifest.json").exists()
     assert pq.read_table(tmp_path / "out" / "rel" / "scored").num_rows == manifest["counts"]["scored"] > 0
-    assert list((tmp_path / "cache").glob("logprobs-float32/*/part-*.parquet"))  # the actor wrote here
+    assert list((tmp_path / "cache").glob("logprobs-float32/*/v*/gen-*/*.parquet"))  # the run stored here
     assert absolute("out/rel") == str(tmp_path / "out" / "rel")
     assert absolute("file://out/x") == str(tmp_path / "out" / "x")
     assert absolute("s3://bucket/out") == "s3://bucket/out"

@@ -6,7 +6,6 @@ waiting forever; a slow one does not."""
 import collections
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import ray.data
 from mapray.config import ConfigError, ModelConfig, load_config
 from mapray.pipeline import score
 from mapray.runtime import RunStalled, check_local_cpus, checkpointed, checkpointed_rows, skip_written, watched
+from mapray.testing.faults import kill_with_its_local_ray
 from tests.conftest import UF
 
 N = 80
@@ -145,8 +145,7 @@ def test_driver_killed_mid_run_resumes_with_every_model_stage(tmp_path, tiny, lo
     while not _written(out) and time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.1)
     assert first.poll() is None, "the first run ended before it could be killed: make it longer"
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    kill_with_its_local_ray(first)
     done_before = _written(out)
     assert 0 < done_before < N and not (out / "manifest.json").exists()
 

@@ -16,6 +16,23 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+def kill_with_its_local_ray(driver) -> None:
+    """SIGKILL a driver (a `subprocess.Popen`) and every process under it at once, as a machine that dies would,
+    and wait until they are gone. Ray's workers sit in process groups of their own: killing the driver's group
+    alone leaves them to notice their raylet's death a moment later, time enough for a write in flight to commit
+    its rows."""
+    import psutil
+
+    parent = psutil.Process(driver.pid)
+    processes = [parent, *parent.children(recursive=True)]
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    driver.wait()
+    _, alive = psutil.wait_procs(processes, timeout=60)
+    assert not alive, alive
+
+
 def find_processes(pattern: str) -> list[int]:
     """PIDs whose command line contains `pattern` (Ray names actor processes `ray::ClassName...`)."""
     pids = []

@@ -90,3 +90,18 @@ def build_tiny_models(out: str | Path, seed: int = 0, layers: int = 2) -> dict[s
 
 if __name__ == "__main__":
     print(build_tiny_models(sys.argv[1] if len(sys.argv) > 1 else "tiny-models"))
+
+
+def perturbed_copy(checkpoint: str | Path, out: str | Path, scale: float = 0.9) -> str:
+    """A new checkpoint of `checkpoint`'s model with every weight scaled by `scale` (and its tokenizer): what a
+    training step leaves, a new identity whose log-probs differ from the old one's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(out)
+    return str(out)

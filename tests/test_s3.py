@@ -1,0 +1,442 @@
+"""Object storage for real (issue 11, item 4): input, models, output and cache on `s3://`, against a real S3 API
+server started here (moto in server mode on a free localhost port). Every `mapray` run is a subprocess whose
+environment points s3fs (botocore), pyarrow's S3FileSystem (Ray Data's reads, writes and checkpoint) and, through
+the local Ray it starts, every Ray worker at that server; the session's own Ray is not involved.
+
+One run story, checked in parts: `mapray score` SIGKILLed with its local Ray mid-run, the same command again (it
+resumes from the checkpoint on s3), then the policy rewritten in place on s3 and `mapray rescore`: the reference
+log-probs come from the cache on s3 (its model is not loaded again), and the published output equals a local run
+of the same config (rewards come from the data's own columns: a third model stage would add time, not coverage).
+A poller lists the output all along: whenever manifest.json is there, scored/, selected/ and rejects/ are exactly
+those of a finished run. A URI mapray cannot use stops the run before Ray starts with one line naming its key."""
+
+import collections
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mapray.config import load_config
+from mapray.pipeline import score
+from mapray.testing.faults import kill_with_its_local_ray
+from mapray.testing.tiny_models import perturbed_copy
+from tests.conftest import UF
+
+N = 64  # input lines: enough Ray blocks that the driver can be killed between two checkpointed writes
+BUCKET = "mapray-test"
+MODEL = {"max_length": 192, "truncation_mode": "keep_end", "token_budget": 2048, "batch_size": 4,
+         "cpus_per_actor": 0.5}
+BAD_LINES = [b"{not json", json.dumps({"prompt_id": "same", "prompt": "hi", "chosen": "a", "rejected": "a"}).encode()]
+ROLES = ("policy", "reference")
+
+
+@dataclass
+class S3:
+    url: str  # the endpoint
+    env: dict  # for a `mapray` subprocess: this server, dummy credentials, nothing of this process's Ray
+    fs: object  # s3fs for the test's own reads, no listings cache
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def s3_env(endpoint: str, home: Path) -> dict:
+    """The environment of a `mapray` run against `endpoint`: botocore (s3fs) and the AWS SDK in pyarrow both read
+    AWS_ENDPOINT_URL (pyarrow's S3 from a URI, as Ray Data resolves `s3://`; http from the URL's scheme). The
+    caller's AWS profile, config files and instance metadata are kept out; so is the test session's Ray."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AWS_") and k not in ("RAY_ADDRESS", "PYTHONBREAKPOINT")}
+    env.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+               AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true",
+               AWS_CONFIG_FILE=str(home / "aws-config"), AWS_SHARED_CREDENTIALS_FILE=str(home / "aws-credentials"),
+               MAPRAY_CACHE=str(home / "mapray-cache"), RAY_AUTH_MODE="disabled")
+    return env
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's server in a process of its own: imported here, its Flask app would sit in sys.modules, whose
+    context-bound globals vLLM's start-up trips over when it scans modules (later vLLM tests failed so)."""
+    import s3fs
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=1).close()
+                break
+            except urllib.error.HTTPError:  # it answers
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"moto's server did not start on {url}") from None
+                time.sleep(0.2)
+        fs = s3fs.S3FileSystem(endpoint_url=url, key="testing", secret="testing", skip_instance_cache=True,
+                               use_listings_cache=False)
+        fs.mkdir(BUCKET)
+        yield S3(url, s3_env(url, tmp_path_factory.mktemp("s3-home")), fs)
+    finally:
+        server.kill()
+        server.wait()
+
+
+def mapray(*args: str, env: dict, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mapray", *args], capture_output=True, text=True, env=env,
+                          timeout=600, **kwargs)
+
+
+# --- the run story: killed, resumed, rescored with the cache on s3, against a local run ---
+
+def _config(inputs: str, models: dict, out: str, cache: str | None) -> dict:
+    return {"input": {"uri": inputs, "columns": {"id": "prompt_id"}}, "output": out, "cache": cache,
+            "policy": {"path": models["policy"], **MODEL}, "reference": {"path": models["reference"], **MODEL},
+            "reward": {"source": "columns"},
+            "metric": {"implicit": "dpo"}, "selection": {"ratio": 0.5}}
+
+
+class Poller:
+    """Lists the output prefix over and over (one ListObjectsV2 each: a consistent view of its keys) while runs
+    publish into it."""
+
+    def __init__(self, fs, prefix: str):
+        self.fs, self.prefix, self.views = fs, prefix, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(FileNotFoundError):
+                self.views.append(frozenset(self.fs.find(self.prefix)))
+            self._stop.wait(0.2)  # the server runs in this process: polling costs it CPU
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def published(view, prefix: str) -> frozenset:
+    """The files of the result folders in a listing."""
+    return frozenset(k for k in view if k.startswith(tuple(f"{prefix}/{d}/" for d in ("scored", "selected",
+                                                                                       "rejects"))))
+
+
+def _upload(fs, folder: str, prefix: str) -> None:
+    """Each file of a checkpoint folder to `prefix/<name>`, replacing what is there (`put` of a folder onto an
+    existing prefix would nest it one level down, as `cp -r` does)."""
+    for file in sorted(Path(folder).iterdir()):
+        fs.put(str(file), f"{prefix}/{file.name}")
+
+
+def _committed_rows(fs, out: str) -> int:
+    files = [f for f in fs.glob(f"{out}/_staging/run-*/checkpoint/*.parquet") if not f.endswith(".pending.parquet")]
+    return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files)
+
+
+def model_loads(fs, cache: str, shas: dict) -> dict:
+    """Times each model (by role) was loaded: the cache's `_loads/` markers under a folder named by its hash."""
+    found = collections.Counter()
+    for marker in fs.glob(f"{cache}/**/_loads/*"):
+        parts = marker.split("/")
+        found.update(role for role, sha in shas.items() if sha in parts)
+    return {role: found[role] for role in shas}
+
+
+def read_output(fs, out: str) -> dict:
+    return {"manifest": json.loads(fs.cat(f"{out}/manifest.json")),
+            **{name: pq.read_table(f"{out}/{name}", filesystem=fs) for name in ("scored", "selected", "rejects")}}
+
+
+@pytest.fixture(scope="module")
+def story(s3, tiny, tmp_path_factory):
+    """Input, models, output and cache on s3: `mapray score` killed after its first checkpointed rows, run again,
+    then `mapray rescore` after the policy is rewritten in place. Returns what each step left."""
+    fs, home = s3.fs, tmp_path_factory.mktemp("story")
+    lines = UF.read_bytes().splitlines()[:N - len(BAD_LINES)] + BAD_LINES
+    (home / "pairs.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    fs.put(str(home / "pairs.jsonl"), f"{BUCKET}/in/pairs.jsonl")
+    for role in ROLES:
+        _upload(fs, tiny[role], f"{BUCKET}/models/{role}")
+    out, cache = f"{BUCKET}/out", f"{BUCKET}/cache"
+    models = {role: f"s3://{BUCKET}/models/{role}" for role in ROLES}
+    config = home / "run.yaml"
+    config.write_text(json.dumps(_config(f"s3://{BUCKET}/in/pairs.jsonl", models, f"s3://{out}", f"s3://{cache}")))
+    step = {"lines": lines, "home": home}
+    with Poller(fs, out) as poller:
+        first = subprocess.Popen([sys.executable, "-m", "mapray", "score", "--config", str(config)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=s3.env,
+                                 start_new_session=True)
+        deadline = time.monotonic() + 400
+        while not _committed_rows(fs, out) and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert first.poll() is None, "the first run ended before it could be killed: make it longer"
+        kill_with_its_local_ray(first)
+        step["done_before"] = _committed_rows(fs, out)
+        step["manifest_after_kill"] = fs.exists(f"{out}/manifest.json")
+
+        resumed = mapray("score", "--config", str(config), env=s3.env)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        step["first"] = read_output(fs, out)
+        step["first_view"] = frozenset(fs.find(out))
+        shas = {role: step["first"]["manifest"]["models"][role]["sha256"] for role in ROLES}
+        step["loads_first"] = model_loads(fs, cache, shas)
+
+        step["new_policy"] = perturbed_copy(tiny["policy"], home / "policy-v2")
+        _upload(fs, step["new_policy"], f"{BUCKET}/models/policy")  # the same URI, new weights
+        rescored = mapray("rescore", "--config", str(config), env=s3.env)
+        assert rescored.returncode == 0, rescored.stderr[-3000:]
+    step["second"] = read_output(fs, out)
+    step["second_view"] = frozenset(fs.find(out))
+    step["views"] = poller.views
+    new_sha = step["second"]["manifest"]["models"]["policy"]["sha256"]
+    step["loads_second"] = model_loads(fs, cache, {**shas, "new policy": new_sha})
+    return step
+
+
+def test_a_killed_driver_resumes_from_its_checkpoint_on_s3(story):
+    n, done_before = len(story["lines"]), story["done_before"]
+    assert 0 < done_before < n and not story["manifest_after_kill"]
+    first = story["first"]
+    manifest = first["manifest"]
+    assert manifest["resumed"] is True
+    assert manifest["counts"]["scored_this_attempt"] == n - done_before  # only what the kill left unwritten
+    assert manifest["counts"]["input"] == n and manifest["counts"]["rejected"] >= len(BAD_LINES)
+    # every input line comes out exactly once, scored or rejected (a cut-short write on s3 recovered, not doubled)
+    ids = first["scored"]["pair_id"].to_pylist() + first["rejects"]["pair_id"].to_pylist()
+    want = [json.loads(x)["prompt_id"] for x in story["lines"] if x != b"{not json"]
+    assert collections.Counter(i for i in ids if i is not None) == collections.Counter(want)
+    assert first["rejects"]["reason"].to_pylist().count("invalid JSON (Expecting property name enclosed in double "
+                                                        "quotes)") == 1
+
+
+def test_the_rescore_reads_the_reference_log_probs_from_the_cache_on_s3(story):
+    first, second = story["loads_first"], story["loads_second"]
+    old, new = (story[run]["manifest"]["models"]["policy"]["sha256"] for run in ("first", "second"))
+    assert new != old  # the policy rewritten in place is a new model: its copy follows the objects, not the URI
+    assert min(first.values()) >= 1  # the killed run and its resume loaded each model (once or twice)
+    # the rescore loaded the new policy once, and not the reference
+    assert second == {**first, "new policy": 1}
+    manifest = story["second"]["manifest"]
+    assert manifest["resumed"] is False
+    assert manifest["counts"]["scored"] == story["first"]["manifest"]["counts"]["scored"]
+
+
+def test_publishing_on_s3_is_manifest_last_and_removes_staging(story):
+    out = f"{BUCKET}/out"
+    results = {published(story["first_view"], out), published(story["second_view"], out)}
+    assert len(results) == 2 and all(results)  # two runs, each with its own files
+    with_manifest = [v for v in story["views"] if f"{out}/manifest.json" in v]
+    assert with_manifest and published(with_manifest[-1], out) == published(story["second_view"], out)
+    for view in with_manifest:  # a reader that sees manifest.json sees one finished run's folders, whole
+        assert published(view, out) in results
+    for view in (story["first_view"], story["second_view"]):
+        assert not [k for k in view if k.startswith(f"{out}/_staging/run-")], sorted(view)
+
+
+def test_the_output_on_s3_equals_a_local_run_of_the_same_config(story, tiny, local_ray):
+    home = story["home"]
+    models = {"policy": story["new_policy"], "reference": tiny["reference"]}
+    local = score(load_config(None, base=_config(str(home / "pairs.jsonl"), models, str(home / "local"), None)))
+    got = story["second"]
+    manifest = got["manifest"]
+    for key in ("counts", "selection", "pool_moments", "tokenization", "warnings"):
+        _assert_close(manifest[key], local[key], key)
+    assert {k: m["sha256"] for k, m in manifest["models"].items()} == \
+        {k: m["sha256"] for k, m in local["models"].items()}
+    for name in ("scored", "selected"):
+        _assert_same_rows(got[name].sort_by("pair_id"), pq.read_table(home / "local" / name).sort_by("pair_id"))
+    rejects = [got["rejects"], pq.read_table(home / "local" / "rejects")]
+    s3_rows, local_rows = ({_line(r["source"]): {**r, "source": _line(r["source"])} for r in t.to_pylist()}
+                           for t in rejects)
+    assert s3_rows == local_rows and len(s3_rows) >= len(BAD_LINES)
+    assert all(r["source"].rsplit(":", 1)[0].endswith(f"{BUCKET}/in/pairs.jsonl") for r in got["rejects"].to_pylist())
+
+
+def _assert_close(got, want, where: str) -> None:
+    """Equal, numbers to fp32 rounding (see `_assert_same_rows`), through nested dicts and lists."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for k in want:
+            _assert_close(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_close(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-5), where
+    else:
+        assert got == want, where
+
+
+def _line(source: str) -> int:
+    return int(source.rsplit(":", 1)[1])
+
+
+def _assert_same_rows(got: pa.Table, want: pa.Table) -> None:
+    """Numeric columns to fp32 rounding (the cached values were scored in other batches than the local run's, and
+    the torch engine's sums move in the last bits with their batch neighbours), every other one exactly; then the
+    schema, column order and types included."""
+    assert sorted(got.column_names) == sorted(want.column_names) and got.num_rows == want.num_rows > 0
+    numeric = [f.name for f in want.schema if pa.types.is_floating(f.type) or pa.types.is_integer(f.type)
+               or pa.types.is_boolean(f.type)]
+    assert {"chosen_logps", "ref_rejected_logps", "reward_chosen", "implicit_margin", "map_z", "selected"} <= \
+        set(numeric)
+    for name in want.column_names:
+        if name in numeric:
+            a, b = (t[name].to_numpy(zero_copy_only=False).astype(float) for t in (got, want))
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5, err_msg=name)
+        else:
+            assert got[name].to_pylist() == want[name].to_pylist(), name
+    assert got.schema == want.schema, [(a, b) for a, b in zip(got.schema, want.schema) if a != b]
+
+
+# --- a URI mapray cannot use: one line naming the key, exit 2, before Ray starts ---
+
+NO_PACKAGES = ("import sys; sys.modules['s3fs'] = sys.modules['gcsfs'] = None; "
+               "from mapray.cli import main; sys.exit(main())")  # as if neither package were installed
+
+
+def _error_runs(cases: dict, base: Path, tiny: dict, home: Path) -> dict:
+    """Runs `mapray score` for each case (name -> (env, --set overrides, without packages?)) at once, and returns
+    each run's one error line."""
+    config = home / "base.yaml"
+    config.write_text(json.dumps({"input": {"uri": str(base), "columns": {"id": "prompt_id"}},
+                                  "output": str(home / "out"), "policy": {"path": tiny["policy"], **MODEL}}))
+    runs = {}
+    for name, (env, overrides, no_packages) in cases.items():
+        head = [sys.executable, "-c", NO_PACKAGES] if no_packages else [sys.executable, "-m", "mapray"]
+        sets = [x for kv in overrides for x in ("--set", kv)]
+        runs[name] = subprocess.Popen([*head, "score", "--config", str(config), *sets], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env)
+    return {name: _error_line(run, *run.communicate(timeout=300)) for name, run in runs.items()}
+
+
+def _error_line(run: subprocess.Popen, stdout: str, stderr: str) -> str:
+    """The one `mapray: error:` line of a run that stopped with exit 2 before Ray started (log lines may come
+    before it), or what went wrong instead: every case's outcome shows in one comparison."""
+    errors = [line for line in stderr.splitlines() if line.startswith("mapray: error: ")]
+    tail = stderr.strip().splitlines()[-1:] or ["(no output)"]
+    if run.returncode == 2 and len(errors) == 1 and tail[0] == errors[0] and "Traceback" not in stderr and \
+            "Started a local Ray" not in stdout + stderr:
+        return errors[0].removeprefix("mapray: error: ")
+    return f"exit {run.returncode}, not one error line before Ray starts: ...{tail[0]}"
+
+
+@pytest.fixture(scope="module")
+def error_setup(s3, tmp_path_factory):
+    home = tmp_path_factory.mktemp("errors")
+    (home / "pairs.jsonl").write_bytes(b"\n".join(UF.read_bytes().splitlines()[:4]) + b"\n")
+    s3.fs.put(str(home / "pairs.jsonl"), f"{BUCKET}/errors/pairs.jsonl")
+    # nothing listens there: botocore gives up at once with one attempt (it retries for ~10 s by default)
+    unreachable = dict(s3.env, AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}", AWS_MAX_ATTEMPTS="1")
+    return home, unreachable
+
+
+def _cases(key: str, uri_of, s3_env: dict, unreachable: dict) -> dict:
+    """The same three problems for one config key: `uri_of(bucket)` is the URI it gets."""
+    return {f"{key} without s3fs": (s3_env, [f"{key}={uri_of(BUCKET)}"], True),
+            f"{key} in a missing bucket": (s3_env, [f"{key}={uri_of('no-such-bucket')}"], False),
+            f"{key} unreachable": (unreachable, [f"{key}={uri_of(BUCKET)}"], False)}
+
+
+def _expected(key: str, uri_of, unreachable: dict) -> dict:
+    host = unreachable["AWS_ENDPOINT_URL"]
+    return {f"{key} without s3fs": f"{key}: {uri_of(BUCKET)} needs the s3fs package, which is not installed "
+                                   "(pip install 'mapray[s3]')",
+            f"{key} in a missing bucket": f"{key}: bucket 'no-such-bucket' does not exist "
+                                          f"({uri_of('no-such-bucket')})",
+            f"{key} unreachable": f'{key}: cannot reach {uri_of(BUCKET)}: Could not connect to the endpoint URL: '
+                                  f'"{host}/{BUCKET}"'}
+
+
+def test_input_and_output_uris_mapray_cannot_use_stop_it_with_one_line(s3, tiny, error_setup):
+    home, unreachable = error_setup
+
+    def inputs(bucket):
+        return f"s3://{bucket}/errors/pairs.jsonl"
+
+    def output(bucket):
+        return f"s3://{bucket}/errors/out"
+
+    cases = {**_cases("input.uri", inputs, s3.env, unreachable), **_cases("output", output, s3.env, unreachable),
+             "input.uri on gs without gcsfs": (s3.env, ["input.uri=gs://bucket/pairs.jsonl"], True)}
+    lines = _error_runs(cases, home / "pairs.jsonl", tiny, home)
+    assert lines == {**_expected("input.uri", inputs, unreachable), **_expected("output", output, unreachable),
+                     "input.uri on gs without gcsfs": "input.uri: gs://bucket/pairs.jsonl needs the gcsfs package, "
+                                                      "which is not installed (pip install 'mapray[gcs]')"}
+    assert not s3.fs.exists("no-such-bucket")  # the output's write probe did not create it
+
+
+def test_model_and_cache_uris_mapray_cannot_use_stop_it_with_one_line(s3, tiny, error_setup):
+    home, unreachable = error_setup
+
+    def policy(bucket):
+        return f"s3://{bucket}/models/policy"
+
+    def cache(bucket):
+        return f"s3://{bucket}/cache"
+
+    cases = {**_cases("policy.path", policy, s3.env, unreachable), **_cases("cache", cache, s3.env, unreachable)}
+    lines = _error_runs(cases, home / "pairs.jsonl", tiny, home)
+    expected = {**_expected("policy.path", policy, unreachable), **_expected("cache", cache, unreachable)}
+    assert lines == expected
+
+
+def test_move_folder_moves_a_folder_ray_data_wrote_on_s3(s3):
+    """What publishing and the cache's generations do with Ray's output folders. pyarrow writes an empty marker
+    object for each folder it creates, and s3fs's own recursive `mv` fails on it (NoSuchKey)."""
+    from pyarrow import fs as pafs
+
+    from mapray.uris import move_folder
+
+    writer = pafs.S3FileSystem(endpoint_override=s3.url, access_key="testing", secret_key="testing",
+                               region="us-east-1")
+    src, dst = f"{BUCKET}/move/_staging/scored", f"{BUCKET}/move/scored"
+    writer.create_dir(f"{src}/part")
+    for name in ("a.parquet", "part/b.parquet"):
+        with writer.open_output_stream(f"{src}/{name}") as f:
+            f.write(name.encode())
+    assert f"{src}/" in s3.fs.find(f"{BUCKET}/move")  # the marker that broke `mv`
+    move_folder(s3.fs, src, dst)
+    left = sorted(k for k in s3.fs.find(f"{BUCKET}/move") if not k.endswith("/"))  # parents' markers stay
+    assert left == [f"{dst}/a.parquet", f"{dst}/part/b.parquet"] and not s3.fs.exists(src)
+    assert s3.fs.cat(f"{dst}/part/b.parquet") == b"part/b.parquet"
+
+
+def test_no_cached_listing_hides_another_writers_files(s3):
+    """Ray's workers write into the folders the driver lists. Importing mapray turns s3fs's listings cache off
+    (with it, `exists` answered False for a resumed run's own checkpoint files after `find` had listed them)."""
+    import fsspec
+
+    import mapray.uris  # noqa: F401  its import sets fsspec's defaults for object stores
+
+    fs = fsspec.filesystem("s3", endpoint_url=s3.url, key="testing", secret="testing", skip_instance_cache=True)
+    fs.pipe(f"{BUCKET}/listed/a", b"a")
+    assert fs.ls(f"{BUCKET}/listed") == [f"{BUCKET}/listed/a"]
+    s3.fs.pipe(f"{BUCKET}/listed/b", b"b")  # another writer
+    assert fs.exists(f"{BUCKET}/listed/b") and fs.cat(f"{BUCKET}/listed/b") == b"b"
