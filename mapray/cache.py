@@ -161,15 +161,6 @@ def _key_table(table: pa.Table, lookups, names: dict) -> pa.Table:
     return pa.table(out)
 
 
-def namespaces_under(cache_uri: str) -> list[Namespace]:
-    """Every namespace stored under `cache_uri` (checked before Ray starts: a wrong URI is one line)."""
-    fs, root = fsspec.core.url_to_fs(cache_uri)
-    if not fs.isdir(root):
-        raise ConfigError(f"cache: no cache at {cache_uri}")
-    folders = sorted(fs.glob(f"{root.rstrip('/')}/*/*/v{FORMAT}-*"))
-    return [Namespace("", cache_uri, *folder.rstrip("/").split("/")[-3:]) for folder in folders]
-
-
 def _first_per(table: pa.Table, column: str) -> pa.Table:
     """The first of the rows that share a value of `column`. After a join: a row repeated for each match, which
     all land in the same partition, hence the same block. In a generation: two rows of one run with the same
@@ -240,6 +231,15 @@ def compact(ns: Namespace) -> int:
     for g in old:
         fs.rm(fsspec.core.url_to_fs(g)[1], recursive=True)
     return len(old)
+
+
+def namespaces_under(cache_uri: str) -> list[Namespace]:
+    """Every namespace stored under `cache_uri` (checked before Ray starts: a wrong URI is one line)."""
+    fs, root = fsspec.core.url_to_fs(cache_uri)
+    if not fs.isdir(root):
+        raise ConfigError(f"cache: no cache at {cache_uri}")
+    folders = sorted(fs.glob(f"{root.rstrip('/')}/*/*/v{FORMAT}-*"))
+    return [Namespace("", cache_uri, *folder.rstrip("/").split("/")[-3:]) for folder in folders]
 
 
 def _write_renamed(ds, final: str) -> None:
