@@ -80,6 +80,10 @@ class Namespace:
         done = fs.glob(f"{path}/gen-*/{COMPLETE}")
         return sorted(fs.unstrip_protocol(p.rsplit("/", 1)[0]) for p in done)
 
+    def stored_files(self) -> list[str]:
+        """The Parquet files of every finished generation: what a lookup reads."""
+        return [f for g in self.generations() for f in _parquet_files(g)]
+
     def record_load(self) -> None:
         fs, path = fsspec.core.url_to_fs(f"{self.model_dir}/_loads")
         fs.makedirs(path, exist_ok=True)
@@ -131,26 +135,26 @@ def _key(*parts: str) -> str:
 
 # --- finding hits: Ray Data joins, before the model pass ---
 
-def attach_hits(rows, lookups: list[tuple[Namespace, str | None]], num_rows: int, schema: pa.Schema):
+def attach_hits(rows, lookups: list[tuple[Namespace, str | None, list[str]]], num_rows: int, schema: pa.Schema):
     """`rows` (of `schema`) with each namespace's cached values in its value column (null where there is none).
 
-    `lookups` pairs each namespace that has generations with its `pick` (see `row_keys`)."""
+    `lookups`: each namespace with stored values, its `pick` (see `row_keys`) and its `stored_files()`."""
     import ray.data
 
     partitions = max(1, -(-num_rows // ROWS_PER_JOIN_PARTITION))
-    key_columns = {ns.role: f"_m_cache_key_{ns.role}" for ns, _ in lookups}
-    narrow = rows.map_batches(partial(_key_table, lookups=lookups, names=key_columns), batch_format="pyarrow")
-    for ns, _ in lookups:
-        files = [f for g in ns.generations() for f in _parquet_files(g)]
+    key_columns = {ns.role: f"_m_cache_key_{ns.role}" for ns, _, _ in lookups}
+    picks = [(ns, pick) for ns, pick, _ in lookups]
+    narrow = rows.map_batches(partial(_key_table, lookups=picks, names=key_columns), batch_format="pyarrow")
+    for ns, _, files in lookups:
         cached = ray.data.read_parquet(files).rename_columns({"key": key_columns[ns.role],
                                                               "value": ns.value_column})
         narrow = narrow.join(cached, "left_outer", num_partitions=partitions, on=(key_columns[ns.role],))
         # a key stored twice (two runs that overlapped) would repeat the row: keep one
         narrow = narrow.map_batches(_first_per, fn_args=(C.ROW,), batch_format="pyarrow", batch_size=None)
-    values = narrow.select_columns([C.ROW] + [ns.value_column for ns, _ in lookups])
+    values = narrow.select_columns([C.ROW] + [ns.value_column for ns, _, _ in lookups])
     joined = rows.join(values, "left_outer", num_partitions=partitions, on=(C.ROW,))
     # the join reorders columns and widens strings to large_string: scored/ must not depend on a cache hit
-    target = pa.schema([*schema, *(pa.field(ns.value_column, pa.list_(pa.float64())) for ns, _ in lookups)])
+    target = pa.schema([*schema, *(pa.field(ns.value_column, pa.list_(pa.float64())) for ns, _, _ in lookups)])
     return joined.map_batches(lambda table: table.select(target.names).cast(target), batch_format="pyarrow")
 
 

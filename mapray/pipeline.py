@@ -140,8 +140,9 @@ def score_rows(p: Plan, ds, caches: dict):
 
 def score(cfg: RunConfig) -> dict:
     """Runs a full scoring job and returns its manifest. Rerunning the same command after a crash resumes it:
-    the staging folder is keyed by the config and the input files, the normalize pass is redone only if it did
-    not finish, and the scoring pass skips every row Ray Data's checkpoint says was already written."""
+    the staging folder is keyed by the config, the input files and the models' contents, the normalize pass is
+    redone only if it did not finish, and the scoring pass skips every row Ray Data's checkpoint says was already
+    written."""
     started = time.time()
     p = plan(cfg)
     init_ray(cfg.ray, [m for _, m in configured_models(cfg)])
@@ -170,12 +171,13 @@ def score(cfg: RunConfig) -> dict:
         layout.mark_done("rows")
     scored_at = time.time()
     timings["model_pass_s"] = scored_at - model_pass_at  # model stages + row metrics + staged write
-    for ns, _ in caches.values() if layout.has_parquet(layout.staged("rows")) else ():
-        write_generation(ray.data.read_parquet(layout.staged("rows")), ns, layout.run_id)  # one per namespace
+    rows = ray.data.read_parquet(layout.staged("rows"))
+    if caches and layout.has_parquet(layout.staged("rows")):
+        for ns, _ in caches.values():  # what this run computed: one generation per namespace
+            write_generation(rows, ns, layout.run_id)
     timings["cache_store_s"] = time.time() - scored_at
     scored_at = time.time()
-    counts, moments, chosen = finish(ray.data.read_parquet(layout.staged("rows")), layout, cfg.metric.alpha,
-                                     cfg.selection, trl=p.trl)
+    counts, moments, chosen = finish(rows, layout, cfg.metric.alpha, cfg.selection, trl=p.trl)
     timings.update(global_pass_s=time.time() - scored_at, total_s=time.time() - started)
     manifest = build_manifest(cfg, models, counts, moments, p.warnings,
                               {k: round(v, 3) for k, v in timings.items()}, layout.run_id, p.spec.format)
@@ -188,7 +190,8 @@ def score(cfg: RunConfig) -> dict:
 def look_up_cached(layout: OutputLayout, caches: dict) -> str:
     """The staged rows the model pass reads: the normalized rows, with their cached values attached when any
     namespace has stored some (a pass of its own: see `mapray.cache`)."""
-    lookups = [(ns, pick) for ns, pick in caches.values() if ns.generations()]
+    stored = {ns.role: ns.stored_files() for ns, _ in caches.values()}
+    lookups = [(ns, pick, stored[ns.role]) for ns, pick in caches.values() if stored[ns.role]]
     if not lookups:
         return layout.staged("normalized")
     if not layout.is_done("looked_up"):
