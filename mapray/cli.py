@@ -46,6 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     rescore.add_argument("--config", required=True, help="YAML run config with a cache URI")
     rescore.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
+    selfplay = verbs.add_parser("selfplay", help="sample N responses per prompt from the policy (vLLM), score "
+                                "them with the reward model, pair best and worst, select by MAP")
+    selfplay.add_argument("--config", required=True, help="YAML run config: input holds prompts (any format)")
+    selfplay.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
+    evolve = verbs.add_parser("evolve", help="rewrite the best prompts of a self-play output (Evol-Instruct) and "
+                              "run self-play on the rewrites: the next round")
+    evolve.add_argument("--from", dest="source", required=True, metavar="OUT",
+                        help="output URI of a finished `mapray selfplay` or `mapray evolve` (round k)")
+    evolve.add_argument("--config", required=True, help="YAML run config; its output is round k+1's")
+    evolve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
     select = verbs.add_parser("select", help="select again from an existing output, without running models")
     select.add_argument("--output", required=True, help="output URI of a finished `mapray score`")
     default = SelectionConfig()
@@ -125,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
             return _compact(args.cache)
         if args.verb == "select":
             output, manifest = args.output, _select(args)
+        elif args.verb in ("selfplay", "evolve"):
+            cfg = load_config(args.config, args.set, base=_SELFPLAY_INPUT if args.verb == "evolve" else None)
+            from mapray.selfplay import evolve, selfplay
+
+            output = cfg.output
+            manifest = selfplay(cfg) if args.verb == "selfplay" else evolve(cfg, args.source)
         else:
             cfg = _run_config(args)
             from mapray.pipeline import score
@@ -135,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(summary(manifest, output))
     return 0
+
+
+# evolve reads its prompts from the previous round: a config without input is complete for it
+_SELFPLAY_INPUT = {"input": {"uri": "(the previous round's output)"}}
 
 
 def _compact(cache_uri: str) -> int:
@@ -184,6 +206,11 @@ def summary(manifest: dict, output: str) -> str:
         f"  outputs: {output}/scored  {output}/selected  {output}/rejects  {output}/README.md  "
         f"{output}/manifest.json",
     ]
+    g = manifest.get("generation")
+    if g:
+        lines.insert(1, f"  generated: {g['samples']} samples ({g['generated_tokens']} tokens) for {g['prompts']} "
+                        f"prompts in {g['timings']['generation_s']:.1f} s ({g['sampled_this_attempt']} sampled by "
+                        f"this run), {output}/generated; round {manifest['lineage']['round']}")
     for reason, n in list(c.get("rejected_by_reason", {}).items())[:5]:
         lines.append(f"  rejected {n:>6}  {reason}")
     lines += [f"  warning: {w}" for w in manifest.get("warnings", [])]

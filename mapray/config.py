@@ -39,6 +39,9 @@ class ColumnNames:
     score_rejected: str = "score_rejected"
     responses: str = "all_generated_responses"  # N-candidates format
     scores: str = "all_rm_scores"
+    # a column whose non-null value sets its row aside with that value as the reason (stage "generate"):
+    # `mapray selfplay` scores its generated/ rows with error=generation_error
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,8 @@ class InputConfig:
     uri: str | list[str] = ""  # file, folder, glob or list of them; any fsspec/pyarrow URI
     # TRL's types (standard: strings, conversational: message lists; each with an explicit or implicit prompt),
     # Anthropic HH transcripts, N candidates per prompt; auto: told apart from the first rows (mapray/formats.py)
-    format: Literal["auto", "standard", "conversational", "transcript", "candidates"] = "auto"
+    # (prompts: a prompt column only, for `mapray selfplay`)
+    format: Literal["auto", "standard", "conversational", "transcript", "candidates", "prompts"] = "auto"
     file_format: Literal["auto", "parquet", "jsonl"] = "auto"  # auto: by file extension
     columns: ColumnNames = field(default_factory=ColumnNames)
     limit: int | None = None  # score only the first N input rows (demos, smoke runs)
@@ -133,6 +137,38 @@ class SelectionConfig:
 
 
 @dataclass(frozen=True)
+class GenerationConfig:
+    """Self-play sampling (`mapray selfplay`); the defaults are the reference code's (`gen_pair_data.py`)."""
+
+    n: int = 5  # samples per prompt
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_tokens: int = 4096  # per sample; a sample also stops where the generator's max_length ends
+    seed: int = 0  # with the prompt's id, the seed of each prompt's samples: a rerun samples the same
+    # take the policy's log-probs of the picked pair from the generation pass instead of a scoring pass: the
+    # reference code's implicit reward; off by default, see README "Self-play" for how far it is from the scoring
+    # pass's (TRL's) numbers
+    reuse_logps: bool = False
+    model: ModelConfig | None = None  # the generator; None: the policy's path, dtype and actors, on vLLM
+
+
+# The Evol-Instruct rewrites (mapray/generation/evolve.py holds their prompt templates)
+EvolveStrategy = Literal["breadth", "deepen", "constraints", "concretize", "reasoning"]
+
+
+@dataclass(frozen=True)
+class EvolveConfig:
+    """`mapray evolve`: which prompts of a finished self-play output are rewritten, and how."""
+
+    top_fraction: float = 0.25  # of the prompts, by their mean MAP (the reference code's)
+    strategies: list[EvolveStrategy] = field(
+        default_factory=lambda: ["breadth", "deepen", "constraints", "concretize", "reasoning"])
+    temperature: float = 0.8  # one rewrite per prompt and strategy
+    max_tokens: int = 1024
+    max_growth: float = 5.0  # a rewrite longer than this many times its original (characters) is set aside
+
+
+@dataclass(frozen=True)
 class RayConfig:
     address: str | None = None  # None: connect to RAY_ADDRESS if set, else start an embedded local Ray
     num_cpus: int | None = None  # embedded Ray only
@@ -152,6 +188,8 @@ class RunConfig:
     # scores reused across runs, keyed by model content hash and token ids (see mapray/cache.py); with it, a
     # rescoring run after a policy update reruns only the policy
     cache: str | None = None
+    generation: GenerationConfig | None = None  # `mapray selfplay` / `evolve`; None: GenerationConfig()'s defaults
+    evolve: EvolveConfig | None = None  # `mapray evolve`; None: EvolveConfig()'s defaults
 
 
 MAX_CONFIG_BYTES = 16 << 20  # a run config is a few KiB; anything this large is the wrong file
@@ -366,6 +404,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("reward.source=model needs reward.model.path")
     validate_selection(cfg.selection)
     _validate_counts(cfg)
+    _validate_generation(cfg.generation or GenerationConfig(), cfg.evolve or EvolveConfig())
     for name, model in configured_models(cfg):
         _validate_model(name, model)
     return cfg
@@ -402,6 +441,34 @@ def _validate_counts(cfg: RunConfig) -> None:
     for key, value in counts.items():
         if value is not None and value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+
+
+def _validate_generation(g: GenerationConfig, e: EvolveConfig) -> None:
+    if g.n < 2:  # a pair needs two samples
+        raise ConfigError(f"generation.n: must be >= 2, got {g.n}")
+    if g.temperature < 0 or e.temperature < 0:
+        key, value = ("generation", g.temperature) if g.temperature < 0 else ("evolve", e.temperature)
+        raise ConfigError(f"{key}.temperature: must be >= 0, got {value}")
+    if not 0 < g.top_p <= 1:
+        raise ConfigError(f"generation.top_p: must be in (0, 1], got {g.top_p}")
+    for key, value in (("generation.max_tokens", g.max_tokens), ("evolve.max_tokens", e.max_tokens)):
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if not 0 < e.top_fraction <= 1:
+        raise ConfigError(f"evolve.top_fraction: must be in (0, 1], got {e.top_fraction}")
+    if e.max_growth <= 0:
+        raise ConfigError(f"evolve.max_growth: must be > 0, got {e.max_growth}")
+    if not e.strategies or len(set(e.strategies)) < len(e.strategies):
+        raise ConfigError(f"evolve.strategies: must be a non-empty list without repeats, got {e.strategies}")
+    if g.model is not None:
+        _validate_model("generation.model", g.model)
+
+
+def generator_config(cfg: RunConfig) -> ModelConfig:
+    """The model that samples: `generation.model`, else the policy's checkpoint and settings on vLLM (the only
+    engine mapray samples with)."""
+    model = (cfg.generation.model if cfg.generation and cfg.generation.model else cfg.policy)
+    return dataclasses.replace(model, engine="vllm")
 
 
 def _validate_model(name: str, m: ModelConfig) -> None:

@@ -74,7 +74,9 @@ class Normalizer:
         if lines is not None:
             base = self._passthrough(records, reasons)
         ids = [p.pair_id if p is not None else _raw_id(rec, self.spec.columns.id) for p, rec in zip(pairs, records)]
-        out = _with_canonical(base, pairs, ids, reasons, records, sources)
+        stages = [None if r is None else "generate" if self._set_aside_before(rec) else "normalize"
+                  for rec, r in zip(records, reasons)]
+        out = _with_canonical(base, pairs, ids, reasons, stages, records, sources)
         if lines is not None:  # a JSONL reject keeps its line as it was, escapes and all
             out = C.set_column(out, C.RAW, [None if r is None else raw_json(line) for line, r in zip(lines, reasons)],
                                pa.string())
@@ -93,7 +95,16 @@ class Normalizer:
         except Exception as e:  # a format reader's bug must cost its row, not the run; the reason says so
             return None, f"internal error reading this row ({type(e).__name__}: {str(e)[:200]}); please report it"
 
+    def _set_aside_before(self, rec) -> str | None:
+        """The reason an earlier step (self-play generation) recorded in the row's `columns.error` column."""
+        name = self.spec.columns.error
+        value = rec.get(name) if name is not None and isinstance(rec, dict) else None
+        return None if value is None else str(value)
+
     def _normalize(self, rec: dict) -> Pair:
+        earlier = self._set_aside_before(rec)
+        if earlier is not None:
+            raise RejectRow(earlier)
         pair = normalize_record(rec, self.spec.format, self.spec.columns)
         size = pair.text_size()
         if size > self.spec.max_row_chars:
@@ -140,7 +151,7 @@ def _raw_id(rec, id_column: str | None) -> str | None:
     return escape_surrogates(str(rec[id_column]))
 
 
-def _with_canonical(base: pa.Table, pairs: list, ids: list, reasons: list, records: list,
+def _with_canonical(base: pa.Table, pairs: list, ids: list, reasons: list, stages: list, records: list,
                     sources: list) -> pa.Table:
     good = [r is None for r in reasons]
 
@@ -157,7 +168,7 @@ def _with_canonical(base: pa.Table, pairs: list, ids: list, reasons: list, recor
         C.SCORE_CHOSEN: col(lambda p: p.score_chosen),
         C.SCORE_REJECTED: col(lambda p: p.score_rejected),
         C.REJECT: reasons,
-        C.REJECT_STAGE: ["normalize" if r is not None else None for r in reasons],
+        C.REJECT_STAGE: stages,
         C.RAW: [None if ok else raw_json(rec) for rec, ok in zip(records, good)],
         C.SOURCE: sources,
         C.ROW: [uuid.uuid4().hex for _ in records],

@@ -127,7 +127,8 @@ class TrlColumns:
     """How a run writes TRL's `prompt`, `chosen`, `rejected` (the pair it scored, explicit prompt) into scored/.
 
     An input column of one of those names whose values are not already that (an implicit prompt inside chosen, an
-    HH transcript, UltraFeedback's full conversations, a candidates row's prompt string) is kept, renamed
+    HH transcript, UltraFeedback's full conversations, a candidates row's prompt string; a candidates row's
+    message-list prompt is TRL's already) is kept, renamed
     `original_<name>`; where the input already is TRL's explicit-prompt form, its columns are the ones written."""
 
     conversational: bool
@@ -137,7 +138,7 @@ class TrlColumns:
     @classmethod
     def of(cls, fmt: str, cols: ColumnNames, sample: dict) -> TrlColumns:
         explicit = (fmt == "standard" and isinstance(sample.get(cols.prompt), str)) or (
-            fmt == "conversational" and isinstance(sample.get(cols.prompt), list))
+            fmt in ("conversational", "candidates") and isinstance(sample.get(cols.prompt), list))
         own_names = (cols.prompt, cols.chosen, cols.rejected)
         kept_as_is = explicit and own_names == C.TRL_COLUMNS
         originals = () if kept_as_is else tuple(n for n in C.TRL_COLUMNS if n in sample)

@@ -28,7 +28,7 @@ from mapray.normalize import Normalizer, NormalizeSpec, infer_passthrough_schema
 from mapray.outputs import OutputLayout, TrlColumns, read_manifest, reject_rows, scored_rows
 from mapray.preflight import check_models
 from mapray.runtime import LIGHT_TASK_CPUS, checkpointed, checkpointed_rows, init_ray, map_stage, watched
-from mapray.stages import LogprobStage, RewardStage, add_row_metrics
+from mapray.stages import LogprobStage, RewardStage, add_row_metrics, policy_from_generation
 from mapray.uris import absolute, reachable
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,9 @@ def plan(cfg: RunConfig) -> Plan:
         reachable(cfg.cache, "cache")
     sample = sample_records(files, cfg.input.schema_sample_rows)
     fmt = cfg.input.format
+    if fmt == "prompts":
+        raise ConfigError("input.format: prompts are sampled from by `mapray selfplay`; `mapray score` needs pairs "
+                          "or candidates")
     if fmt == "auto":
         if not sample:
             raise ConfigError(f"input.format: no parseable row in {files.uris[0]} to detect the format from")
@@ -64,6 +67,9 @@ def plan(cfg: RunConfig) -> Plan:
         except RejectRow as e:
             raise ConfigError(f"input.format: {e}") from None
         log.info("input format detected: %s", fmt)
+    if reuses_generation_logps(cfg) and (fmt != "candidates" or "generation_logps" not in (sample or [{}])[0]):
+        raise ConfigError("generation.reuse_logps: the input has no generation_logps (only `mapray selfplay`'s "
+                          "generated/ rows have them)")
     # before Ray starts: standard rows are plain text (TRL's tokenization), the other formats go through a template
     check_models(cfg, needs_chat_template=fmt != "standard")
     models = identify_models(cfg)  # remembered: a rerun with unchanged checkpoints reads no weights
@@ -113,11 +119,17 @@ def cache_namespaces(cfg: RunConfig, models: dict) -> dict[str, tuple[Namespace,
         out["reward"] = (namespace(uri, "reward", RewardStage.KIND, cfg.reward.model,
                                    models["reward.model"]["sha256"]), None)
     pick = out["reward"][0].id if "reward" in out else None  # a reward model picks candidates rows' pairs
-    out["policy"] = (namespace(uri, "policy", LogprobStage.KIND, cfg.policy, models["policy"]["sha256"]), pick)
+    if not reuses_generation_logps(cfg):
+        out["policy"] = (namespace(uri, "policy", LogprobStage.KIND, cfg.policy, models["policy"]["sha256"]), pick)
     if cfg.metric.needs_reference_model:
         out["reference"] = (namespace(uri, "reference", LogprobStage.KIND, cfg.reference,
                                       models["reference"]["sha256"]), pick)
     return out
+
+
+def reuses_generation_logps(cfg: RunConfig) -> bool:
+    """Self-play with `generation.reuse_logps`: the policy's log-probs come with the samples, no policy pass."""
+    return cfg.generation is not None and cfg.generation.reuse_logps
 
 
 def score_rows(p: Plan, ds, caches: dict):
@@ -130,7 +142,10 @@ def score_rows(p: Plan, ds, caches: dict):
 
     if cfg.reward.source == "model":
         ds = map_stage(ds, RewardStage, cfg.reward.model, **cache("reward"))
-    ds = map_stage(ds, LogprobStage, cfg.policy, role="policy", **cache("policy"))
+    if reuses_generation_logps(cfg):
+        ds = ds.map_batches(policy_from_generation, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
+    else:
+        ds = map_stage(ds, LogprobStage, cfg.policy, role="policy", **cache("policy"))
     if cfg.metric.needs_reference_model:
         ds = map_stage(ds, LogprobStage, cfg.reference, role="reference", **cache("reference"))
     return ds.map_batches(add_row_metrics, fn_kwargs={"metric": cfg.metric,
@@ -138,11 +153,11 @@ def score_rows(p: Plan, ds, caches: dict):
                           batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
 
 
-def score(cfg: RunConfig) -> dict:
-    """Runs a full scoring job and returns its manifest. Rerunning the same command after a crash resumes it:
-    the staging folder is keyed by the config, the input files and the models' contents, the normalize pass is
-    redone only if it did not finish, and the scoring pass skips every row Ray Data's checkpoint says was already
-    written."""
+def score(cfg: RunConfig, extra: dict | None = None) -> dict:
+    """Runs a full scoring job and returns its manifest (with `extra`'s keys added: what a calling loop such as
+    self-play records). Rerunning the same command after a crash resumes it: the staging folder is keyed by the
+    config, the input files and the models' contents, the normalize pass is redone only if it did not finish, and
+    the scoring pass skips every row Ray Data's checkpoint says was already written."""
     started = time.time()
     p = plan(cfg)
     init_ray(cfg.ray, [m for _, m in configured_models(cfg)])
@@ -183,6 +198,7 @@ def score(cfg: RunConfig) -> dict:
                               {k: round(v, 3) for k, v in timings.items()}, layout.run_id, p.spec.format)
     manifest["resumed"], manifest["selection"] = resumed, chosen
     manifest["counts"]["scored_this_attempt"] = checkpointed_rows(layout.staged("checkpoint")) - done_before
+    manifest.update(extra or {})
     layout.publish(manifest)
     return manifest
 

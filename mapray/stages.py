@@ -195,6 +195,31 @@ class RewardStage(_ModelStage):
         return C.mark_rejected(table, reasons, "reward")
 
 
+def policy_from_generation(table: pa.Table) -> pa.Table:
+    """The policy columns from self-play's generation pass (`generation.reuse_logps`), in place of a scoring pass:
+    the picked pair's raw log-prob sums and token counts as vLLM returned them with the samples (the reference
+    code's implicit reward). A sample that ran out of max_tokens counts as truncated. These are the log-probs of
+    the sampled tokens, without the chat template's end-of-turn that TRL's tokenization adds (README "Self-play").
+
+    In: `_m_candidates`, `_m_candidate_rewards` (the reward stage's), `generation_logps`, `generation_tokens`,
+    `finish_reasons`. Out: the policy columns of `LogprobStage`."""
+    C.require(table, [C.CANDIDATES, C.CANDIDATE_REWARDS, C.REJECT, "generation_logps", "generation_tokens",
+                      "finish_reasons"], "policy log-probs from the generation")
+    candidates, rewards = table.column(C.CANDIDATES).to_pylist(), table.column(C.CANDIDATE_REWARDS).to_pylist()
+    logps, tokens, finish = (table.column(c).to_pylist() for c in ("generation_logps", "generation_tokens",
+                                                                    "finish_reasons"))
+    values = {name: [None] * table.num_rows for name in LogprobStage.VALUE}
+    for i in C.good_rows(table):
+        picked = pick_pair(json.loads(candidates[i]), rewards[i])
+        for side, k in zip(("chosen", "rejected"), picked):
+            values[f"{side}_logps"][i] = logps[i][k]
+            values[f"{side}_tokens"][i] = tokens[i][k]
+            values[f"{side}_truncated"][i] = finish[i][k] == "length"
+    for name, column in values.items():
+        table = C.set_column(table, name, column, C.SCORED[name])
+    return table
+
+
 def add_row_metrics(table: pa.Table, metric: MetricConfig, rewards_from_columns: bool) -> pa.Table:
     """Per-row margins and implicit rewards. The MAP forms are not computed here: they depend on alpha, which
     reaches them only in the global pass (selection.add_scores), so a reselection with another alpha is right."""

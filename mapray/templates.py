@@ -61,6 +61,10 @@ class PairEncoder:
                                   for ids in full)
         return EncodedPair(c, r, c_cut, r_cut)
 
+    def encode_prompt(self, prompt: str | Messages) -> list[int]:
+        """The ids a model continues from, as `encode_pair` tokenizes the prompt (self-play samples from them)."""
+        return self._ids(prompt, generation_prompt=True)
+
     def encode_full(self, prompt: str | Messages, completion: str | Messages) -> tuple[list[int], bool]:
         """One whole sequence (prompt + completion) for a reward model, as TRL's RewardTrainer builds it, cut to
         max_length from the end; with its truncation flag."""

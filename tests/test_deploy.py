@@ -67,6 +67,8 @@ def test_configs_are_valid_mapray_configs():
     cfg = load_config(None, base=run)
     assert cfg.policy.engine == "vllm" and cfg.metric.implicit == "dpo" and cfg.cache is not None
     assert load_config(str(DEPLOY / "cluster.yaml")).policy.device == "cuda"
+    selfplay = load_config(str(DEPLOY / "selfplay.yaml"))
+    assert selfplay.generation.model.engine == "vllm" and selfplay.generation.model.path == selfplay.policy.path
 
 
 def test_rayjob_entrypoint_matches_the_cli_and_the_mounted_config():

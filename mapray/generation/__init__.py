@@ -1,0 +1,1 @@
+"""Self-play generation: prompts, the vLLM sampler, the Ray Data stage, the Evol-Instruct rewrites."""

@@ -1,0 +1,112 @@
+"""Self-play prompts: any input mapray reads -> one prompt per row as chat messages, with its id and its seed.
+
+A `prompt` column holding text becomes one user turn (an instruct policy samples through its chat template, as
+the reference code does), a message list is taken as it is; rows without a prompt column (HH transcripts, TRL's
+implicit-prompt pairs) give the prompt their pair would have (`mapray.formats`). A prompts-only file (a prompt
+column and nothing a pair format needs) is format `prompts`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+
+import pyarrow as pa
+
+from mapray import columns as C
+from mapray.config import ColumnNames, ConfigError
+from mapray.formats import Messages, RejectRow, _check_prompt, _messages, detect_format, normalize_record
+from mapray.inputs import LINE, parse_line, table_rows
+from mapray.normalize import raw_json
+from mapray.own_columns import unstorable
+
+# columns of a prompts file that mapray's own evolve step writes, carried into generated/ and scored/
+LINEAGE = {"evolved_from": pa.string(), "evolve_strategy": pa.string(), "evolve_round": pa.int64()}
+SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", C.MESSAGES), ("generation_error", pa.string()),
+                    ("source", pa.string()), ("input_raw", pa.string()), *LINEAGE.items(), (C.ROW, pa.string())])
+
+
+def prompt_format(fmt: str, sample: list[dict], cols: ColumnNames) -> str:
+    """The configured format, or the one the first row shows: `prompts` when it has a prompt and no responses."""
+    if fmt != "auto":
+        return fmt
+    if not sample:
+        raise ConfigError("input.format: no parseable row to detect the format from")
+    first = sample[0]
+    if cols.prompt in first and not {cols.chosen, cols.rejected, cols.responses} & set(first):
+        return "prompts"
+    try:
+        return detect_format(first, cols)
+    except RejectRow as e:
+        raise ConfigError(f"input.format: {e}") from None
+
+
+def prompt_messages(rec: dict, fmt: str, cols: ColumnNames) -> Messages:
+    value = rec.get(cols.prompt)
+    if isinstance(value, str):
+        if not value.strip():
+            raise RejectRow("empty prompt")
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list):
+        messages = _messages(rec, cols.prompt)
+        _check_prompt(messages)
+        return messages
+    if fmt == "prompts" or value is not None:
+        raise RejectRow(f"field '{cols.prompt}' must be a string or a list of messages, got "
+                        f"{type(value).__name__ if cols.prompt in rec else 'nothing'}")
+    prompt = normalize_record(rec, fmt, cols).prompt  # an implicit prompt: the one the row's pair has
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def prompt_id(rec: dict, messages: Messages, cols: ColumnNames) -> str:
+    if cols.id is not None and isinstance(rec.get(cols.id), (str, int)) and not isinstance(rec[cols.id], bool):
+        return str(rec[cols.id])
+    encoded = json.dumps(messages, ensure_ascii=False).encode("utf-8", errors="surrogatepass")
+    return hashlib.sha256(encoded).hexdigest()[:24]
+
+
+def prompt_seed(seed: int, pid: str) -> int:
+    """The seed of one prompt's samples: a function of the run's seed and the prompt alone."""
+    digest = hashlib.blake2b(f"{seed}\x00{pid}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") & 0x7FFFFFFF
+
+
+class PromptReader:
+    """Ray Data map_batches function: input rows (Parquet columns, or JSONL lines) -> `SCHEMA` rows, one per
+    input row; a row without a usable prompt keeps its reason in `generation_error` and its raw content."""
+
+    def __init__(self, fmt: str, cols: ColumnNames):
+        self.fmt, self.cols = fmt, cols
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        if LINE in table.column_names:
+            parsed = [parse_line(raw) for raw in table.column(LINE).to_pylist()]
+            records, reasons = [p[0] for p in parsed], [p[1] for p in parsed]
+            reasons = [r or (unstorable(rec, raw) if isinstance(rec, dict) else None)
+                       for rec, r, raw in zip(records, reasons, table.column(LINE).to_pylist())]
+            sources = table.column(C.SOURCE).to_pylist()
+        else:
+            records, reasons = table_rows(table)
+            sources = [None] * len(records)
+        rows = [self._row(rec, reason, source) for rec, reason, source in zip(records, reasons, sources)]
+        return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+    def _row(self, rec, reason: str | None, source: str | None) -> dict:
+        row = {"source": source, C.ROW: uuid.uuid4().hex}
+        if reason is not None:
+            return row | {"generation_error": f"prompt: {reason}", "input_raw": raw_json(rec)}
+        row |= {k: v for k, v in rec.items() if k in LINEAGE and _fits(v, LINEAGE[k])}
+        earlier = rec.get(self.cols.error) if self.cols.error else None
+        if earlier is not None:  # set aside by the step that wrote this file (evolve), with its reason
+            return row | {"generation_error": str(earlier), "input_raw": raw_json(rec)}
+        try:
+            messages = prompt_messages(rec, self.fmt, self.cols)
+        except RejectRow as e:
+            return row | {"generation_error": f"prompt: {e}", "input_raw": raw_json(rec)}
+        return row | {"prompt_id": prompt_id(rec, messages, self.cols), "prompt": messages}
+
+
+def _fits(value, type_: pa.DataType) -> bool:
+    """A lineage value of the column's type (only evolve writes them; anything else is not carried)."""
+    return isinstance(value, str) if type_ == pa.string() else isinstance(value, int) and not isinstance(value, bool)

