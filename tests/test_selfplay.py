@@ -130,6 +130,16 @@ def test_rewrites_are_set_aside_when_empty_too_long_or_beyond_the_reward_models_
     assert E.last_user_text([{"role": "system", "content": "s"}, *USER]) == "Name a prime."
 
 
+def test_the_shipped_configs_load_and_ask_for_a_reward_model():
+    from importlib import resources
+
+    shipped = str(resources.files("mapray") / "configs" / "selfplay.yaml")
+    with pytest.raises(ConfigError, match="reward.source=model needs reward.model.path"):
+        load_config(shipped)
+    cfg = load_config(shipped, ["reward.model.path=/ckpt/rm"])
+    assert (cfg.generation.n, cfg.generation.temperature, cfg.generation.top_p, cfg.metric.alpha) == (5, 0.8, 0.95, 2.5)
+
+
 @pytest.mark.parametrize("setting, message", [
     ("generation.n=1", "generation.n: must be >= 2, got 1"),
     ("generation.top_p=0", "generation.top_p: must be in (0, 1], got 0"),
