@@ -176,8 +176,7 @@ def split_transcript(text: str) -> tuple[Messages, str]:
 
 def _from_candidates(rec: dict, cols: ColumnNames) -> Pair:
     if isinstance(rec.get(cols.prompt), list):
-        prompt = _messages(rec, cols.prompt)
-        _check_prompt(prompt)
+        prompt = message_prompt(rec, cols.prompt)
     else:
         prompt = [{"role": "user", "content": _string(rec, cols.prompt, "prompt")}]
     responses = rec.get(cols.responses)
@@ -260,6 +259,13 @@ def _messages(rec: dict, name: str) -> Messages:
             raise RejectRow(f"{name}[{i}] content is not a string")
         out.append({"role": m["role"], "content": m["content"]})
     return out
+
+
+def message_prompt(rec: dict, name: str) -> Messages:
+    """A prompt field holding messages: well-formed turns, not ending with an assistant turn, not empty."""
+    prompt = _messages(rec, name)
+    _check_prompt(prompt)
+    return prompt
 
 
 def _check_prompt(messages: Messages) -> None:

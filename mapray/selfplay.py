@@ -308,9 +308,9 @@ class RewriteFilter:
                         ("evolve_error", pa.string()), ("rewrite_raw", pa.string())])
 
     def __init__(self, reward, settings: EvolveConfig):
-        from mapray.stages import _load_encoder
+        from mapray.stages import load_encoder
 
-        self.encoder, _ = _load_encoder(reward)  # the rewrite must fit the context of the model that scores it
+        self.encoder, _ = load_encoder(reward)  # the rewrite must fit the context of the model that scores it
         self.context, self.settings = reward.max_length, settings
 
     def __call__(self, table: pa.Table) -> pa.Table:

@@ -23,7 +23,7 @@ from mapray.formats import RejectRow, assistant, distinct_candidates, pick_pair
 log = logging.getLogger(__name__)
 
 
-def _load_encoder(cfg: ModelConfig):
+def load_encoder(cfg: ModelConfig):
     """Resolves the model's files on this node and builds its tokenizer + chat-template encoder."""
     from transformers import AutoTokenizer
 
@@ -49,7 +49,7 @@ class _ModelStage:
     def __init__(self, cfg: ModelConfig, cache: Namespace | None = None, pick: str | None = None):
         self.cfg = cfg
         self.cache, self.pick = cache, pick
-        self.encoder, self.local = _load_encoder(cfg)
+        self.encoder, self.local = load_encoder(cfg)
         self._engine = None
         if cache is None:
             _ = self.engine  # no cache: load at actor start, so a model that cannot load fails the job early

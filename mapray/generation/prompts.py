@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from mapray import columns as C
 from mapray.config import ColumnNames, ConfigError
-from mapray.formats import Messages, RejectRow, _check_prompt, _messages, detect_format, normalize_record
+from mapray.formats import Messages, RejectRow, detect_format, message_prompt, normalize_record
 from mapray.inputs import LINE, parse_line, table_rows
 from mapray.normalize import raw_json
 from mapray.own_columns import unstorable
@@ -49,9 +49,7 @@ def prompt_messages(rec: dict, fmt: str, cols: ColumnNames) -> Messages:
             raise RejectRow("empty prompt")
         return [{"role": "user", "content": value}]
     if isinstance(value, list):
-        messages = _messages(rec, cols.prompt)
-        _check_prompt(messages)
-        return messages
+        return message_prompt(rec, cols.prompt)
     if fmt == "prompts" or value is not None:
         raise RejectRow(f"field '{cols.prompt}' must be a string or a list of messages, got "
                         f"{type(value).__name__ if cols.prompt in rec else 'nothing'}")

@@ -25,9 +25,9 @@ class GenerateStage:
 
     def __init__(self, cfg: ModelConfig, sampling: GenerationConfig, n: int | None = None):
         from mapray.generation.engine import VllmGenerator
-        from mapray.stages import _load_encoder
+        from mapray.stages import load_encoder
 
-        self.encoder, local = _load_encoder(cfg)
+        self.encoder, local = load_encoder(cfg)
         self.generator = VllmGenerator(cfg, local)
         self.sampling, self.n = sampling, n or sampling.n
         self.max_length = cfg.max_length
