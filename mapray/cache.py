@@ -226,7 +226,10 @@ def compact(ns: Namespace) -> int:
     old = ns.generations()
     if len(old) < 2:
         return 0
-    ds = ray.data.read_parquet([f for g in old for f in _parquet_files(g)])
+    from mapray.runtime import hash_shuffled
+
+    with hash_shuffled():  # the merge repartitions by key
+        ds = ray.data.read_parquet([f for g in old for f in _parquet_files(g)])
     partitions = max(1, -(-ds.count() // ROWS_PER_JOIN_PARTITION))
     merged = ds.repartition(partitions, keys=["key"]).map_batches(_first_per, fn_args=("key",),
                                                                     batch_format="pyarrow", batch_size=None)

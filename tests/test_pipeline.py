@@ -14,52 +14,11 @@ from mapray.formats import assistant, normalize_record
 from mapray.pipeline import reselect, score
 from mapray.scoring.torch_engine import TorchLogprobEngine, TorchRewardEngine
 from mapray.templates import PairEncoder
-from tests.conftest import HH, UF
-
-N_GOOD = 30
-BAD_LINES = [
-    b'{"prompt_id": "bad-json", "prompt": ',
-    json.dumps({"prompt_id": "empty", "prompt": "q", "chosen": [{"role": "user", "content": "q"},
-               {"role": "assistant", "content": "  "}], "rejected": [{"role": "user", "content": "q"},
-               {"role": "assistant", "content": "b"}], "score_chosen": 1.0, "score_rejected": 2.0}).encode(),
-    json.dumps({"prompt_id": "nan", "prompt": "q", "chosen": [{"role": "user", "content": "q"},
-               {"role": "assistant", "content": "a"}], "rejected": [{"role": "user", "content": "q"},
-               {"role": "assistant", "content": "b"}], "score_chosen": float("nan"), "score_rejected": 2.0}).encode(),
-]
-
-
-def _model(path, **kw):
-    # keep_end: with keep_start (TRL's default) the tiny tokenizer's long prompts would fill max_length 192 alone
-    # in most rows (17 of the 30 UF rows), and such pairs are set aside
-    return {"path": path, "max_length": 192, "truncation_mode": "keep_end", "token_budget": 2048, "batch_size": 8,
-            "cpus_per_actor": 0.5, **kw}
-
-
-def _uf_input(tmp_path):
-    lines = UF.read_bytes().splitlines()[:N_GOOD]
-    path = tmp_path / "uf.jsonl"
-    path.write_bytes(b"\n".join(lines[:10] + BAD_LINES + lines[10:]) + b"\n")
-    return path, [json.loads(x) for x in lines]
-
-
-@pytest.fixture(scope="module")
-def dpo_run(tmp_path_factory, tiny, local_ray):
-    tmp = tmp_path_factory.mktemp("dpo")
-    path, records = _uf_input(tmp)
-    cfg = load_config(None, base={
-        "input": {"uri": str(path), "columns": {"id": "prompt_id"}},
-        "output": str(tmp / "out"),
-        "policy": _model(tiny["policy"]), "reference": _model(tiny["reference"]),
-        "reward": {"source": "model", "model": _model(tiny["reward"])},
-        "metric": {"implicit": "dpo", "beta": 0.1, "alpha": 2.5},
-        "selection": {"metric": "map_z", "ratio": 0.4},
-    })
-    manifest = score(cfg)
-    return cfg, manifest, records, tmp / "out"
+from tests.conftest import HH, N_GOOD, model_config
 
 
 def test_outputs_schema_and_counts(dpo_run):
-    cfg, manifest, records, out = dpo_run
+    manifest, records, out = dpo_run.manifest, dpo_run.records, dpo_run.out
     scored = pq.read_table(out / "scored")
     # TRL's columns (the scored pair, explicit prompt, conversational) first; UF's own prompt string and full
     # conversations are kept under original_*
@@ -96,7 +55,7 @@ def test_outputs_schema_and_counts(dpo_run):
 
 
 def test_values_match_a_direct_computation(dpo_run, tiny):
-    cfg, manifest, records, out = dpo_run
+    records, out = dpo_run.records, dpo_run.out
     rows = {r["pair_id"]: r for r in pq.read_table(out / "scored").to_pylist()}
     encoders, engines = {}, {}
     for role in ("policy", "reference", "reward"):
@@ -128,7 +87,7 @@ def test_values_match_a_direct_computation(dpo_run, tiny):
 
 
 def test_map_z_and_selection_equal_a_direct_top_k(dpo_run):
-    _, manifest, _, out = dpo_run
+    manifest, out = dpo_run.manifest, dpo_run.out
     t = pq.read_table(out / "scored")
     m_ex, m_im = t.column("explicit_margin").to_numpy(), t.column("implicit_margin").to_numpy()
     z = (m_ex - m_ex.mean()) / m_ex.std() - 2.5 * (np.abs(m_im) - np.abs(m_im).mean()) / np.abs(m_im).std()
@@ -139,8 +98,11 @@ def test_map_z_and_selection_equal_a_direct_top_k(dpo_run):
     assert manifest["pool_moments"]["explicit_margin"]["std"] == pytest.approx(m_ex.std())
 
 
-def test_reselect_by_another_metric_without_models(dpo_run):
-    _, manifest, _, out = dpo_run
+def test_reselect_by_another_metric_without_models(dpo_run, tmp_path):
+    import shutil
+
+    manifest, out = dpo_run.manifest, tmp_path / "out"
+    shutil.copytree(dpo_run.out, out)  # the session's run stays as it is for the other tests
     again = reselect(str(out), load_config(None, base={"input": {"uri": "x"}, "output": "x", "policy": {
         "path": "x"}, "selection": {"metric": "explicit_margin", "top_k": 5}}, ).selection)
     t = pq.read_table(out / "scored")
@@ -160,7 +122,7 @@ def test_reselect_with_a_new_alpha_recomputes_every_map_form(dpo_run, tmp_path, 
     import shutil
 
     out = tmp_path / "out"
-    shutil.copytree(dpo_run[3], out)  # the module's run stays as it is for the other tests
+    shutil.copytree(dpo_run.out, out)  # the session's run stays as it is for the other tests
     manifest = reselect(str(out), load_config(None, base={"input": {"uri": "x"}, "output": "x", "policy": {
         "path": "x"}, "selection": {"metric": metric, rule: value}}).selection, alpha=0.7)
     t = pq.read_table(out / "scored")
@@ -189,8 +151,8 @@ def test_candidates_without_scores_are_picked_by_the_reward_model(tmp_path, tiny
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "cands.parquet")
     cfg = load_config(None, base={
         "input": {"uri": f"file://{tmp_path}/cands.parquet", "columns": {"id": "uid"}},
-        "output": str(tmp_path / "out"), "policy": _model(tiny["policy"]),
-        "reward": {"source": "model", "model": _model(tiny["reward"])}, "selection": {"top_k": 2},
+        "output": str(tmp_path / "out"), "policy": model_config(tiny["policy"]),
+        "reward": {"source": "model", "model": model_config(tiny["reward"])}, "selection": {"top_k": 2},
     })
     manifest = score(cfg)
     assert manifest["counts"]["scored"] == 6 and manifest["counts"]["rejected"] == 1
@@ -211,17 +173,29 @@ def test_candidates_without_scores_are_picked_by_the_reward_model(tmp_path, tiny
     assert sum(r["selected"] for r in scored.values()) == 2
 
 
-def test_hh_transcripts_with_real_defects(tmp_path, tiny, local_ray):
+@pytest.fixture(scope="module")
+def hh_run(tmp_path_factory, tiny, local_ray) -> tuple:
+    """Anthropic HH transcripts scored from a working directory, with relative input, output and cache paths
+    (`mapray demo` writes to out/demo). Returns that directory and the manifest."""
+    home = tmp_path_factory.mktemp("hh")
     lines = HH.read_bytes().splitlines()[80:100]  # holds the file's empty-response row
-    (tmp_path / "hh.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (home / "hh").mkdir()
+    (home / "hh" / "hh.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     cfg = load_config(None, base={
-        "input": {"uri": str(tmp_path)}, "output": str(tmp_path / "out"), "policy": _model(tiny["policy"]),
-        "reward": {"source": "model", "model": _model(tiny["reward"])},
+        "input": {"uri": "hh"}, "output": "out/rel", "cache": "cache", "policy": model_config(tiny["policy"]),
+        "reward": {"source": "model", "model": model_config(tiny["reward"])},
     })
-    manifest = score(cfg)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(home)
+        manifest = score(cfg)
+    return home, manifest
+
+
+def test_hh_transcripts_with_real_defects(hh_run):
+    home, manifest = hh_run
     assert manifest["counts"]["input"] == 20 and manifest["counts"]["rejected"] == 1
     assert manifest["counts"]["rejected_by_reason"] == {"empty chosen response": 1}
-    scored = pq.read_table(tmp_path / "out" / "scored")
+    scored = pq.read_table(home / "out" / "rel" / "scored")
     assert scored.num_rows == 19 and scored.column("ref_chosen_logps").null_count == 19
     # simpo: beta / |y| * logp with the default beta 2.0
     r = scored.slice(0, 1).to_pylist()[0]
@@ -278,20 +252,16 @@ def test_tensor_parallel_actors_get_a_placement_group_of_gpu_bundles(local_ray):
     remove_placement_group(strategy.placement_group)  # a CPU machine never schedules it
 
 
-def test_relative_output_and_cache_paths_resolve_against_the_working_directory(tmp_path, tiny, local_ray,
-                                                                                monkeypatch):
-    # `mapray demo` writes to out/demo: Ray Data's checkpoint refuses relative paths, so they are resolved first
+def test_relative_output_and_cache_paths_resolve_against_the_working_directory(hh_run, monkeypatch):
+    # Ray Data's checkpoint refuses relative paths, so they are resolved first
     from mapray.uris import absolute
 
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "uf.jsonl").write_bytes(b"\n".join(UF.read_bytes().splitlines()[:6]) + b"\n")
-    cfg = load_config(None, base={"input": {"uri": "uf.jsonl", "format": "conversational"}, "output": "out/rel",
-                                  "cache": "cache", "policy": _model(tiny["policy"])})
-    manifest = score(cfg)
-    assert manifest["counts"]["input"] == 6
-    assert (tmp_path / "out" / "rel" / "manifest.json").exists()
-    assert pq.read_table(tmp_path / "out" / "rel" / "scored").num_rows == manifest["counts"]["scored"] > 0
-    assert list((tmp_path / "cache").glob("logprobs-float32/*/v*/gen-*/*.parquet"))  # the run stored here
-    assert absolute("out/rel") == str(tmp_path / "out" / "rel")
-    assert absolute("file://out/x") == str(tmp_path / "out" / "x")
+    home, manifest = hh_run
+    assert manifest["counts"]["input"] == 20
+    assert (home / "out" / "rel" / "manifest.json").exists()
+    assert pq.read_table(home / "out" / "rel" / "scored").num_rows == manifest["counts"]["scored"] > 0
+    assert list((home / "cache").glob("logprobs-float32/*/v*/gen-*/*.parquet"))  # the run stored here
+    monkeypatch.chdir(home)
+    assert absolute("out/rel") == str(home / "out" / "rel")
+    assert absolute("file://out/x") == str(home / "out" / "x")
     assert absolute("s3://bucket/out") == "s3://bucket/out"

@@ -253,7 +253,8 @@ def test_coarse_bins_give_the_same_selections_and_a_bounded_auc(output, monkeypa
         assert abs(a["auc"] - b["auc"]) <= a["auc_error_bound"] + 1e-12, a["metric"]
         bounds.append(a["auc_error_bound"])
     assert max(bounds) > 0.01  # coarse bins mix values: the bound says so
-    assert coarse["cutoff"] == exact["cutoff"]
+    # the same cut-off row; its score to float rounding (sums over blocks that a shuffle may order differently)
+    assert coarse["cutoff"] == exact["cutoff"] | {"score": pytest.approx(exact["cutoff"]["score"], rel=1e-12)}
 
 
 def test_show_prints_the_headline_and_reuses_a_current_report(output, monkeypatch, capsys):

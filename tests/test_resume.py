@@ -18,13 +18,10 @@ import pytest
 import ray
 import ray.data
 
-from mapray.config import ConfigError, ModelConfig, load_config
-from mapray.pipeline import score
+from mapray.config import ConfigError, ModelConfig
 from mapray.runtime import RunStalled, check_local_cpus, checkpointed, checkpointed_rows, skip_written, watched
 from mapray.testing.faults import kill_with_its_local_ray
-from tests.conftest import UF
-
-N = 80
+from tests.conftest import dpo_config, dpo_input_lines
 
 
 def test_the_start_up_check_counts_the_actors_and_the_light_tasks_beside_them():
@@ -120,23 +117,20 @@ def test_watchdog_lets_a_slow_batch_finish(local_ray):
 
 # --- the driver killed with every model stage running, then the same command again ---
 
-def _config(tiny, uri: Path, out: Path) -> dict:
-    model = {"max_length": 1024, "token_budget": 4096, "batch_size": 4, "cpus_per_actor": 0.5}
-    return {"input": {"uri": str(uri), "columns": {"id": "prompt_id"}}, "output": str(out),
-            "policy": {"path": tiny["policy"], **model}, "reference": {"path": tiny["reference"], **model},
-            "reward": {"source": "model", "model": {"path": tiny["reward"], **model}},
-            "metric": {"implicit": "dpo"}, "selection": {"ratio": 0.5}}
-
-
 def _written(out: Path) -> int:
     return sum(checkpointed_rows(str(p)) for p in out.glob("_staging/run-*/checkpoint"))
 
 
-def test_driver_killed_mid_run_resumes_with_every_model_stage(tmp_path, tiny, local_ray):
-    lines = UF.read_bytes().splitlines()[:N]
-    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+def test_driver_killed_mid_run_resumes_with_every_model_stage(tmp_path, tiny, dpo_run):
+    """The session's DPO run (tests/conftest.py) again, its driver killed: the clean run to compare with is that
+    run, made once for every test that checks it."""
+    lines = dpo_input_lines()
+    n = len(lines)
     out = tmp_path / "out"
-    (tmp_path / "run.yaml").write_text(json.dumps(_config(tiny, tmp_path / "in.jsonl", out)))
+    config = dpo_config(tiny, dpo_run.uri, str(out))
+    for model in (config["policy"], config["reference"], config["reward"]["model"]):
+        model["batch_size"] = 4  # more, smaller writes: the kill lands between two of them, not after the last
+    (tmp_path / "run.yaml").write_text(json.dumps(config))
     command = [sys.executable, "-m", "mapray", "score", "--config", str(tmp_path / "run.yaml")]
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
@@ -147,27 +141,35 @@ def test_driver_killed_mid_run_resumes_with_every_model_stage(tmp_path, tiny, lo
     assert first.poll() is None, "the first run ended before it could be killed: make it longer"
     kill_with_its_local_ray(first)
     done_before = _written(out)
-    assert 0 < done_before < N and not (out / "manifest.json").exists()
+    assert 0 < done_before < n and not (out / "manifest.json").exists()
 
     second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["resumed"] is True
     # every row the kill left unwritten, and only those, was scored again (cut-short writes included)
-    assert manifest["counts"]["scored_this_attempt"] == N - done_before
+    assert manifest["counts"]["scored_this_attempt"] == n - done_before
     assert not list((out / "_staging").glob("run-*"))  # staging removed once published
 
-    clean = score(load_config(None, base=_config(tiny, tmp_path / "in.jsonl", tmp_path / "clean")))
+    clean, fresh_out = dpo_run.manifest, dpo_run.out
     assert clean["resumed"] is False
     assert {k: manifest["counts"][k] for k in ("input", "scored", "rejected", "selected")} == \
         {k: clean["counts"][k] for k in ("input", "scored", "rejected", "selected")}
-    resumed, fresh = (pq.read_table(p / "scored").sort_by("pair_id") for p in (out, tmp_path / "clean"))
+    resumed, fresh = (pq.read_table(p / "scored").sort_by("pair_id") for p in (out, fresh_out))
     rejected = pq.read_table(out / "rejects").select(["pair_id", "reason"]).sort_by("pair_id")
     ids = resumed["pair_id"].to_pylist() + rejected["pair_id"].to_pylist()  # every pair exactly once
-    assert collections.Counter(ids) == collections.Counter(json.loads(x)["prompt_id"] for x in lines)
-    assert rejected == pq.read_table(tmp_path / "clean" / "rejects").select(["pair_id", "reason"]).sort_by("pair_id")
-    assert manifest["counts"]["scored"] > N // 2  # most rows reach the models: the comparison below has teeth
+    assert collections.Counter(ids) == collections.Counter(_pair_id(x) for x in lines)
+    assert rejected == pq.read_table(fresh_out / "rejects").select(["pair_id", "reason"]).sort_by("pair_id")
+    assert manifest["counts"]["scored"] > n // 2  # most rows reach the models: the comparison below has teeth
     _assert_same_rows(resumed, fresh)
+
+
+def _pair_id(line: bytes) -> str | None:
+    """A line's prompt_id; None for a line that is not JSON (its reject has no pair id)."""
+    try:
+        return json.loads(line)["prompt_id"]
+    except json.JSONDecodeError:
+        return None
 
 
 def _assert_same_rows(resumed: pa.Table, fresh: pa.Table) -> None:

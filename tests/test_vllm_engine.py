@@ -15,7 +15,7 @@ from mapray.pipeline import score  # noqa: E402
 from mapray.scoring.torch_engine import TorchLogprobEngine, TorchRewardEngine  # noqa: E402
 from mapray.scoring.vllm_engine import VllmLogprobEngine, load_vllm_reward_engine  # noqa: E402
 from mapray.templates import PairEncoder  # noqa: E402
-from tests.conftest import UF  # noqa: E402
+from tests.conftest import N_GOOD, dpo_config  # noqa: E402
 from tests.test_torch_engine import TEXTS, _real_pairs, _sequences  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -79,26 +79,19 @@ def test_smollm2_vllm_equals_torch_on_real_rows(smollm2):
         assert abs(v - t) / len(r) < 2e-5
 
 
-def test_pipeline_with_vllm_equals_pipeline_with_torch(tmp_path, tiny, local_ray):
-    (tmp_path / "in.jsonl").write_bytes(b"\n".join(UF.read_bytes().splitlines()[:16]) + b"\n")
-    runs = {}
-    for engine in ("torch", "vllm"):
-        # keep_end: with keep_start, rows whose prompt alone fills max_length (7 of these 16) would be set aside
-        model = {"engine": engine, "max_length": 192, "truncation_mode": "keep_end", "token_budget": 2048,
-                 "batch_size": 8, "cpus_per_actor": 0.5, "max_num_batched_tokens": 2048}
-        cfg = load_config(None, base={
-            "input": {"uri": str(tmp_path / "in.jsonl"), "columns": {"id": "prompt_id"}},
-            "output": str(tmp_path / engine), "policy": {"path": tiny["policy"], **model},
-            "reward": {"source": "model", "model": {"path": tiny["reward"], **model}},
-            "selection": {"ratio": 0.5},
-        })
-        score(cfg)
-        rows = pq.read_table(tmp_path / engine / "scored").to_pylist()
-        runs[engine] = {r["pair_id"]: r for r in rows}
-    assert runs["torch"].keys() == runs["vllm"].keys() and len(runs["torch"]) == 16
+def test_pipeline_with_vllm_equals_pipeline_with_torch(tmp_path, tiny, dpo_run):
+    """The session's DPO run (torch engines, tests/conftest.py) again with the policy and the reward model on vLLM;
+    the reference stays on torch (a third engine would add start-up time, not coverage)."""
+    cfg = dpo_config(tiny, dpo_run.uri, str(tmp_path / "vllm"))
+    for model in (cfg["policy"], cfg["reward"]["model"]):
+        model.update(engine="vllm", max_num_batched_tokens=2048)
+    score(load_config(None, base=cfg))
+    runs = {engine: {r["pair_id"]: r for r in pq.read_table(out / "scored").to_pylist()}
+            for engine, out in (("torch", dpo_run.out), ("vllm", tmp_path / "vllm"))}
+    assert runs["torch"].keys() == runs["vllm"].keys() and len(runs["torch"]) == N_GOOD
     for pid, t in runs["torch"].items():
         v = runs["vllm"][pid]
-        for col in ("chosen_logps", "rejected_logps", "reward_chosen", "explicit_margin", "implicit_margin",
-                    "map", "map_unreg", "map_z"):
+        for col in ("chosen_logps", "rejected_logps", "reward_chosen", "reward_rejected", "explicit_margin",
+                    "implicit_margin", "map", "map_unreg", "map_z"):
             assert v[col] == pytest.approx(t[col], abs=1e-4), (pid, col)
         assert v["selected"] == t["selected"]
