@@ -58,8 +58,9 @@ def test_each_prompt_samples_under_its_own_seed():
 def test_the_prompt_reader_keeps_every_row_and_the_reason_a_row_has_no_prompt():
     lines = [json.dumps({"prompt": "hi", "evolved_from": "p0", "evolve_round": 1}).encode(), b"{not json",
              json.dumps({"prompt": 5}).encode(), json.dumps({"prompt": "x", "evolve_round": "one"}).encode(),
-             json.dumps({"prompt": None, "evolve_error": "evolve: the rewrite is empty"}).encode()]
-    table = pa.table({LINE: pa.array(lines, pa.binary()), C.SOURCE: [f"f:{i}" for i in range(5)]})
+             json.dumps({"prompt": None, "evolve_error": "evolve: the rewrite is empty"}).encode(),
+             json.dumps({"prompt": "y", "evolve_round": 2**70}).encode()]
+    table = pa.table({LINE: pa.array(lines, pa.binary()), C.SOURCE: [f"f:{i}" for i in range(6)]})
     out = PromptReader("prompts", ColumnNames(error="evolve_error"))(table)
     assert out.schema == SCHEMA
     rows = out.to_pylist()
@@ -69,7 +70,8 @@ def test_the_prompt_reader_keeps_every_row_and_the_reason_a_row_has_no_prompt():
     assert "must be a string or a list of messages, got int" in rows[2]["generation_error"]
     assert rows[3]["evolve_round"] is None and rows[3]["generation_error"] is None  # a wrong-typed lineage value
     assert rows[4]["generation_error"] == "evolve: the rewrite is empty"  # the reason the writing step gave
-    assert len({r[C.ROW] for r in rows}) == 5 and [r["source"] for r in rows] == [f"f:{i}" for i in range(5)]
+    assert rows[5]["generation_error"].startswith("prompt: ")  # an int no Parquet column holds: set aside
+    assert len({r[C.ROW] for r in rows}) == 6 and [r["source"] for r in rows] == [f"f:{i}" for i in range(6)]
 
 
 def _prompt_rows(n: int) -> pa.Table:

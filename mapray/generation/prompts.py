@@ -102,9 +102,14 @@ class PromptReader:
             messages = prompt_messages(rec, self.fmt, self.cols)
         except RejectRow as e:
             return row | {"generation_error": f"prompt: {e}", "input_raw": raw_json(rec)}
+        except Exception as e:  # a reader's bug must cost its row, not the run (as in `mapray.normalize`)
+            reason = f"internal error reading this row ({type(e).__name__}: {str(e)[:200]}); please report it"
+            return row | {"generation_error": f"prompt: {reason}", "input_raw": raw_json(rec)}
         return row | {"prompt_id": prompt_id(rec, messages, self.cols), "prompt": messages}
 
 
 def _fits(value, type_: pa.DataType) -> bool:
     """A lineage value of the column's type (only evolve writes them; anything else is not carried)."""
-    return isinstance(value, str) if type_ == pa.string() else isinstance(value, int) and not isinstance(value, bool)
+    if type_ == pa.string():
+        return isinstance(value, str)
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63

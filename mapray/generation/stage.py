@@ -39,7 +39,11 @@ class GenerateStage:
         for i, prompt in enumerate(table.column("prompt").to_pylist()):
             if errors[i] is not None:
                 continue
-            tokens = self.encoder.encode_prompt(prompt)
+            try:
+                tokens = self.encoder.encode_prompt(prompt)
+            except Exception as e:  # a template that fails on this prompt costs its row, not the run
+                errors[i] = f"prompt: the generator's chat template cannot render it ({type(e).__name__}: {e})"[:500]
+                continue
             if len(tokens) >= self.max_length:
                 errors[i] = (f"prompt: {len(tokens)} tokens, the generator's max_length is {self.max_length}: "
                              "no room to sample")
