@@ -47,6 +47,7 @@ from mapray.inputs import InputFiles, discover, read_dataset, read_staged, sampl
 from mapray.models import check_model_path, identify_model
 from mapray.outputs import OutputLayout, read_manifest
 from mapray.pipeline import score
+from mapray.preflight import check_causal_lm, check_chat_template, check_models, check_positions, read_model_files
 from mapray.runtime import (
     LIGHT_TASK_CPUS,
     check_local_cpus,
@@ -90,8 +91,16 @@ def check(cfg: RunConfig) -> None:
                  "scores the pair")
     for key, model in configured_models(cfg):
         check_model_path(model.path, f"{key}.path")
-    if cfg.generation and cfg.generation.model:
-        check_model_path(generator.path, "generation.model.path")
+    key = "generation.model" if cfg.generation and cfg.generation.model else "policy"
+    check_model_path(generator.path, f"{key}.path")
+    # what the model files say against the config, for the scoring pass (generated rows are conversational) and
+    # for the sampler, before hours of sampling rather than after
+    check_models(cfg, needs_chat_template=True)
+    files = read_model_files(generator.path, f"{key}.path")
+    check_causal_lm(key, files)
+    # the sampler's context is max_length itself (the +1 of check_positions is the vLLM scoring engine's)
+    check_positions(key, dataclasses.replace(generator, engine="torch"), files)
+    check_chat_template(key, generator, files)
     if not cfg.ray.address and not os.environ.get("RAY_ADDRESS"):  # the two passes, each on the embedded Ray
         cpus = cfg.ray.num_cpus or os.cpu_count() or 1
         check_local_cpus(cpus, [generator])

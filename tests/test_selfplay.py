@@ -172,6 +172,11 @@ def test_selfplay_checks_what_only_it_needs_before_anything_runs(tiny, tmp_path)
                                  f"generation.model.path={tiny['reference']}"]))
     with pytest.raises(ConfigError, match="generation.model.path"):
         check(load_config(None, [*with_reward, f"generation.model.path={tmp_path}/missing"]))
+    with pytest.raises(ConfigError, match="generation.model.path: .* not a causal LM"):  # a reward model samples
+        check(load_config(None, [*with_reward, f"generation.model.path={tiny['reward']}"]))
+    with pytest.raises(ConfigError, match="generation.model.max_length: 4096 exceeds the 2048 positions"):
+        check(load_config(None, [*with_reward, f"generation.model.path={tiny['policy']}",
+                                 "generation.model.max_length=4096"]))
     check(load_config(None, with_reward))
 
 
