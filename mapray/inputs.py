@@ -32,6 +32,15 @@ class InputFiles:
     filesystem: object | None  # pyarrow filesystem for Ray, None: let Ray resolve
     uris: list[str]  # as the user can open them with fsspec
 
+    def listing(self) -> list[list]:
+        """Each file's URI, size and modification time: what tells a rerun that the input changed."""
+        out = []
+        for uri in self.uris:
+            fs, path = fsspec.core.url_to_fs(uri)
+            info = fs.info(path)
+            out.append([uri, info.get("size"), str(info.get("mtime") or info.get("LastModified") or "")])
+        return out
+
 
 def discover(cfg: InputConfig) -> InputFiles:
     """Expands files, folders and globs; fails with one line when nothing readable is there."""
@@ -120,6 +129,12 @@ def parse_line(raw: bytes) -> tuple[object, str | None]:
     if not isinstance(rec, dict):
         return rec, f"row is a JSON {'null' if rec is None else type(rec).__name__}, not an object"
     return rec, None
+
+
+def parse_lines(lines: list[bytes]) -> tuple[list, list]:
+    """`parse_line` over a batch of lines: the records, and each one's reason (None for a row)."""
+    parsed = [parse_line(raw) for raw in lines]
+    return [rec for rec, _ in parsed], [reason for _, reason in parsed]
 
 
 def table_rows(table: pa.Table) -> tuple[list[dict], list[str | None]]:

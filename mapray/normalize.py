@@ -22,7 +22,7 @@ import pyarrow as pa
 from mapray import columns as C
 from mapray.config import ColumnNames
 from mapray.formats import FORMATS, Pair, RejectRow, normalize_record
-from mapray.inputs import LINE, parse_line, table_rows
+from mapray.inputs import LINE, parse_lines, table_rows
 from mapray.own_columns import escape_surrogates, fit_column, infer_schema, misfit_reason, unstorable
 
 
@@ -61,7 +61,7 @@ class Normalizer:
         jsonl = LINE in table.column_names and self.spec.passthrough is not None
         lines = table.column(LINE).to_pylist() if jsonl else None
         if lines is not None:
-            records, reasons = _parse_lines(lines)
+            records, reasons = parse_lines(lines)
             sources = table.column(C.SOURCE).to_pylist()
         else:
             records, reasons = table_rows(table)
@@ -133,15 +133,6 @@ class Normalizer:
         if not arrays:  # no line of the sample parsed: the table still needs its row count
             return pa.table({C.PAIR_ID: pa.nulls(len(records), pa.string())})
         return pa.Table.from_arrays(arrays, schema=schema)
-
-
-def _parse_lines(lines: list[bytes]) -> tuple[list, list]:
-    records, reasons = [], []
-    for raw in lines:
-        rec, reason = parse_line(raw)
-        records.append(rec)
-        reasons.append(reason)
-    return records, reasons
 
 
 def _raw_id(rec, id_column: str | None) -> str | None:

@@ -13,8 +13,6 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from functools import partial
 
-import fsspec
-
 from mapray import __version__
 from mapray import columns as C
 from mapray import selection as S
@@ -91,15 +89,14 @@ def run_key(cfg: RunConfig, files: InputFiles, models: dict) -> str:
     """Names the staging folder: the same config over the same input files (by name, size and modification
     time) and the same model contents resumes there; any change, a checkpoint rewritten in place included,
     starts a fresh run."""
-    listing = []
-    for uri in files.uris:
-        fs, path = fsspec.core.url_to_fs(uri)
-        info = fs.info(path)
-        listing.append([uri, info.get("size"), str(info.get("mtime") or info.get("LastModified") or "")])
     shas = {key: model["sha256"] for key, model in models.items()}
-    payload = json.dumps({"config": to_dict(cfg), "files": listing, "models": shas, "mapray": __version__},
-                         sort_keys=True, default=str)
-    return "run-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return staging_key("run", {"config": to_dict(cfg), "files": files.listing(), "models": shas})
+
+
+def staging_key(kind: str, payload: dict) -> str:
+    """`<kind>-<hash>` of what a staged pass depends on (with mapray's version): the name of its staging folder."""
+    text = json.dumps({**payload, "mapray": __version__}, sort_keys=True, default=str)
+    return f"{kind}-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def normalized_rows(p: Plan):

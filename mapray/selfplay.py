@@ -17,7 +17,6 @@ reward model, another alpha) reuses generated/ as it is.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -27,7 +26,6 @@ import time
 import fsspec
 import pyarrow as pa
 
-from mapray import __version__
 from mapray import columns as C
 from mapray.config import (
     ColumnNames,
@@ -46,7 +44,7 @@ from mapray.generation.stage import GenerateStage
 from mapray.inputs import InputFiles, discover, read_dataset, read_staged, sample_records
 from mapray.models import check_model_path, identify_model
 from mapray.outputs import OutputLayout, read_manifest
-from mapray.pipeline import score
+from mapray.pipeline import score, staging_key
 from mapray.preflight import check_causal_lm, check_chat_template, check_models, check_positions, read_model_files
 from mapray.runtime import (
     LIGHT_TASK_CPUS,
@@ -67,13 +65,15 @@ GENERATED, EVOLVED = "generated", "evolved"
 GENERATED_COLUMNS = ColumnNames(id="prompt_id", error="generation_error")
 
 
-def selfplay(cfg: RunConfig, lineage: dict | None = None) -> dict:
+def selfplay(cfg: RunConfig) -> dict:
     """Prompts in cfg.input -> generated/, scored/, selected/, rejects/, manifest.json under cfg.output."""
     check(cfg)
-    generation = generate(cfg)
-    manifest = score(scoring_config(cfg), extra={"generation": generation,
-                                                 "lineage": lineage or {"round": 0}})
-    return manifest
+    return play_round(cfg, {"round": 0})
+
+
+def play_round(cfg: RunConfig, lineage: dict) -> dict:
+    """Sampling, then scoring and selection, of a config `check` has passed."""
+    return score(scoring_config(cfg), extra={"generation": generate(cfg), "lineage": lineage})
 
 
 def check(cfg: RunConfig) -> None:
@@ -155,15 +155,9 @@ def sample_prompts(layout: OutputLayout, generator, sampling: GenerationConfig, 
 def generation_key(cfg: RunConfig, files: InputFiles, sampling: GenerationConfig, generator, sha: str) -> str:
     """What the samples depend on: the input files (name, size, time), how prompts are read, the sampling
     settings, the generator's content and settings. Not the reward model, the metric or the selection."""
-    listing = []
-    for uri in files.uris:
-        fs, path = fsspec.core.url_to_fs(uri)
-        info = fs.info(path)
-        listing.append([uri, info.get("size"), str(info.get("mtime") or info.get("LastModified") or "")])
     drawn = {k: v for k, v in to_dict(sampling).items() if k not in ("reuse_logps", "model")}  # scoring's, generator's
-    payload = {"input": to_dict(cfg.input), "files": listing, "sampling": drawn,
-               "generator": {**to_dict(generator), "path": None}, "sha": sha, "mapray": __version__}
-    return "gen-" + hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return staging_key("gen", {"input": to_dict(cfg.input), "files": files.listing(), "sampling": drawn,
+                               "generator": {**to_dict(generator), "path": None}, "sha": sha})
 
 
 def generation_counts(uri: str) -> dict:
@@ -229,17 +223,17 @@ def evolve(cfg: RunConfig, source: str) -> dict:
         raise ConfigError("output: evolve writes a new round; give it another output than the one it reads")
     settings = cfg.evolve or EvolveConfig()
     round_ = previous.get("lineage", {}).get("round", 0) + 1
-    rewrites = evolve_prompts(cfg, source, settings, round_)
+    rewrites = evolve_prompts(cfg, source, previous["run_id"], settings, round_)
     lineage = {"round": round_, "parent": {"output": OutputLayout(source).uri, "run_id": previous["run_id"]},
                "evolve": {**to_dict(settings), **{k: v for k, v in rewrites.items() if k != "key"}},
                "history": [previous.get("lineage", {"round": 0})]}
     evolved = OutputLayout(cfg.output).final(EVOLVED)
     round_input = InputConfig(uri=evolved, format="prompts", file_format="parquet",
                               columns=ColumnNames(error="evolve_error"))
-    return selfplay(dataclasses.replace(cfg, input=round_input), lineage)
+    return play_round(dataclasses.replace(cfg, input=round_input), lineage)
 
 
-def evolve_prompts(cfg: RunConfig, source: str, settings: EvolveConfig, round_: int) -> dict:
+def evolve_prompts(cfg: RunConfig, source: str, source_run: str, settings: EvolveConfig, round_: int) -> dict:
     """<output>/evolved/: one row per (top prompt, strategy) with the rewrite as its prompt, or the reason it is
     set aside in `evolve_error`."""
     import ray.data
@@ -248,9 +242,9 @@ def evolve_prompts(cfg: RunConfig, source: str, settings: EvolveConfig, round_: 
     init_ray(cfg.ray, [generator])
     scored = OutputLayout(source).final("scored")
     sha = identify_model(generator.path)["sha256"]
-    key = "evolve-" + hashlib.sha256(json.dumps(
-        [read_manifest(source)["run_id"], to_dict(settings), sha, (cfg.generation or GenerationConfig()).seed,
-         to_dict(cfg.reward.model), __version__], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = staging_key("evolve", {"source": source_run, "settings": to_dict(settings), "sha": sha,
+                                 "seed": (cfg.generation or GenerationConfig()).seed,
+                                 "reward": to_dict(cfg.reward.model)})
     current = read_generation(cfg.output, EVOLVED)
     if current is not None and current["key"] == key:
         return current

@@ -17,7 +17,7 @@ import pyarrow as pa
 from mapray import columns as C
 from mapray.config import ColumnNames, ConfigError
 from mapray.formats import Messages, RejectRow, detect_format, message_prompt, normalize_record
-from mapray.inputs import LINE, parse_line, table_rows
+from mapray.inputs import LINE, parse_lines, table_rows
 from mapray.normalize import raw_json
 from mapray.own_columns import unstorable
 
@@ -79,10 +79,10 @@ class PromptReader:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         if LINE in table.column_names:
-            parsed = [parse_line(raw) for raw in table.column(LINE).to_pylist()]
-            records, reasons = [p[0] for p in parsed], [p[1] for p in parsed]
+            lines = table.column(LINE).to_pylist()
+            records, reasons = parse_lines(lines)
             reasons = [r or (unstorable(rec, raw) if isinstance(rec, dict) else None)
-                       for rec, r, raw in zip(records, reasons, table.column(LINE).to_pylist())]
+                       for rec, r, raw in zip(records, reasons, lines)]
             sources = table.column(C.SOURCE).to_pylist()
         else:
             records, reasons = table_rows(table)
