@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -20,6 +19,7 @@ import ray.data
 
 from mapray.config import ConfigError, ModelConfig
 from mapray.runtime import RunStalled, check_local_cpus, checkpointed, checkpointed_rows, skip_written, watched
+from mapray.testing.compare import assert_same_rows
 from mapray.testing.faults import kill_with_its_local_ray
 from tests.conftest import dpo_config, dpo_input_lines
 
@@ -161,7 +161,8 @@ def test_driver_killed_mid_run_resumes_with_every_model_stage(tmp_path, tiny, dp
     assert collections.Counter(ids) == collections.Counter(_pair_id(x) for x in lines)
     assert rejected == pq.read_table(fresh_out / "rejects").select(["pair_id", "reason"]).sort_by("pair_id")
     assert manifest["counts"]["scored"] > n // 2  # most rows reach the models: the comparison below has teeth
-    _assert_same_rows(resumed, fresh)
+    assert_same_rows(resumed, fresh, {"chosen_logps", "ref_rejected_logps", "reward_chosen", "explicit_margin",
+                                      "implicit_margin", "map", "map_z"})
 
 
 def _pair_id(line: bytes) -> str | None:
@@ -170,19 +171,3 @@ def _pair_id(line: bytes) -> str | None:
         return json.loads(line)["prompt_id"]
     except json.JSONDecodeError:
         return None
-
-
-def _assert_same_rows(resumed: pa.Table, fresh: pa.Table) -> None:
-    """Every numeric column to fp32 rounding (a resumed run batches rows differently, and the torch engines' scores
-    move in the last bits with their batch neighbours: up to ~1e-6 relative), every other one exactly."""
-    assert resumed.schema == fresh.schema and resumed.num_rows == fresh.num_rows
-    numeric = [f.name for f in fresh.schema if pa.types.is_floating(f.type) or pa.types.is_integer(f.type)
-               or pa.types.is_boolean(f.type)]
-    assert {"chosen_logps", "ref_rejected_logps", "reward_chosen", "explicit_margin", "implicit_margin", "map",
-            "map_z", "selected"} <= set(numeric)
-    for name in fresh.column_names:
-        if name in numeric:
-            got, want = (t[name].to_numpy(zero_copy_only=False).astype(float) for t in (resumed, fresh))
-            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5, err_msg=name)
-        else:
-            assert resumed[name].to_pylist() == fresh[name].to_pylist(), name

