@@ -12,8 +12,16 @@ log-prob sum against the naive computation (the exactness check). Two kinds of i
 Methods: naive (chosen+rejected padded, full-vocab logits, float32 log_softmax), torch (mapray's torch engine:
 each pair's prompt run once for both responses, short rows packed side by side), torch-nosharing,
 torch-nopacking, torch-padded (the same engine with prefix_sharing, packing, or both off: the last is
-length-sorted padded batches), vllm (mapray's vLLM engine; needs vllm). The engines are called on
-`--engine-batch` pairs at a time, as the pipeline calls them on one Ray batch at a time.
+length-sorted padded batches), torch-flex, torch-flex-nosharing (torch, torch-nosharing with
+`tree_attention: flex`: FlexAttention over a block-sparse mask instead of SDPA over the dense one; they get a
+whole untimed pass first, which compiles their kernels for the batch shapes they will see), vllm (mapray's vLLM
+engine; needs vllm). The engines are called on `--engine-batch` pairs at a time, as the pipeline calls them on
+one Ray batch at a time. A method that fails (out of memory, a kernel that will not compile) prints its error
+as its row and the others still run.
+
+`--plan FILE` runs several cases on one model (built once): each JSON line of FILE sets some of the options
+below (`{"lengths": "...", "token_budget": 65536, "methods": "torch,torch-flex"}`), the rest keep their
+command-line values; every row names its case. `gpu_run.sh` drives the GPU session this way.
 
 Fraction of peak counts useful FLOPs two ways: `fraction_of_peak` per sequence (the prompt counted for each
 response, as a per-sequence scorer must process it: prefix sharing can push it past what per-sequence work
@@ -137,9 +145,10 @@ def useful_flops(model, seqs, tokens: int) -> float:
     return 2.0 * body * tokens + 2.0 * head.numel() * sum(len(r) for _, r in seqs)
 
 
-TORCH_VARIANTS = {  # method -> (prefix_sharing, packing)
-    "torch": (True, True), "torch-nosharing": (False, True), "torch-nopacking": (True, False),
-    "torch-padded": (False, False),
+TORCH_VARIANTS = {  # method -> (prefix_sharing, packing, tree_attention)
+    "torch": (True, True, "mask"), "torch-nosharing": (False, True, "mask"), "torch-nopacking": (True, False, "mask"),
+    "torch-padded": (False, False, "mask"), "torch-flex": (True, True, "flex"),
+    "torch-flex-nosharing": (False, True, "flex"),
 }
 
 
@@ -162,14 +171,15 @@ def run_method(method: str, path: str | None, model, args, seqs):
         else:
             from mapray.scoring.torch_engine import TorchLogprobEngine
 
-            sharing, packing = TORCH_VARIANTS[method]
-            engine = TorchLogprobEngine(dataclasses.replace(cfg, prefix_sharing=sharing, packing=packing),
-                                        model=model)
+            sharing, packing, attention = TORCH_VARIANTS[method]
+            engine = TorchLogprobEngine(dataclasses.replace(cfg, prefix_sharing=sharing, packing=packing,
+                                                            tree_attention=attention), model=model)
 
         def score(s):  # one engine call per Ray-batch-sized slice (pairs stay whole: 2 sequences each)
             step = 2 * args.engine_batch
             return [v for start in range(0, len(s), step) for v in engine.logprobs(s[start:start + step])]
-    score(seqs[: min(len(seqs), 4)])  # warm-up: kernels, allocator, lazy init
+    # warm-up: kernels, allocator, lazy init; a compiled kernel (flex) sees every batch shape it will be timed on
+    score(seqs if "flex" in method else seqs[: min(len(seqs), 4)])
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -178,6 +188,16 @@ def run_method(method: str, path: str | None, model, args, seqs):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return values, time.perf_counter() - start
+
+
+def timed(method: str, path: str | None, model, args, seqs):
+    """run_method, leaving the shared model's attention as it found it (a flex engine switches it)."""
+    attention = model.config._attn_implementation
+    try:
+        return run_method(method, path, model, args, seqs)
+    finally:
+        if model.config._attn_implementation != attention:
+            model.set_attn_implementation(attention)
 
 
 def main() -> None:
@@ -203,48 +223,69 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, help="measured matmul peak, for the fraction-of-peak column")
     parser.add_argument("--check-pairs", type=int, default=4,
                         help="pairs checked against the exact (float64 log_softmax) reference, untimed")
+    parser.add_argument("--plan", help="JSON lines, one case each: options to change for that case (see above)")
     parser.add_argument("--workdir", default="/tmp/mapray-bench")
     args = parser.parse_args()
 
     from mapray.models import resolve_model_path
     from mapray.scoring.torch_engine import DTYPES
-    from mapray.testing.naive import naive_logprobs
 
     if args.shape:
         path, model = None, random_init_model(args.shape, args.dtype)
-        lengths = (file_lengths(args.lengths, args.pairs, args.max_length) if args.lengths else
-                   drawn_lengths(args.pairs, args.prompt_len, args.response_len, args.exact_lengths))
-        seqs = synthetic_pairs(SHAPES[args.shape][5], lengths)
     else:
         from transformers import AutoModelForCausalLM
 
         path = resolve_model_path(args.model)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).to(device).eval()
-        seqs = real_pairs(path, args.data, args.pairs, args.max_length)
         if args.write_lengths:  # untruncated with a large --max-length; --lengths truncates them again
+            seqs = real_pairs(path, args.data, args.pairs, args.max_length)
             with open(args.write_lengths, "w") as f:
                 for (prompt, chosen), (_, rejected) in zip(seqs[::2], seqs[1::2]):
                     f.write(json.dumps([len(prompt), len(chosen), len(rejected)]) + "\n")
             return
+    cases = [{}]
+    if args.plan:
+        with open(args.plan) as f:
+            cases = [json.loads(line) for line in f if line.strip()]
+    for case in cases:
+        unknown = sorted(set(case) - set(vars(args)))
+        if unknown:
+            parser.error(f"--plan: unknown option {unknown[0]!r}")
+        run_case(argparse.Namespace(**{**vars(args), **case}), path, model, case)
+
+
+def run_case(args, path: str | None, model, case: dict) -> None:
+    """Every method of one case on the same pairs; one JSON line each, printed as it finishes."""
+    from mapray.testing.naive import naive_logprobs
+
+    if args.shape:
+        lengths = (file_lengths(args.lengths, args.pairs, args.max_length) if args.lengths else
+                   drawn_lengths(args.pairs, args.prompt_len, args.response_len, args.exact_lengths))
+        seqs = synthetic_pairs(SHAPES[args.shape][5], lengths)
+    else:
+        seqs = real_pairs(path, args.data, args.pairs, args.max_length)
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     # the exactness reference: the same weights, one sequence at a time, float64 log_softmax (untimed)
     check = seqs[: 2 * args.check_pairs]
     reference = naive_logprobs(model, check, batch_size=1, softmax_dtype=torch.float64)
     tokens = sequence_tokens(seqs)
+    common = {"device": device_name, "model": args.shape or args.model, "dtype": args.dtype,
+              "lengths": (args.lengths or ("exact" if args.exact_lengths else "drawn")) if args.shape else args.data,
+              "token_budget": args.token_budget, "pairs": len(seqs) // 2, **({"case": case} if case else {})}
     # vLLM's CPU backend drops the process's torch threads to 1 when it starts: it runs last
     for method in sorted(args.methods.split(","), key=lambda m: m == "vllm"):
         try:
-            values, elapsed = run_method(method, path, model, args, seqs)
-        except torch.cuda.OutOfMemoryError as e:  # a method that cannot fit is a result, not a crash
-            print(json.dumps({"device": device_name, "model": args.shape or args.model, "method": method,
-                              "pairs": len(seqs) // 2, "error": f"out of memory: {str(e).splitlines()[0]}"}),
+            values, elapsed = timed(method, path, model, args, seqs)
+        except Exception as e:  # a method that cannot fit or compile is a result, not the end of the run
+            error = "out of memory" if isinstance(e, torch.cuda.OutOfMemoryError) else type(e).__name__
+            print(json.dumps({**common, "method": method, "error": f"{error}: {str(e).splitlines()[0][:300]}"}),
                   flush=True)
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             continue
         row = {
-            "device": device_name, "model": args.shape or args.model, "dtype": args.dtype, "method": method,
-            "pairs": len(seqs) // 2, "tokens": tokens, "tokens_prompt_once": shared_tokens(seqs),
+            **common, "method": method, "tokens": tokens, "tokens_prompt_once": shared_tokens(seqs),
             "seconds": round(elapsed, 3),
             "pairs_per_s": round(len(seqs) / 2 / elapsed, 3), "tokens_per_s": round(tokens / elapsed, 1),
             "max_abs_diff_vs_exact": max((abs(a - b) for a, b in zip(values, reference)), default=None),
@@ -258,8 +299,7 @@ def main() -> None:
             row["fraction_of_peak"] = round(useful_flops(model, seqs, tokens) / elapsed / peak, 3)
             row["fraction_of_peak_shared"] = round(useful_flops(model, seqs, shared_tokens(seqs)) / elapsed / peak, 3)
         print(json.dumps(row), flush=True)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+
 
 if __name__ == "__main__":
     main()

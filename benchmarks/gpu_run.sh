@@ -1,33 +1,92 @@
 #!/usr/bin/env bash
-# One pass on an H100/H200 machine (torch 2.11, no network): matmul peak; log-prob scoring throughput on 1B
-# and 8B random-init shapes, the trainer recipe against mapray's torch engine with and without prefix sharing
-# and packing, on drawn lengths and on the real length spread of the shipped UltraFeedback and HH samples;
-# the 8B shape on 16k-token responses (peak memory); then the pipeline on a local Ray with GPU actors and one
-# actor SIGKILLed. Results go to $OUT (or ./gpu-results). The Ray part needs .gpu-bundle/
-# (../shared/tools/gpu-ray-bundle.sh).
+# Every GPU measurement in one call, for a lent H100/H200 (torch 2.11, no network): the matmul peak; log-prob
+# scoring on 1B and 8B random-init shapes, the trainer recipe against every variant of mapray's torch engine
+# (padded, packing, sharing, both; the dense tree mask through SDPA and the block mask through FlexAttention),
+# on the real length spread of the shipped UltraFeedback sample, at token budgets 16k/32k/64k; the 8B shape on
+# pairs with 16,384-token responses (peak memory; the recipe's out-of-memory is a result); the pipeline on a
+# local Ray with GPU actors and one actor SIGKILLed; then drawn lengths and the HH spread, if time is left.
+#
+#   bash benchmarks/gpu_run.sh          on the GPU machine; results in $OUT (default ./gpu-results)
+#   bash benchmarks/gpu_run.sh --tiny   the same steps on a CPU with the tiny shape: checks the script
+#
+# The whole run keeps within GPU_RUN_SECONDS (default 420: one 8-minute call with room to spare); each step
+# gets the smaller of its own limit and what is left, most important first, so a cut loses the least. Every
+# result line is appended to $OUT as its method finishes: a timeout keeps what finished. steps.jsonl says how
+# each step ended. The pipeline step needs Ray: .gpu-bundle/ (../shared/tools/gpu-ray-bundle.sh) on the GPU
+# machine, the Python in use elsewhere. GPU_RUN_SKIP="pipeline extra" leaves out steps by their first word.
 set -u
-out=${OUT:-gpu-results}; mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-python3 benchmarks/matmul_peak.py | tee "$out/peak.json"
-peak=$(python3 -c "import json; print(json.load(open('$out/peak.json'))['bf16_matmul_tflops'])")
-bench() {  # shape, pairs, seconds allowed, then bench_scoring.py arguments
-  local shape=$1 pairs=$2 limit=$3; shift 3
-  timeout "$limit" python3 benchmarks/bench_scoring.py --shape "$shape" --pairs "$pairs" --dtype bfloat16 \
-    --token-budget 32768 --check-pairs 2 --peak-tflops "$peak" "$@" 2>>"$out/bench.err" | tee -a "$out/bench.jsonl"
+tiny=0; [ "${1:-}" = --tiny ] && tiny=1
+export out=${OUT:-gpu-results} py=${PYTHON:-python3} tiny
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+deadline=$((SECONDS + ${GPU_RUN_SECONDS:-420}))
+
+step() {  # name, seconds it may take, then a command (a function below or a program) and its arguments
+  local name=$1 want=$2 left=$((deadline - SECONDS)) start=$SECONDS rc
+  shift 2
+  if [[ " ${GPU_RUN_SKIP:-} " == *" ${name%% *} "* ]]; then
+    rc='"skipped"'
+  elif [ "$left" -lt 15 ]; then
+    rc='"no time left"'
+  else  # timeout signals the step's whole process group
+    timeout "$(( want < left ? want : left ))" bash -c '"$@"' step "$@"; rc=$?
+  fi
+  echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $((SECONDS - start))}" | tee -a "$out/steps.jsonl"
 }
-all=naive,torch,torch-nosharing,torch-padded
-bench 1b 256 60 --methods "$all"
-bench 8b 96 90 --methods "$all"
-for data in ultrafeedback hh-rlhf-harmless; do
-  bench 1b 256 60 --methods "$all" --lengths "benchmarks/lengths/$data-smollm2.jsonl" --max-length 2048
-  bench 8b 96 90 --methods "$all" --lengths "benchmarks/lengths/$data-smollm2.jsonl" --max-length 2048
-done
-# memory: two pairs with 16,384-token responses; the trainer recipe gets one pair per batch
-bench 8b 2 120 --prompt-len 512 --response-len 16384 --exact-lengths --methods torch,naive --naive-batch 2 \
-  --max-length 32768 --check-pairs 1
-if [ -d .gpu-bundle ]; then
-  bash .gpu-bundle/install.sh && PYTHONPATH=/tmp/site:$PWD timeout 240 python3 benchmarks/gpu_pipeline_check.py \
-    --pairs 400 --out /tmp/mapray-gpu-check 2>"$out/pipeline.err" | tee "$out/pipeline.jsonl"
-  tail -c 6000 "$out/pipeline.err" > "$out/pipeline.err.tail"; rm -f "$out/pipeline.err"
+
+if [ "$tiny" = 1 ]; then
+  # the pipeline's ~60M-parameter models are the same in both modes: on 2 CPU cores 12 pairs take ~2 minutes
+  big=tiny small=tiny pairs_big=6 pairs_small=6 long_prompt=64 long_response=600 pipeline_pairs=12 pipeline_s=300
+  export bench_args="--dtype float32"
+else
+  big=8b small=1b pairs_big=96 pairs_small=256 long_prompt=512 long_response=16384 pipeline_pairs=400 pipeline_s=130
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+  "$py" benchmarks/matmul_peak.py | tee "$out/peak.json"
+  export bench_args="--peak-tflops $("$py" -c "import json; print(json.load(open('$out/peak.json'))['bf16_matmul_tflops'])")"
 fi
+
+# The cases of each shape, one JSON line each (bench_scoring.py --plan), the targets' first: every variant on
+# the real UltraFeedback spread at a 32k budget, then 16k and 64k (and 64k with a wider LM-head chunk)
+uf=benchmarks/lengths/ultrafeedback-smollm2.jsonl hh=benchmarks/lengths/hh-rlhf-harmless-smollm2.jsonl
+every=naive,torch,torch-nosharing,torch-nopacking,torch-padded,torch-flex,torch-flex-nosharing
+cat > "$out/plan-core.jsonl" <<PLAN
+{"lengths": "$uf", "token_budget": 32768, "methods": "$every"}
+{"lengths": "$uf", "token_budget": 16384, "methods": "torch,torch-flex"}
+{"lengths": "$uf", "token_budget": 65536, "methods": "torch,torch-flex"}
+{"lengths": "$uf", "token_budget": 65536, "lm_head_chunk": 16384, "methods": "torch,torch-flex"}
+PLAN
+# two pairs with 16,384-token responses (a 33k-token row each); the recipe gets one pair per batch
+cat > "$out/plan-long.jsonl" <<PLAN
+{"exact_lengths": true, "prompt_len": $long_prompt, "response_len": $long_response, "max_length": 40000, "token_budget": 32768, "check_pairs": 1, "naive_batch": 2, "methods": "torch,torch-flex,naive"}
+PLAN
+cat > "$out/plan-extra.jsonl" <<PLAN
+{"lengths": null, "token_budget": 32768, "methods": "naive,torch,torch-padded,torch-flex"}
+{"lengths": "$hh", "token_budget": 32768, "methods": "naive,torch,torch-padded,torch-flex"}
+PLAN
+
+bench() {  # shape, pairs, plan file: one process, one model, every case of the plan
+  # shellcheck disable=SC2086  # bench_args is several words
+  "$py" benchmarks/bench_scoring.py --shape "$1" --pairs "$2" --plan "$3" --dtype bfloat16 --max-length 2048 \
+    --check-pairs 2 $bench_args 2>>"$out/bench.err" | tee -a "$out/bench.jsonl"
+}
+pipeline() {  # the pipeline on a local Ray, one policy actor SIGKILLed
+  if [ "$tiny" = 0 ]; then
+    [ -d .gpu-bundle ] || { echo "no .gpu-bundle/: pipeline step not run" >&2; return 3; }
+    bash .gpu-bundle/install.sh && export PYTHONPATH=/tmp/site:$PYTHONPATH
+  fi
+  rm -rf /tmp/mapray-gpu-check  # a fresh run, not the resume of an earlier one
+  "$py" benchmarks/gpu_pipeline_check.py --pairs "$pipeline_pairs" --out /tmp/mapray-gpu-check \
+    2>"$out/pipeline.err" | tee -a "$out/pipeline.jsonl"
+  local rc=${PIPESTATUS[0]}
+  tail -c 6000 "$out/pipeline.err" > "$out/pipeline.err.tail"; rm -f "$out/pipeline.err"
+  return "$rc"
+}
+export -f bench pipeline
+export pipeline_pairs
+
+# limits: 15 s for the peak, then 150 + 45 + 75 + 130 = 400 s for the four steps that matter most
+step "core $big" 150 bench "$big" "$pairs_big" "$out/plan-core.jsonl"
+step "long $big" 45 bench "$big" 2 "$out/plan-long.jsonl"
+step "core $small" 75 bench "$small" "$pairs_small" "$out/plan-core.jsonl"
+step pipeline "$pipeline_s" pipeline
+step "extra $big" 120 bench "$big" "$pairs_big" "$out/plan-extra.jsonl"

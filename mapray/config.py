@@ -75,6 +75,10 @@ class ModelConfig:
     lm_head_chunk: int = 4096  # response positions per LM-head chunk (bounds the vocab-sized logits)
     prefix_sharing: bool = True  # torch engine: a pair's prompt runs once for both responses (tree mask)
     packing: bool = True  # torch engine: short sequences side by side in one row of a batch, not padded
+    # torch engine: how sharing/packing rows attend. mask: a dense rows x width^2 mask through SDPA (any
+    # device, rows up to 8,192 tokens); flex: PyTorch FlexAttention with a block-sparse mask (tiles no query
+    # sees are skipped; compiled on first use; CPU: float32/bfloat16 only). The same values either way.
+    tree_attention: Literal["mask", "flex"] = "mask"
     chat_template: str | None = None  # overrides the tokenizer's template (Jinja text)
     batch_size: int = 64  # rows per Ray Data batch sent to an actor
     actors: int = 1  # actor pool size
@@ -485,6 +489,8 @@ def _validate_model(name: str, m: ModelConfig) -> None:
             raise ConfigError(f"{name}.{key}: must be >= 0, got {getattr(m, key)}")
     if not 0 < m.gpu_memory_utilization <= 1:
         raise ConfigError(f"{name}.gpu_memory_utilization: must be in (0, 1], got {m.gpu_memory_utilization}")
+    if m.tree_attention == "flex" and m.engine != "torch":
+        raise ConfigError(f"{name}.tree_attention: flex is a torch-engine setting (engine is {m.engine})")
 
 
 def to_dict(cfg: Any) -> Any:

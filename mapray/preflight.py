@@ -46,6 +46,7 @@ def check_models(cfg: RunConfig, needs_chat_template: bool) -> None:
         else:
             check_causal_lm(key, files)
         check_positions(key, model, files)
+        check_tree_attention(key, model, files)
         if needs_chat_template:
             check_chat_template(key, model, files)
     check_devices(cfg)
@@ -99,6 +100,19 @@ def check_positions(key: str, model: ModelConfig, files: ModelFiles) -> None:
         kept = f"; the vLLM engine keeps one for a generated token: at most {positions - 1}" if vllm else ""
         raise ConfigError(f"{key}.max_length: {model.max_length} exceeds the {positions} positions of "
                           f"{files.where} (max_position_embeddings in its config.json{kept})")
+
+
+def check_tree_attention(key: str, model: ModelConfig, files: ModelFiles) -> None:
+    """`tree_attention: flex` switches the model to FlexAttention, which transformers offers per model class."""
+    if model.tree_attention != "flex":
+        return
+    import transformers
+
+    for arch in _architectures(files)[:1]:
+        cls = getattr(transformers, arch, None)
+        if cls is not None and not getattr(cls, "_supports_flex_attn", False):
+            raise ConfigError(f"{key}.tree_attention: flex, but {arch} ({files.where}) cannot run on FlexAttention "
+                              f"in transformers {transformers.__version__}; use tree_attention: mask")
 
 
 def check_chat_template(key: str, model: ModelConfig, files: ModelFiles) -> None:

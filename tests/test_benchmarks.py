@@ -75,3 +75,43 @@ def test_bench_scale_pool_has_the_real_length_spread_in_tokens(tmp_path):
     before = files[0].stat().st_mtime_ns
     bench.write_pool(tmp_path / "pool", 50, seed=3, max_length=64, rows_per_file=20, reuse=True)
     assert files[0].stat().st_mtime_ns == before  # the same settings: the pool is kept
+
+
+def _gpu_run(tmp_path, **env):
+    import os
+
+    out = tmp_path / "out"
+    subprocess.run(["bash", "benchmarks/gpu_run.sh", "--tiny"], cwd=ROOT, check=True, timeout=600,
+                   capture_output=True, text=True,
+                   env={**os.environ, "OUT": str(out), "PYTHON": sys.executable, **env})
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    return out, [(s["step"], s["rc"]) for s in steps]
+
+
+def test_gpu_run_script_runs_its_plans_on_the_tiny_shape(tmp_path):
+    """What a lent GPU session runs, end to end on the CPU (the pipeline step, ~2 min here, is run by hand:
+    benchmarks/README.md)."""
+    out, steps = _gpu_run(tmp_path, GPU_RUN_SKIP="pipeline extra")
+    assert steps == [("core tiny", 0), ("long tiny", 0), ("core tiny", 0), ("pipeline", "skipped"),
+                     ("extra tiny", "skipped")]
+    rows = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
+    plan = [json.loads(line) for line in (out / "plan-core.jsonl").read_text().splitlines()]
+    long_case = json.loads((out / "plan-long.jsonl").read_text())
+    # one row per method of each case, as each finished: the 8B stand-in's core plan, its long responses, the 1B's
+    core = [(case["token_budget"], m) for case in plan for m in case["methods"].split(",")]
+    assert [(r["token_budget"], r["method"]) for r in rows] == core + [
+        (32768, m) for m in long_case["methods"].split(",")] + core
+    assert {r["method"] for r in rows} == {"naive", "torch", "torch-nosharing", "torch-nopacking", "torch-padded",
+                                            "torch-flex", "torch-flex-nosharing"}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["max_abs_diff_vs_exact"] < 1e-4  # float32 tiny model against the float64 reference
+    long_rows = [r for r in rows if r.get("case") == long_case]
+    assert [r["method"] for r in long_rows] == ["torch", "torch-flex", "naive"]
+    assert all(r["pairs"] == 2 and r["tokens"] == 2 * 2 * (64 + 600) for r in long_rows)
+
+
+def test_gpu_run_script_stops_at_its_time_limit(tmp_path):
+    out, steps = _gpu_run(tmp_path, GPU_RUN_SECONDS="1")
+    assert [rc for _, rc in steps] == ["no time left"] * 5
+    assert not (out / "bench.jsonl").exists()

@@ -201,6 +201,8 @@ def test_from_dict_yields_only_declared_types(section, data):
     ("policy.gpus_per_actor=-1", "policy.gpus_per_actor: must be >= 0, got -1.0"),
     ("policy.gpu_memory_utilization=0", "policy.gpu_memory_utilization: must be in (0, 1], got 0.0"),
     ("policy.max_num_batched_tokens=0", "policy.max_num_batched_tokens: must be >= 1, got 0"),
+    ("policy.tree_attention=dense", "policy.tree_attention: 'dense' is not one of mask, flex"),
+    ("policy.tree_attention=flex", None),
     ("input.limit=-1", "input.limit: must be >= 1, got -1"),
     ("input.schema_sample_rows=0", "input.schema_sample_rows: must be >= 1, got 0"),
     ("ray.num_cpus=0", "ray.num_cpus: must be >= 1, got 0"),
@@ -212,6 +214,12 @@ def test_override_errors_name_the_key(override, message):
         assert isinstance(result, RunConfig)
     else:
         assert isinstance(result, str) and result.startswith(message), result
+
+
+def test_flex_attention_is_a_torch_engine_setting():
+    assert outcome(lambda: load_config(None, ["reference.path=r", "reference.engine=vllm",
+                                              "reference.tree_attention=flex"], base=BASE)) == \
+        "reference.tree_attention: flex is a torch-engine setting (engine is vllm)"
 
 
 def test_values_that_a_run_cannot_use_are_refused_by_from_dict():
@@ -406,6 +414,9 @@ def test_model_problems_stop_the_run_before_ray(tiny, tmp_path, score_cli):
          f"policy.path: {reward} is a LlamaForSequenceClassification checkpoint, not a causal LM (*ForCausalLM)"),
         ({"policy": {"path": (body := variant(tiny, tmp_path, "body", "policy", {"architectures": ["LlamaModel"]}))}},
          f"policy.path: {body} is a LlamaModel checkpoint, not a causal LM"),
+        ({"policy": {"tree_attention": "flex", "path": (
+            gpt2 := variant(tiny, tmp_path, "gpt2", "policy", {"architectures": ["GPT2LMHeadModel"]}))}},
+         f"policy.tree_attention: flex, but GPT2LMHeadModel ({gpt2}) cannot run on FlexAttention in transformers "),
     ]
     for run_config, message in cases:
         error = score_cli(run_config)
@@ -419,6 +430,7 @@ def test_healthy_models_pass_the_checks(tiny, tmp_path, score_cli):
                   "reward": {"source": "model", "model": {"path": reward}}}
     assert score_cli(everything) is None  # None: the run got as far as starting Ray
     assert score_cli({"policy": {"path": policy, "engine": "vllm", "max_length": 2047}}) is None
+    assert score_cli({"policy": {"path": policy, "tree_attention": "flex"}}) is None
     assert score_cli({"policy": {"path": bare}}, rows=STANDARD) is None  # plain text needs no chat template
     assert score_cli({"policy": {"path": bare, "chat_template": "{{ messages[0]['content'] }}"}}) is None
 

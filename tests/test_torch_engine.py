@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from mapray.config import ColumnNames, ModelConfig
 from mapray.formats import assistant, normalize_record
 from mapray.scoring.batching import budget_batches
-from mapray.scoring.torch_engine import TorchLogprobEngine, TorchRewardEngine
+from mapray.scoring.torch_engine import TREE_MASK_MAX_TOKENS, TorchLogprobEngine, TorchRewardEngine
 from mapray.templates import PairEncoder
 from mapray.testing.naive import naive_logprobs, naive_reward
 from tests.conftest import HH, UF
@@ -156,6 +156,72 @@ def test_packed_rows_sit_side_by_side_without_seeing_each_other():
         (1, 3, 0), (1, 4, 1), (4, 8, 2), (5, 9, 2)]
 
 
+def test_block_mask_is_the_tree_mask_and_skips_the_tiles_nobody_sees():
+    from torch.nn.attention.flex_attention import create_mask
+
+    from mapray.scoring.packing import FLEX_BLOCK, SharedPromptRow, tree_batch
+
+    # two prompt rows side by side (each 2.5 tiles long) and a short one in a second batch row
+    long = [SharedPromptRow(list(range(1, 101)), [(0, [5] * 110), (1, [6] * 110)]),
+            SharedPromptRow([7] * 20, [(2, [8] * 300)])]
+    packed = [long, [SharedPromptRow([9], [(3, [10, 11])])]]
+    dense, block = tree_batch(packed), tree_batch(packed, block_mask=True)
+    width = block.input_ids.shape[1]
+    assert width == 5 * FLEX_BLOCK and dense.input_ids.shape[1] == 640  # rounded up to whole tiles
+    assert block.input_ids[:, :640].equal(dense.input_ids) and block.slots.equal(dense.slots)
+    mask = block.attention_mask
+    assert mask.shape == (2, 1, width, width)
+    every_slot = create_mask(mask.mask_mod, 2, 1, width, width, device="cpu")
+    assert every_slot[:, :, :640, :640].equal(dense.attention_mask)
+    tail = every_slot[:, 0, 640:, :]  # slots added by the rounding: padding that sees itself only
+    assert tail.sum().item() == 0
+    assert every_slot[1, 0, 3:640].equal(torch.eye(640)[3:].bool())  # the short row's padding, too
+    # tiles no query of the tile sees are never computed: fewer than a causal mask would compute
+    computed = (mask.kv_num_blocks + mask.full_kv_num_blocks).sum().item()
+    tiles = width // FLEX_BLOCK
+    assert computed < 2 * tiles * (tiles + 1) // 2
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_flex_attention_gives_the_values_of_separate_sequences(tiny, packing):
+    """FlexAttention over the block mask (tree_attention: flex) against one sequence at a time, and against the
+    dense mask's values; float32 (FlexAttention on CPU takes no float64)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny["policy"])
+    enc = PairEncoder(tokenizer, 512)
+    short_pairs = [enc.encode_pair([{"role": "user", "content": f"count to {k}"}], assistant("1 2 3" * k),
+                                   assistant("no")) for k in range(1, 5)]
+    seqs = _sequences(tokenizer) + [seq for pair in short_pairs for seq in pair.sequences()]
+    model = AutoModelForCausalLM.from_pretrained(tiny["policy"], dtype=torch.float32)
+    expected = naive_logprobs(model, seqs, batch_size=1)
+    cfg = ModelConfig(path=tiny["policy"], token_budget=1024, max_length=512, packing=packing)
+    dense = TorchLogprobEngine(cfg, model=model).logprobs(seqs)
+    flex = TorchLogprobEngine(dataclasses.replace(cfg, tree_attention="flex"), model=model)
+    assert model.config._attn_implementation == "flex_attention" and flex.tree_limit > TREE_MASK_MAX_TOKENS
+    got, real, _ = _with_work(flex.logprobs, seqs)
+    assert got == pytest.approx(expected, abs=1e-4) and got == pytest.approx(dense, abs=1e-4)
+    assert real == sum(len(p) for p in {tuple(p) for p, _ in seqs}) + sum(len(r) for _, r in seqs)
+
+    reward_model = AutoModelForSequenceClassification.from_pretrained(tiny["reward"], dtype=torch.float32).eval()
+    full = [p + r for p, r in seqs]
+    expected = [naive_reward(reward_model, s) for s in full]
+    rewards = TorchRewardEngine(ModelConfig(path=tiny["reward"], tree_attention="flex", packing=packing),
+                                model=reward_model)
+    assert rewards.rewards(full) == pytest.approx(expected, abs=1e-5)
+
+
+def test_flex_attention_refused_by_a_model_in_one_line(tiny):
+    model = AutoModelForCausalLM.from_pretrained(tiny["policy"], dtype=torch.float32)
+
+    def cannot(implementation):
+        raise ValueError("LlamaForCausalLM does not support an attention implementation through torch's "
+                         "flex_attention yet.\nsecond line")
+
+    model.set_attn_implementation = cannot
+    with pytest.raises(ValueError) as e:
+        TorchLogprobEngine(ModelConfig(path=tiny["policy"], tree_attention="flex"), model=model)
+    assert str(e.value).count("\n") == 0 and str(e.value).endswith("use tree_attention: mask")
+
+
 def test_common_prefix_groups_pairs_not_the_shared_system_prompt():
     from mapray.scoring.packing import group_by_common_prefix
 
@@ -256,7 +322,7 @@ def test_prefix_sharing_and_packing_equal_separate_sequences(tiny, attn, tol):
 
 
 def test_tree_mask_stays_inside_a_sliding_window(tiny):
-    from mapray.scoring.torch_engine import TREE_MASK_MAX_TOKENS, tree_mask_limit
+    from mapray.scoring.torch_engine import FLEX_MAX_TOKENS, tree_mask_limit
 
     model = AutoModelForCausalLM.from_pretrained(tiny["policy"])
     cfg = ModelConfig(path=tiny["policy"])
@@ -267,5 +333,9 @@ def test_tree_mask_stays_inside_a_sliding_window(tiny):
     assert tree_mask_limit(cfg, model) == TREE_MASK_MAX_TOKENS
     assert tree_mask_limit(dataclasses.replace(cfg, prefix_sharing=False), model) == TREE_MASK_MAX_TOKENS
     assert tree_mask_limit(dataclasses.replace(cfg, prefix_sharing=False, packing=False), model) == 0
+    model.config._attn_implementation = "flex_attention"  # a block mask: no width^2 tensor, only the window
+    assert tree_mask_limit(cfg, model) == FLEX_MAX_TOKENS
+    model.config.use_sliding_window = True
+    assert tree_mask_limit(cfg, model) == 100
     model.config._attn_implementation = "flash_attention_2"  # takes no custom 4D mask
     assert tree_mask_limit(cfg, model) == 0

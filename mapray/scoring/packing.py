@@ -12,15 +12,27 @@ Several such rows are packed side by side into one row of the batch (block-diago
 another), so a batch is not padded to its longest row. Padding slots at the end of a packed row attend to
 themselves only: a slot that attends to nothing has a NaN softmax, and a NaN value leaks into real rows
 through the next layer's attention (0 x NaN = NaN).
+
+The tree mask comes in two forms (`ModelConfig.tree_attention`): a dense rows x width^2 boolean mask for the
+model's SDPA or eager attention, or a FlexAttention block mask built from the same per-slot ids (a `mask_mod`),
+which holds only which 128 x 128 tiles are empty, full or partly masked: the kernel skips empty tiles (another
+packed row, another response) and no width^2 tensor exists.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
 PROMPT = -1  # branch id of prompt slots; responses are 0, 1, ...
+# FlexAttention's tile: a block-mask row is padded to a multiple of it, so that few distinct widths reach the
+# compiled kernel (each new shape can cost a compile)
+FLEX_BLOCK = 128
 
 
 @dataclass(frozen=True)
@@ -36,8 +48,9 @@ class SharedPromptRow:
 class TreeBatch:
     input_ids: torch.Tensor  # (rows, width)
     position_ids: torch.Tensor  # (rows, width)
-    # tree: (rows, 1, width, width), True where a query slot may attend a key slot; else (rows, width) padding
-    attention_mask: torch.Tensor
+    # tree: (rows, 1, width, width), True where a query slot may attend a key slot, or that mask as a FlexAttention
+    # BlockMask; else (rows, width) padding
+    attention_mask: torch.Tensor | BlockMask
     rows: torch.Tensor  # for every response token: its row,
     slots: torch.Tensor  # the slot whose hidden state predicts it,
     targets: torch.Tensor  # the token itself,
@@ -132,11 +145,15 @@ def plan_rows(rows: list[SharedPromptRow], limit: int,
     return packed, alone
 
 
-def tree_batch(packed: list[list[SharedPromptRow]], tree: bool = True, device: torch.device | str = "cpu") -> TreeBatch:
+def tree_batch(packed: list[list[SharedPromptRow]], tree: bool = True, device: torch.device | str = "cpu",
+               block_mask: bool = False) -> TreeBatch:
     """The batch's tensors for packed rows (each a list of prompt rows side by side). `tree=False` (one
     sequence per packed row) gives a plain 2D padding mask instead of the 4D one. The mask, rows x width^2, is
-    built on `device` from the per-slot ids (no host copy of it to make or transfer)."""
+    built on `device` from the per-slot ids (no host copy of it to make or transfer); `block_mask=True` gives it
+    as a FlexAttention BlockMask instead, the width padded to a multiple of `FLEX_BLOCK`."""
     width = max(sum(len(row) for row in members) for members in packed)
+    if block_mask:
+        width = -(-width // FLEX_BLOCK) * FLEX_BLOCK
     ids = torch.zeros(len(packed), width, dtype=torch.long)
     positions = torch.zeros(len(packed), width, dtype=torch.long)
     # which prompt row a slot belongs to (padding: a unique negative id, so it matches only itself), and its
@@ -171,9 +188,30 @@ def tree_batch(packed: list[list[SharedPromptRow]], tree: bool = True, device: t
     if not tree:
         return TreeBatch(ids, positions, (groups >= 0).long(), *gather)
     groups, branches = groups.to(device), branches.to(device)
+    if block_mask:
+        return TreeBatch(ids, positions, tree_block_mask(groups, branches), *gather)
     slot = torch.arange(width, device=device)
-    causal = slot[:, None] >= slot[None, :]
-    same_row = groups[:, :, None] == groups[:, None, :]
-    same_branch = (branches[:, :, None] == branches[:, None, :]) | (branches[:, None, :] == PROMPT)
-    mask = (causal[None] & same_row & same_branch)[:, None]
+    mask = tree_visible(groups, branches, slot[:, None], slot[None, :], slice(None))[:, None]
     return TreeBatch(ids, positions, mask, *gather)
+
+
+def tree_visible(groups: torch.Tensor, branches: torch.Tensor, q, kv, b) -> torch.Tensor:
+    """Whether query slot `q` of row `b` may attend key slot `kv`: causal, in the same packed prompt row, and
+    in the same response or in the prompt. The dense mask and the block mask's `mask_mod` are this one rule."""
+    same_row = groups[b, q] == groups[b, kv]
+    same_branch = (branches[b, q] == branches[b, kv]) | (branches[b, kv] == PROMPT)
+    return (q >= kv) & same_row & same_branch
+
+
+def tree_block_mask(groups: torch.Tensor, branches: torch.Tensor) -> BlockMask:
+    """The tree mask as a FlexAttention BlockMask over (rows, width) slot ids. On CUDA the tiles are found by a
+    compiled pass that never holds the dense mask; on CPU (tests, small runs) the uncompiled pass does."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rows, width = groups.shape
+
+    def mask_mod(b, h, q, kv):
+        return tree_visible(groups, branches, q, kv, b)
+
+    return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=groups.device,
+                             BLOCK_SIZE=FLEX_BLOCK, _compile=groups.device.type == "cuda")

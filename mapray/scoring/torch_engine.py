@@ -4,10 +4,13 @@ Log-probs never materialise vocabulary-sized logits for prompt positions: the mo
 sequence, then the LM head is applied only to the positions that predict response tokens, `lm_head_chunk`
 positions at a time, with an fp32 logsumexp. A prompt runs once for all of its responses and short rows are
 packed side by side (`mapray.scoring.packing`); rows are length-sorted into batches under a token budget.
+Those rows attend through a dense tree mask (SDPA or eager attention) or, with `tree_attention: flex`, through
+FlexAttention and the same rule as a block mask.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -27,6 +30,9 @@ log = logging.getLogger(__name__)
 
 # 8192^2 mask entries (64 Mi; 128 MiB as a bf16 bias) per row at most; longer sequences go one per row
 TREE_MASK_MAX_TOKENS = 8192
+# a block mask holds (width / 128)^2 tile entries: no practical cap (a 16k-token pair's two responses share
+# their prompt in one row)
+FLEX_MAX_TOKENS = 1 << 20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -46,21 +52,36 @@ def _on_device(auto_class, cfg: ModelConfig, local_path: str | None, model):
     return model.eval(), next(model.parameters()).device
 
 
+def use_tree_attention(cfg: ModelConfig, model) -> None:
+    """Switches `model` to FlexAttention when `cfg.tree_attention` asks for it (one line if it cannot)."""
+    if cfg.tree_attention != "flex" or model.config._attn_implementation == "flex_attention":
+        return
+    try:
+        model.set_attn_implementation("flex_attention")
+    except (ValueError, ImportError) as e:
+        raise ValueError(f"tree_attention: flex needs FlexAttention, which {type(model).__name__} cannot use here "
+                         f"({str(e).splitlines()[0]}); use tree_attention: mask") from e
+
+
 def tree_mask_limit(cfg: ModelConfig, model) -> int:
     """Longest row that may go through the tree-mask path (prefix sharing, packing); 0: none may.
 
-    The tree mask is a custom 4D mask: only the SDPA and eager attention paths take one, and it replaces the
-    model's own mask, so a sliding window would be ignored: rows stay within the window. Its size is
-    rows x width^2 (bool; SDPA turns it into a bias in the model's dtype), hence the cap.
+    The dense tree mask is a custom 4D mask: only the SDPA and eager attention paths take one, and it replaces
+    the model's own mask, so a sliding window would be ignored: rows stay within the window. Its size is
+    rows x width^2 (bool; SDPA turns it into a bias in the model's dtype), hence the cap. The block mask
+    (FlexAttention) has no width^2 tensor: only the window bounds it.
     """
-    if not (cfg.prefix_sharing or cfg.packing) or model.config._attn_implementation not in ("sdpa", "eager"):
+    implementation = model.config._attn_implementation
+    flex = implementation == "flex_attention"
+    if not (cfg.prefix_sharing or cfg.packing) or implementation not in ("sdpa", "eager", "flex_attention"):
         return 0
     text = model.config.get_text_config()
     window = getattr(text, "sliding_window", None)
     layer_types = getattr(text, "layer_types", None)
     uses_window = window and getattr(text, "use_sliding_window", True) and (
         layer_types is None or "sliding_attention" in layer_types)
-    return min(TREE_MASK_MAX_TOKENS, window) if uses_window else TREE_MASK_MAX_TOKENS
+    cap = FLEX_MAX_TOKENS if flex else TREE_MASK_MAX_TOKENS
+    return min(cap, window) if uses_window else cap
 
 
 def run_body(body, model, batch: TreeBatch, tree: bool) -> torch.Tensor:
@@ -70,8 +91,19 @@ def run_body(body, model, batch: TreeBatch, tree: bool) -> torch.Tensor:
         mask = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill(
             ~mask, torch.finfo(model.dtype).min)
     device = next(model.parameters()).device
-    return body(input_ids=batch.input_ids.to(device), attention_mask=mask.to(device),
-                position_ids=batch.position_ids.to(device)).last_hidden_state
+    with one_kernel_per_shape(model, device):
+        return body(input_ids=batch.input_ids.to(device), attention_mask=mask.to(device),
+                    position_ids=batch.position_ids.to(device)).last_hidden_state
+
+
+def one_kernel_per_shape(model, device: torch.device):
+    """How compiled FlexAttention meets a new batch shape. CUDA: torch's default (a second shape recompiles the
+    kernel for any shape). CPU: one kernel per shape, because in torch 2.13 the CPU kernel compiled for any
+    shape does not build (a C++ error on a model's strided q/k/v, seen on the second shape); past torch's
+    recompile limit (8 shapes) FlexAttention runs uncompiled, still exact."""
+    if device.type == "cpu" and model.config._attn_implementation == "flex_attention":
+        return torch._dynamo.config.patch(automatic_dynamic_shapes=False)
+    return contextlib.nullcontext()
 
 
 class TorchLogprobEngine:
@@ -80,6 +112,7 @@ class TorchLogprobEngine:
         from transformers import AutoModelForCausalLM
 
         self.model, self.device = _on_device(AutoModelForCausalLM, cfg, local_path, model)
+        use_tree_attention(cfg, self.model)
         self.body = self.model.base_model
         self.head = self.model.get_output_embeddings()
         text_config = self.model.config.get_text_config()
@@ -90,6 +123,7 @@ class TorchLogprobEngine:
         self.chunk = cfg.lm_head_chunk
         self.prefix_sharing, self.packing = cfg.prefix_sharing, cfg.packing
         self.tree_limit = tree_mask_limit(cfg, self.model)
+        self.block_mask = self.model.config._attn_implementation == "flex_attention"
 
     @torch.inference_mode()
     def logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[float]:
@@ -108,7 +142,7 @@ class TorchLogprobEngine:
         return out
 
     def _score_rows(self, packed: list[list[SharedPromptRow]], tree: bool, out: list[float]) -> None:
-        batch = tree_batch(packed, tree, self.device)
+        batch = tree_batch(packed, tree, self.device, block_mask=tree and self.block_mask)
         hidden = run_body(self.body, self.model, batch, tree)
         rows_t = batch.rows.to(self.device)
         picked = hidden[rows_t, batch.slots.to(self.device)]
@@ -152,8 +186,10 @@ class TorchRewardEngine:
         if self.model.config.num_labels != 1:
             raise ValueError(f"reward model {local_path} has {self.model.config.num_labels} labels, expected 1")
         self.token_budget = cfg.token_budget
+        use_tree_attention(cfg, self.model)
         generic = isinstance(self.model, GenericForSequenceClassification)
         self.tree_limit = tree_mask_limit(cfg, self.model) if generic and cfg.packing else 0
+        self.block_mask = self.model.config._attn_implementation == "flex_attention"
 
     @torch.inference_mode()
     def rewards(self, sequences: list[list[int]]) -> list[float]:
@@ -165,7 +201,7 @@ class TorchRewardEngine:
             rows = [SharedPromptRow([], [(i, s)]) for i, s in enumerate(sequences)]
         packed, alone_rows = plan_rows(rows, self.tree_limit)
         for batch in budget_batches([sum(map(len, members)) for members in packed], self.token_budget):
-            tree = tree_batch([packed[i] for i in batch], device=self.device)
+            tree = tree_batch([packed[i] for i in batch], device=self.device, block_mask=self.block_mask)
             hidden = run_body(self.model.base_model, self.model, tree, True)
             # the head reads each sequence's last token: where the owner changes in the token order
             last = torch.ones(len(tree.owners), dtype=torch.bool)
