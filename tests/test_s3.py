@@ -13,6 +13,7 @@ those of a finished run. A URI mapray cannot use stops the run before Ray starts
 import collections
 import contextlib
 import json
+import math
 import os
 import socket
 import subprocess
@@ -422,3 +423,75 @@ def test_no_cached_listing_hides_another_writers_files(s3):
     assert fs.ls(f"{BUCKET}/listed") == [f"{BUCKET}/listed/a"]
     s3.fs.pipe(f"{BUCKET}/listed/b", b"b")  # another writer
     assert fs.exists(f"{BUCKET}/listed/b") and fs.cat(f"{BUCKET}/listed/b") == b"b"
+
+
+# --- self-play on object storage: prompts in, generated/ and every result out, then an evolve round ---
+
+def test_selfplay_then_evolve_read_and_publish_on_s3(s3, tiny, smollm2, tmp_path, monkeypatch):
+    """Prompts on s3 -> `mapray selfplay` publishes generated/ + generated.json and the scored round there; the
+    samples are then current on s3 (asking again samples nothing); `mapray evolve --from s3://...` ranks that
+    round's scored/ from s3, rewrites its best prompts (SmolLM2 on vLLM, as the policy) and publishes round 1
+    beside it: every rewrite scored or set aside with its reason, the lineage pointing at round 0. (The kill and
+    resume of a self-play run are tested on a local output: tests/test_selfplay.py.)"""
+    pytest.importorskip("vllm")
+    from mapray.selfplay import generate
+
+    fs = s3.fs
+    prompts = [json.loads(line)["prompt"] for line in UF.read_text().splitlines()[:5]]
+    lines = [json.dumps({"prompt": p}) for p in prompts] + ["{not json"]
+    fs.pipe(f"{BUCKET}/sp/prompts.jsonl", ("\n".join(lines) + "\n").encode())
+    round0, round1 = f"{BUCKET}/sp/round0", f"{BUCKET}/sp/round1"
+    config = tmp_path / "selfplay.yaml"
+    config.write_text(json.dumps({
+        "input": {"uri": f"s3://{BUCKET}/sp/prompts.jsonl"}, "output": f"s3://{round0}",
+        "policy": {"path": smollm2, "max_length": 512, "batch_size": 4, "cpus_per_actor": 1},
+        "reward": {"source": "model", "model": {"path": tiny["reward"], "max_length": 512, "cpus_per_actor": 0.5}},
+        "generation": {"n": 2, "max_tokens": 16, "seed": 7},
+        "evolve": {"strategies": ["deepen", "constraints"], "top_fraction": 0.4, "max_tokens": 64},
+        "metric": {"alpha": 2.5}, "selection": {"ratio": 0.5}}))
+
+    run = mapray("selfplay", "--config", str(config), env=s3.env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    marker = json.loads(fs.cat(f"{round0}/generated.json"))
+    generated = pq.read_table(f"{round0}/generated", filesystem=fs).to_pylist()
+    out = read_output(fs, round0)
+    assert marker["prompts"] == len(generated) == len(lines) and marker == out["manifest"]["generation"]
+    sampled = [r for r in generated if r["generation_error"] is None]
+    assert sorted(r["prompt"][0]["content"] for r in sampled) == sorted(prompts)
+    assert all(len(r["all_generated_responses"]) == 2 for r in sampled)
+    scored = out["scored"].to_pylist()
+    reasons = out["rejects"]["reason"].to_pylist()
+    assert len(scored) + len(reasons) == len(lines) and len(scored) >= 3  # every line once
+    assert any(r.startswith("prompt: invalid JSON") for r in reasons)
+    assert len(out["selected"]) == len(scored) // 2
+    assert not [k for k in fs.find(f"{BUCKET}/sp") if "/_staging/" in k and not k.endswith("/_staging/")]
+    for key, value in s3.env.items():  # this process reads s3 as the runs did
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)
+    assert generate(load_config(str(config))) == marker  # current on s3: returned, nothing sampled
+
+    evolved_run = mapray("evolve", "--from", f"s3://{round0}", "--config", str(config), "--set",
+                         f"output=s3://{round1}", env=s3.env)
+    assert evolved_run.returncode == 0, evolved_run.stderr[-3000:]
+    nxt = read_output(fs, round1)
+    top = math.ceil(0.4 * len(scored))
+    best = [r["prompt_id"] for r in sorted(scored, key=lambda r: (-r["map"], r["prompt_id"]))[:top]]
+    evolved = pq.read_table(f"{round1}/evolved", filesystem=fs).to_pylist()
+    assert len(evolved) == 2 * top and sorted(r["evolved_from"] for r in evolved) == sorted(best * 2)
+    assert {r["evolve_strategy"] for r in evolved} == {"deepen", "constraints"}
+    for row in evolved:
+        kept = row["evolve_error"] is None
+        assert kept == (row["prompt"] is not None)
+        if kept:
+            assert 0 < len(row["prompt"]) <= 5 * len(row["original"])
+        else:
+            assert row["evolve_error"].startswith("evolve: ")
+    lineage = nxt["manifest"]["lineage"]
+    assert lineage["round"] == 1 and lineage["parent"]["run_id"] == out["manifest"]["run_id"]
+    assert lineage["parent"]["output"].endswith(round0) and lineage["evolve"]["rewrites"] == 2 * top
+    assert nxt["manifest"]["counts"]["input"] == 2 * top  # every rewrite once: scored, or set aside with its reason
+    scored1 = nxt["scored"].to_pylist()
+    assert all(r["evolved_from"] in best and r["evolve_round"] == 1 for r in scored1)
+    rejected1 = nxt["rejects"]["reason"].to_pylist()
+    assert all(r["evolve_error"] in rejected1 for r in evolved if r["evolve_error"] is not None)
+    assert len(scored1) + len(rejected1) == 2 * top

@@ -75,7 +75,7 @@ def test_packed_rewards_equal_one_sequence_at_a_time(tiny, attn):
                                                                attn_implementation=attn).eval()
     expected = [naive_reward(model, s) for s in seqs]
     engine = TorchRewardEngine(ModelConfig(path=tiny["reward"], token_budget=512), model=model)
-    got, real, _ = _with_work(engine.rewards, seqs)
+    got, real, _, _ = _with_work(engine.rewards, seqs)
     assert got == pytest.approx(expected, abs=1e-9 if attn == "sdpa" else 1e-5)
     # each question's templated prompt is computed once for its five answers (or more: a common prefix)
     prompts = [enc.encode_pair([{"role": "user", "content": f"question {k}"}], assistant("a"), assistant("b")).chosen[0]
@@ -182,8 +182,7 @@ def test_block_mask_is_the_tree_mask_and_skips_the_tiles_nobody_sees():
     assert computed < 2 * tiles * (tiles + 1) // 2
 
 
-@pytest.mark.parametrize("packing", [True, False])
-def test_flex_attention_gives_the_values_of_separate_sequences(tiny, packing):
+def test_flex_attention_gives_the_values_of_separate_sequences(tiny):
     """FlexAttention over the block mask (tree_attention: flex) against one sequence at a time, and against the
     dense mask's values; float32 (FlexAttention on CPU takes no float64)."""
     tokenizer = AutoTokenizer.from_pretrained(tiny["policy"])
@@ -193,19 +192,20 @@ def test_flex_attention_gives_the_values_of_separate_sequences(tiny, packing):
     seqs = _sequences(tokenizer) + [seq for pair in short_pairs for seq in pair.sequences()]
     model = AutoModelForCausalLM.from_pretrained(tiny["policy"], dtype=torch.float32)
     expected = naive_logprobs(model, seqs, batch_size=1)
-    cfg = ModelConfig(path=tiny["policy"], token_budget=1024, max_length=512, packing=packing)
+    cfg = ModelConfig(path=tiny["policy"], token_budget=1024, max_length=512)
     dense = TorchLogprobEngine(cfg, model=model).logprobs(seqs)
     flex = TorchLogprobEngine(dataclasses.replace(cfg, tree_attention="flex"), model=model)
     assert model.config._attn_implementation == "flex_attention" and flex.tree_limit > TREE_MASK_MAX_TOKENS
-    got, real, _ = _with_work(flex.logprobs, seqs)
+    got, real, _, shapes = _with_work(flex.logprobs, seqs)
     assert got == pytest.approx(expected, abs=1e-4) and got == pytest.approx(dense, abs=1e-4)
     assert real == sum(len(p) for p in {tuple(p) for p, _ in seqs}) + sum(len(r) for _, r in seqs)
+    # packed up to the token budget (a block mask costs the tiles used): one row, whole tiles
+    assert shapes == [(1, -(-real // 128) * 128)] and real <= cfg.token_budget
 
     reward_model = AutoModelForSequenceClassification.from_pretrained(tiny["reward"], dtype=torch.float32).eval()
     full = [p + r for p, r in seqs]
     expected = [naive_reward(reward_model, s) for s in full]
-    rewards = TorchRewardEngine(ModelConfig(path=tiny["reward"], tree_attention="flex", packing=packing),
-                                model=reward_model)
+    rewards = TorchRewardEngine(ModelConfig(path=tiny["reward"], tree_attention="flex"), model=reward_model)
     assert rewards.rewards(full) == pytest.approx(expected, abs=1e-5)
 
 
@@ -271,25 +271,27 @@ def test_plan_rows_packs_what_fits_and_sends_the_rest_alone():
     three = SharedPromptRow([8], [(4, [9, 9])])
     packed, _ = plan_rows(rows[:1] + rows[2:] + [three], limit=10)  # packed up to the longest row
     assert [[len(r) for r in members] for members in packed] == [[8], [3, 2]]
+    packed, _ = plan_rows(rows, limit=10, capacity=20)  # the block mask's layout: up to the token budget
+    assert [[len(r) for r in members] for members in packed] == [[10, 8, 2]]
     packed, alone = plan_rows(rows, limit=0)  # no tree mask: every response alone
     assert packed == [] and sorted(r.responses[0][0] for r in alone) == [0, 1, 2, 3]
 
 
 def _with_work(score, seqs):
-    """score(seqs), the real tokens its tree batches held and the slots (rows x width) they took."""
+    """score(seqs), the real tokens its tree batches held, the slots (rows x width) they took, and their shapes."""
     from mapray.scoring import torch_engine
 
-    real, slots = [], []
+    real, shapes = [], []
 
     def recording(packed, *args, **kwargs):
         batch = build(packed, *args, **kwargs)
         real.append(sum(len(row) for members in packed for row in members))
-        slots.append(batch.input_ids.numel())
+        shapes.append(tuple(batch.input_ids.shape))
         return batch
 
     build, torch_engine.tree_batch = torch_engine.tree_batch, recording
     try:
-        return score(seqs), sum(real), sum(slots)
+        return score(seqs), sum(real), sum(r * w for r, w in shapes), shapes
     finally:
         torch_engine.tree_batch = build
 
@@ -310,7 +312,7 @@ def test_prefix_sharing_and_packing_equal_separate_sequences(tiny, attn, tol):
     work = {}
     for sharing, packing in [(True, True), (True, False), (False, True), (False, False)]:
         engine = TorchLogprobEngine(dataclasses.replace(cfg, prefix_sharing=sharing, packing=packing), model=model)
-        got, real, slots = _with_work(engine.logprobs, seqs)
+        got, real, slots, _ = _with_work(engine.logprobs, seqs)
         assert got == pytest.approx(expected, abs=tol), (sharing, packing)
         assert real == (prompts_once if sharing else every_prompt)  # each distinct prompt once
         work[sharing, packing] = slots

@@ -134,14 +134,19 @@ def pack(rows: list[SharedPromptRow], capacity: int) -> list[list[SharedPromptRo
     return [members for _, members in bins]
 
 
-def plan_rows(rows: list[SharedPromptRow], limit: int,
-              packing: bool = True) -> tuple[list[list[SharedPromptRow]], list[SharedPromptRow]]:
+def plan_rows(rows: list[SharedPromptRow], limit: int, packing: bool = True,
+              capacity: int = 0) -> tuple[list[list[SharedPromptRow]], list[SharedPromptRow]]:
     """The tree-mask path's packed rows (rows of at most `limit` tokens side by side, or one each without
-    `packing`) and the rest: every response of a longer row on its own (a limit of 0: all of them)."""
+    `packing`) and the rest: every response of a longer row on its own (a limit of 0: all of them).
+
+    A packed row holds up to `capacity` tokens, or the longest row's length if that is more. The dense mask's
+    cost grows with width^2, so it packs to the longest row (capacity 0); a block mask's attention costs only
+    the tiles its rows use, so the FlexAttention path packs up to the token budget: fewer, wider rows, one
+    padded tail each."""
     rows = split_long(rows, limit)
     fits = [row for row in rows if len(row) <= limit]
     alone = [SharedPromptRow(row.prompt, [item]) for row in rows if len(row) > limit for item in row.responses]
-    packed = pack(fits, max(map(len, fits))) if packing and fits else [[row] for row in fits]
+    packed = pack(fits, max(capacity, *map(len, fits))) if packing and fits else [[row] for row in fits]
     return packed, alone
 
 

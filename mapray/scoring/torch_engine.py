@@ -84,6 +84,14 @@ def tree_mask_limit(cfg: ModelConfig, model) -> int:
     return min(cap, window) if uses_window else cap
 
 
+def block_mask_layout(cfg: ModelConfig, model) -> tuple[bool, int]:
+    """Whether tree rows get a block mask (the model runs on FlexAttention), and the width rows are packed up
+    to: the token budget for a block mask (its cost is the tiles used, not width^2), the longest row (0) for
+    the dense one."""
+    flex = model.config._attn_implementation == "flex_attention"
+    return flex, cfg.token_budget if flex else 0
+
+
 def run_body(body, model, batch: TreeBatch, tree: bool) -> torch.Tensor:
     """The model body's last hidden states over a tree (or plain padded) batch."""
     mask = batch.attention_mask
@@ -123,7 +131,7 @@ class TorchLogprobEngine:
         self.chunk = cfg.lm_head_chunk
         self.prefix_sharing, self.packing = cfg.prefix_sharing, cfg.packing
         self.tree_limit = tree_mask_limit(cfg, self.model)
-        self.block_mask = self.model.config._attn_implementation == "flex_attention"
+        self.block_mask, self.pack_to = block_mask_layout(cfg, self.model)
 
     @torch.inference_mode()
     def logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[float]:
@@ -132,7 +140,7 @@ class TorchLogprobEngine:
             rows = group_by_prompt(sequences)
         else:
             rows = [SharedPromptRow(prompt, [(i, response)]) for i, (prompt, response) in enumerate(sequences)]
-        packed, alone = plan_rows(rows, self.tree_limit, self.packing)
+        packed, alone = plan_rows(rows, self.tree_limit, self.packing, self.pack_to)
         # a sequence too long for the tree mask (or a model that cannot take one) is a row of its own with a
         # plain padding mask: no width^2 mask, and SDPA may pick its flash kernel
         for rows_, tree in ((packed, True), ([[row] for row in alone], False)):
@@ -189,7 +197,7 @@ class TorchRewardEngine:
         use_tree_attention(cfg, self.model)
         generic = isinstance(self.model, GenericForSequenceClassification)
         self.tree_limit = tree_mask_limit(cfg, self.model) if generic and cfg.packing else 0
-        self.block_mask = self.model.config._attn_implementation == "flex_attention"
+        self.block_mask, self.pack_to = block_mask_layout(cfg, self.model)
 
     @torch.inference_mode()
     def rewards(self, sequences: list[list[int]]) -> list[float]:
@@ -199,7 +207,7 @@ class TorchRewardEngine:
             rows = group_by_common_prefix(sequences)
         else:
             rows = [SharedPromptRow([], [(i, s)]) for i, s in enumerate(sequences)]
-        packed, alone_rows = plan_rows(rows, self.tree_limit)
+        packed, alone_rows = plan_rows(rows, self.tree_limit, capacity=self.pack_to)
         for batch in budget_batches([sum(map(len, members)) for members in packed], self.token_budget):
             tree = tree_batch([packed[i] for i in batch], device=self.device, block_mask=self.block_mask)
             hidden = run_body(self.model.base_model, self.model, tree, True)
