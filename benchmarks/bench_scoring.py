@@ -191,10 +191,21 @@ def run_method(method: str, path: str | None, model, args, seqs):
 
 
 def timed(method: str, path: str | None, model, args, seqs):
-    """run_method, leaving the shared model's attention as it found it (a flex engine switches it)."""
+    """run_method, leaving the shared model's attention as it found it (a flex engine switches it); also
+    whether FlexAttention ran uncompiled at some point (torch's recompile limit reached: it then materialises
+    the scores, and the row's speed is not the compiled kernel's)."""
+    import warnings
+
+    from torch.nn.attention import flex_attention
+
     attention = model.config._attn_implementation
+    getattr(flex_attention, "_WARNINGS_SHOWN", set()).clear()  # torch warns once per process: once per method
     try:
-        return run_method(method, path, model, args, seqs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            values, elapsed = run_method(method, path, model, args, seqs)
+        uncompiled = any("flex_attention called without torch.compile" in str(w.message) for w in caught)
+        return values, elapsed, uncompiled
     finally:
         if model.config._attn_implementation != attention:
             model.set_attn_implementation(attention)
@@ -268,15 +279,19 @@ def run_case(args, path: str | None, model, case: dict) -> None:
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     # the exactness reference: the same weights, one sequence at a time, float64 log_softmax (untimed)
     check = seqs[: 2 * args.check_pairs]
-    reference = naive_logprobs(model, check, batch_size=1, softmax_dtype=torch.float64)
-    tokens = sequence_tokens(seqs)
     common = {"device": device_name, "model": args.shape or args.model, "dtype": args.dtype,
               "lengths": (args.lengths or ("exact" if args.exact_lengths else "drawn")) if args.shape else args.data,
               "token_budget": args.token_budget, "pairs": len(seqs) // 2, **({"case": case} if case else {})}
+    try:
+        reference = naive_logprobs(model, check, batch_size=1, softmax_dtype=torch.float64)
+    except torch.cuda.OutOfMemoryError as e:  # the rows still time; their check is missing, and says why
+        reference, common["reference_error"] = [], f"out of memory: {str(e).splitlines()[0][:200]}"
+        torch.cuda.empty_cache()
+    tokens = sequence_tokens(seqs)
     # vLLM's CPU backend drops the process's torch threads to 1 when it starts: it runs last
     for method in sorted(args.methods.split(","), key=lambda m: m == "vllm"):
         try:
-            values, elapsed = timed(method, path, model, args, seqs)
+            values, elapsed, uncompiled = timed(method, path, model, args, seqs)
         except Exception as e:  # a method that cannot fit or compile is a result, not the end of the run
             error = "out of memory" if isinstance(e, torch.cuda.OutOfMemoryError) else type(e).__name__
             print(json.dumps({**common, "method": method, "error": f"{error}: {str(e).splitlines()[0][:300]}"}),
@@ -293,6 +308,7 @@ def run_case(args, path: str | None, model, case: dict) -> None:
             # CPU: the process's peak resident memory so far (weights included): one method per run to compare
             "peak_rss_gib": None if torch.cuda.is_available() else round(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            **({"flex_uncompiled": True} if uncompiled else {}),
         }
         if args.peak_tflops:
             peak = args.peak_tflops * 1e12

@@ -13,7 +13,7 @@
 # gets the smaller of its own limit and what is left, most important first, so a cut loses the least. Every
 # result line is appended to $OUT as its method finishes: a timeout keeps what finished. steps.jsonl says how
 # each step ended. The pipeline step needs Ray: .gpu-bundle/ (../shared/tools/gpu-ray-bundle.sh) on the GPU
-# machine, the Python in use elsewhere. GPU_RUN_SKIP="pipeline extra" leaves out steps by their first word.
+# machine, the Python in use elsewhere. GPU_RUN_SKIP leaves out steps, by name ("core-1b") or kind ("extra").
 set -u
 tiny=0; [ "${1:-}" = --tiny ] && tiny=1
 export out=${OUT:-gpu-results} py=${PYTHON:-python3} tiny
@@ -24,7 +24,7 @@ deadline=$((SECONDS + ${GPU_RUN_SECONDS:-420}))
 step() {  # name, seconds it may take, then a command (a function below or a program) and its arguments
   local name=$1 want=$2 left=$((deadline - SECONDS)) start=$SECONDS rc
   shift 2
-  if [[ " ${GPU_RUN_SKIP:-} " == *" ${name%% *} "* ]]; then
+  if [[ " ${GPU_RUN_SKIP:-} " == *" $name "* || " ${GPU_RUN_SKIP:-} " == *" ${name%%-*} "* ]]; then
     rc='"skipped"'
   elif [ "$left" -lt 15 ]; then
     rc='"no time left"'
@@ -85,8 +85,8 @@ export -f bench pipeline
 export pipeline_pairs
 
 # limits: 15 s for the peak, then 150 + 45 + 75 + 130 = 400 s for the four steps that matter most
-step "core $big" 150 bench "$big" "$pairs_big" "$out/plan-core.jsonl"
-step "long $big" 45 bench "$big" 2 "$out/plan-long.jsonl"
-[ -n "$small" ] && step "core $small" 75 bench "$small" "$pairs_small" "$out/plan-core.jsonl"
+step "core-$big" 150 bench "$big" "$pairs_big" "$out/plan-core.jsonl"
+step "long-$big" 45 bench "$big" 2 "$out/plan-long.jsonl"
+[ -n "$small" ] && step "core-$small" 75 bench "$small" "$pairs_small" "$out/plan-core.jsonl"
 step pipeline "$pipeline_s" pipeline
-step "extra $big" 120 bench "$big" "$pairs_big" "$out/plan-extra.jsonl"
+step "extra-$big" 120 bench "$big" "$pairs_big" "$out/plan-extra.jsonl"

@@ -75,9 +75,9 @@ class ModelConfig:
     lm_head_chunk: int = 4096  # response positions per LM-head chunk (bounds the vocab-sized logits)
     prefix_sharing: bool = True  # torch engine: a pair's prompt runs once for both responses (tree mask)
     packing: bool = True  # torch engine: short sequences side by side in one row of a batch, not padded
-    # torch engine: how sharing/packing rows attend. mask: a dense rows x width^2 mask through SDPA (any
-    # device, rows up to 8,192 tokens); flex: PyTorch FlexAttention with a block-sparse mask (tiles no query
-    # sees are skipped; compiled on first use; CPU: float32/bfloat16 only). The same values either way.
+    # torch engine: how sharing/packing rows attend. mask: a dense rows x width^2 mask through SDPA (rows up to
+    # 8,192 tokens, packed to the longest); flex: PyTorch FlexAttention with a block mask (tiles no query sees
+    # are skipped, rows packed up to token_budget; compiled on first use). The same values either way.
     tree_attention: Literal["mask", "flex"] = "mask"
     chat_template: str | None = None  # overrides the tokenizer's template (Jinja text)
     batch_size: int = 64  # rows per Ray Data batch sent to an actor

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,7 +93,7 @@ def test_gpu_run_script_runs_its_plans_on_the_tiny_shape(tmp_path):
     """What a lent GPU session runs, end to end on the CPU (the pipeline step, ~2 min here, is run by hand:
     benchmarks/README.md)."""
     out, steps = _gpu_run(tmp_path, GPU_RUN_SKIP="pipeline extra")
-    assert steps == [("core tiny", 0), ("long tiny", 0), ("pipeline", "skipped"), ("extra tiny", "skipped")]
+    assert steps == [("core-tiny", 0), ("long-tiny", 0), ("pipeline", "skipped"), ("extra-tiny", "skipped")]
     rows = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     plan = [json.loads(line) for line in (out / "plan-core.jsonl").read_text().splitlines()]
     long_case = json.loads((out / "plan-long.jsonl").read_text())
@@ -109,9 +110,20 @@ def test_gpu_run_script_runs_its_plans_on_the_tiny_shape(tmp_path):
     long_rows = [r for r in rows if r.get("case") == long_case]
     assert [r["method"] for r in long_rows] == ["torch", "torch-flex", "naive"]
     assert all(r["pairs"] == 2 and r["tokens"] == 2 * 2 * (64 + 600) for r in long_rows)
+    # the README's tables, one per case, speed-ups against the same case's naive row
+    blocks = subprocess.run([sys.executable, "benchmarks/tabulate.py", str(out / "bench.jsonl")], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.strip().split("\n\n")
+    titles, tables = blocks[0::2], blocks[1::2]  # a bold title, then its table
+    assert len(titles) == len(tables) == len(plan) + 1 and all(t.startswith("**tiny, 6 pairs") for t in titles[:-1])
+    first = {line.split(" | ")[0][2:]: line.split(" | ") for line in tables[0].splitlines() if line.startswith("| ")}
+    assert set(first) == {"method"} | set(plan[0]["methods"].split(","))
+    naive, flex = (float(first[m][1]) for m in ("naive", "torch-flex"))
+    assert first["naive"][2] == "1.00×" and float(first["torch-flex"][2][:-1]) == pytest.approx(flex / naive, rel=0.02)
+    assert titles[len(plan) - 1].endswith("token budget 65,536, lm_head_chunk 16,384**")
 
 
-def test_gpu_run_script_stops_at_its_time_limit(tmp_path):
-    out, steps = _gpu_run(tmp_path, GPU_RUN_SECONDS="1")
-    assert [rc for _, rc in steps] == ["no time left"] * 4
+def test_gpu_run_script_stops_at_its_time_limit_and_skips_by_name(tmp_path):
+    out, steps = _gpu_run(tmp_path, GPU_RUN_SECONDS="1", GPU_RUN_SKIP="long-tiny")
+    assert steps == [("core-tiny", "no time left"), ("long-tiny", "skipped"), ("pipeline", "no time left"),
+                     ("extra-tiny", "no time left")]
     assert not (out / "bench.jsonl").exists()

@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
 PROMPT = -1  # branch id of prompt slots; responses are 0, 1, ...
-# FlexAttention's tile: a block-mask row is padded to a multiple of it, so that few distinct widths reach the
-# compiled kernel (each new shape can cost a compile)
+# FlexAttention's tile (its default): a block-mask row is padded to whole tiles, fewer distinct widths for the
+# compiled kernel to meet
 FLEX_BLOCK = 128
 
 
@@ -196,11 +196,11 @@ def tree_batch(packed: list[list[SharedPromptRow]], tree: bool = True, device: t
     if block_mask:
         return TreeBatch(ids, positions, tree_block_mask(groups, branches), *gather)
     slot = torch.arange(width, device=device)
-    mask = tree_visible(groups, branches, slot[:, None], slot[None, :], slice(None))[:, None]
+    mask = tree_visible(groups, branches, slice(None), slot[:, None], slot[None, :])[:, None]
     return TreeBatch(ids, positions, mask, *gather)
 
 
-def tree_visible(groups: torch.Tensor, branches: torch.Tensor, q, kv, b) -> torch.Tensor:
+def tree_visible(groups: torch.Tensor, branches: torch.Tensor, b, q, kv) -> torch.Tensor:
     """Whether query slot `q` of row `b` may attend key slot `kv`: causal, in the same packed prompt row, and
     in the same response or in the prompt. The dense mask and the block mask's `mask_mod` are this one rule."""
     same_row = groups[b, q] == groups[b, kv]
@@ -216,7 +216,7 @@ def tree_block_mask(groups: torch.Tensor, branches: torch.Tensor) -> BlockMask:
     rows, width = groups.shape
 
     def mask_mod(b, h, q, kv):
-        return tree_visible(groups, branches, q, kv, b)
+        return tree_visible(groups, branches, b, q, kv)
 
     return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=groups.device,
                              BLOCK_SIZE=FLEX_BLOCK, _compile=groups.device.type == "cuda")
