@@ -59,7 +59,7 @@ def bare(args, threads: int, output: str) -> dict:
     p = plan(cfg)
     with open(DATA, "rb") as f:
         lines = [line.rstrip(b"\n") for _, line in zip(range(args.pairs), f)]
-    table = Normalizer(p.spec)(pa.table({LINE: pa.array(lines, pa.binary()),
+    table = Normalizer(p.shape.spec)(pa.table({LINE: pa.array(lines, pa.binary()),
                                          C.SOURCE: pa.array([str(DATA)] * len(lines))}))
     model_pass_at = time.perf_counter()  # as in the pipeline: model load, stages, row metrics, the write
     stage = LogprobStage(cfg.policy, role="policy")  # sets torch threads to ceil(cpus_per_actor) = threads

@@ -33,7 +33,8 @@ import numpy as np
 import pyarrow as pa
 
 from mapray import columns as C
-from mapray.config import ConfigError, ModelConfig
+from mapray.config import ModelConfig
+from mapray.errors import ConfigError
 from mapray.uris import move_folder
 
 COMPLETE = "_complete"  # written into a generation once all of its files are in place

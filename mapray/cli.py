@@ -6,21 +6,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import sys
 import typing
 from importlib import resources
 
 from mapray import __version__
-from mapray.config import (
-    DEFAULT_RATIO,
-    ConfigError,
-    RayConfig,
-    SelectionConfig,
-    SelectionMetric,
-    load_config,
-    validate_selection,
-)
+from mapray.config import DEFAULT_RATIO, RayConfig, SelectionConfig, SelectionMetric, check_alpha, load_config
+from mapray.errors import ConfigError
+from mapray.typed_config import build
 
 DEMO_CONFIG = "demo.yaml"
 
@@ -139,10 +132,15 @@ def main(argv: list[str] | None = None) -> int:
             output, manifest = args.output, _select(args)
         elif args.verb in ("selfplay", "evolve"):
             cfg = load_config(args.config, args.set, base=_SELFPLAY_INPUT if args.verb == "evolve" else None)
-            from mapray.selfplay import evolve, selfplay
-
             output = cfg.output
-            manifest = selfplay(cfg) if args.verb == "selfplay" else evolve(cfg, args.source)
+            if args.verb == "selfplay":
+                from mapray.generation.run import selfplay
+
+                manifest = selfplay(cfg)
+            else:
+                from mapray.generation.evolve import evolve
+
+                manifest = evolve(cfg, args.source)
         else:
             cfg = _run_config(args)
             from mapray.pipeline import score
@@ -187,10 +185,9 @@ def _select(args) -> dict:
     """Checks the arguments as `score` checks a config (before Ray starts), then reselects."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SelectionConfig)
              if getattr(args, f.name, None) is not None}  # unset flags take SelectionConfig's defaults
-    sel = SelectionConfig(**given)
-    validate_selection(sel, key=lambda name: "--" + name.replace("_", "-"))
-    if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha >= 0):
-        raise ConfigError(f"--alpha: must be a finite number >= 0, got {args.alpha}")
+    sel = build(SelectionConfig, lambda name: "--" + name.replace("_", "-"), **given)
+    if args.alpha is not None:
+        check_alpha(args.alpha, "--alpha")
     from mapray.pipeline import reselect
 
     return reselect(args.output, sel, args.alpha)

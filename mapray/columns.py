@@ -9,6 +9,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 PAIR_ID = "pair_id"
+INTERNAL_PREFIX = "_m_"  # mapray's own columns between steps; never handed out
 
 # internal, dropped from scored/ (which carries them as TRL's prompt / chosen / rejected instead)
 PROMPT = "_m_prompt"  # JSON: a string (standard) or a list of {role, content} (conversational)
@@ -39,33 +40,54 @@ TRL_COLUMNS = ("prompt", "chosen", "rejected")
 CANDIDATE_REWARDS_OUT = "candidate_rewards"  # N-candidates runs: aligned with the input's list of responses
 ORIGINAL_PREFIX = "original_"  # an input column named like a TRL column, in another shape, is kept under this
 
-# public, added to every scored row in this order
+# public, added to every scored row in this order (the names every module and the report read)
+REWARD_CHOSEN, REWARD_REJECTED = "reward_chosen", "reward_rejected"
+EXPLICIT_MARGIN = "explicit_margin"
+CHOSEN_LOGPS, REJECTED_LOGPS = "chosen_logps", "rejected_logps"
+CHOSEN_TOKENS, REJECTED_TOKENS = "chosen_tokens", "rejected_tokens"
+CHOSEN_TRUNCATED, REJECTED_TRUNCATED = "chosen_truncated", "rejected_truncated"
+REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS = "ref_chosen_logps", "ref_rejected_logps"
+IMPLICIT_REWARD_CHOSEN, IMPLICIT_REWARD_REJECTED = "implicit_reward_chosen", "implicit_reward_rejected"
+IMPLICIT_MARGIN = "implicit_margin"
+# the MAP forms (formulas in `mapray.metrics.map_forms`), computed by the selection from the pool and alpha
+MAP, MAP_UNREG, MAP_Z = "map", "map_unreg", "map_z"
+MAP_FORMS = (MAP, MAP_UNREG, MAP_Z)
+SELECTED = "selected"
+
 SCORED = {
     PAIR_ID: pa.string(),
-    "reward_chosen": pa.float64(),
-    "reward_rejected": pa.float64(),
-    "explicit_margin": pa.float64(),
-    "chosen_logps": pa.float64(),
-    "rejected_logps": pa.float64(),
-    "chosen_tokens": pa.int64(),
-    "rejected_tokens": pa.int64(),
-    "chosen_truncated": pa.bool_(),
-    "rejected_truncated": pa.bool_(),
-    "ref_chosen_logps": pa.float64(),
-    "ref_rejected_logps": pa.float64(),
-    "implicit_reward_chosen": pa.float64(),
-    "implicit_reward_rejected": pa.float64(),
-    "implicit_margin": pa.float64(),
-    "map": pa.float64(),
-    "map_unreg": pa.float64(),
-    "map_z": pa.float64(),
-    "selected": pa.bool_(),
+    REWARD_CHOSEN: pa.float64(),
+    REWARD_REJECTED: pa.float64(),
+    EXPLICIT_MARGIN: pa.float64(),
+    CHOSEN_LOGPS: pa.float64(),
+    REJECTED_LOGPS: pa.float64(),
+    CHOSEN_TOKENS: pa.int64(),
+    REJECTED_TOKENS: pa.int64(),
+    CHOSEN_TRUNCATED: pa.bool_(),
+    REJECTED_TRUNCATED: pa.bool_(),
+    REF_CHOSEN_LOGPS: pa.float64(),
+    REF_REJECTED_LOGPS: pa.float64(),
+    IMPLICIT_REWARD_CHOSEN: pa.float64(),
+    IMPLICIT_REWARD_REJECTED: pa.float64(),
+    IMPLICIT_MARGIN: pa.float64(),
+    MAP: pa.float64(),
+    MAP_UNREG: pa.float64(),
+    MAP_Z: pa.float64(),
+    SELECTED: pa.bool_(),
 }
+SELECTION_COLUMNS = (*MAP_FORMS, SELECTED)  # what the selection adds; the rest of SCORED is the scorer's
 
+# rejects/: why a row was set aside, at which step, where it came from (file:line) and the input row as JSON
+REASON, STAGE, SOURCE_OUT, RAW_OUT = "reason", "stage", "source", "raw"
 REJECTS_SCHEMA = pa.schema([
-    (PAIR_ID, pa.string()), ("reason", pa.string()), ("stage", pa.string()), ("source", pa.string()),
-    ("raw", pa.string()),
+    (PAIR_ID, pa.string()), (REASON, pa.string()), (STAGE, pa.string()), (SOURCE_OUT, pa.string()),
+    (RAW_OUT, pa.string()),
 ])
+# the same, as the Python API's scored rows carry them (null on a good row): `mapray.api.split_rejects` turns a
+# scored Dataset's rejected rows into rejects/ rows
+REJECT_PREFIX = "reject_"
+REJECT_COLUMNS = {REJECT_PREFIX + name: pa.string() for name in (REASON, STAGE, SOURCE_OUT, RAW_OUT)}
+REJECT_REASON = REJECT_PREFIX + REASON
 
 
 def require(table: pa.Table, names: list[str], stage: str) -> None:

@@ -1,7 +1,8 @@
 """Every input format -> one canonical pair, or a specific reason to set the row aside.
 
 Pure Python, no Ray: `normalize_record` takes one input row (a dict) and returns a `Pair` or raises
-`RejectRow` whose message is the reason written to `rejects/`.
+`RejectRow` whose message is the reason written to `rejects/`. (Over 300 lines: the four readers share their field
+checks and reasons, and a reason read beside its siblings is the one a user will see.)
 
 The pair is TRL's explicit-prompt form (`trl/docs/source/dataset_formats.md`), standard or conversational:
 - standard: `prompt`, `chosen`, `rejected` strings. Without a `prompt` field the prompt is implicit: the longest

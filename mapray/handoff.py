@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from trl import DPOTrainer
 
-REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+from mapray import columns as C
+
+REF_COLUMNS = (C.REF_CHOSEN_LOGPS, C.REF_REJECTED_LOGPS)
 
 
 class MaprayDPOTrainer(DPOTrainer):

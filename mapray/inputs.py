@@ -16,7 +16,8 @@ import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
 from mapray import columns as C
-from mapray.config import ConfigError, InputConfig
+from mapray.config import InputConfig
+from mapray.errors import ConfigError
 from mapray.uris import is_local, reachable
 
 PARQUET = (".parquet", ".pq")

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mapray import columns as C
+
 
 def explicit_margin(reward_chosen: np.ndarray, reward_rejected: np.ndarray) -> np.ndarray:
     return np.asarray(reward_chosen, dtype=np.float64) - np.asarray(reward_rejected, dtype=np.float64)
@@ -140,8 +142,8 @@ def seeded_uniform(pair_ids: list[str], seed: int) -> np.ndarray:
 def map_forms(m_ex: np.ndarray, m_im: np.ndarray, alpha: float, pool: PoolMoments) -> dict[str, np.ndarray]:
     """The three MAP forms of a block of rows, all from the same alpha (the one place alpha reaches them)."""
     m_ex, m_im = np.asarray(m_ex, dtype=np.float64), np.asarray(m_im, dtype=np.float64)
-    return {"map": map_score(m_ex, m_im, alpha), "map_unreg": map_unregularised(m_ex, m_im, alpha),
-            "map_z": map_z(m_ex, m_im, alpha, pool)}
+    return {C.MAP: map_score(m_ex, m_im, alpha), C.MAP_UNREG: map_unregularised(m_ex, m_im, alpha),
+            C.MAP_Z: map_z(m_ex, m_im, alpha, pool)}
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -166,10 +168,10 @@ def selection_score(metric: str, columns: dict[str, np.ndarray], seed: int = 0) 
     """The value rows are ranked by (higher is kept) for each selection metric (`config.SelectionMetric`): the
     column of that name, one computed from the two margins (`FROM_MARGINS`), or a seeded random value."""
     if metric in FROM_MARGINS:
-        m_ex = np.asarray(columns["explicit_margin"], dtype=np.float64)
-        return FROM_MARGINS[metric](m_ex, np.asarray(columns["implicit_margin"], dtype=np.float64))
+        m_ex = np.asarray(columns[C.EXPLICIT_MARGIN], dtype=np.float64)
+        return FROM_MARGINS[metric](m_ex, np.asarray(columns[C.IMPLICIT_MARGIN], dtype=np.float64))
     if metric == "random":
-        return seeded_uniform(list(columns["pair_id"]), seed)
+        return seeded_uniform(list(columns[C.PAIR_ID]), seed)
     if metric not in columns:
         raise ValueError(f"unknown selection metric {metric!r}")
     return np.asarray(columns[metric], dtype=np.float64)

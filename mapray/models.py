@@ -29,7 +29,7 @@ from pathlib import Path
 
 import fsspec
 
-from mapray.config import ConfigError
+from mapray.errors import ConfigError
 from mapray.uris import is_local, reachable
 
 log = logging.getLogger(__name__)

@@ -32,10 +32,10 @@ class NormalizeSpec:
     columns: ColumnNames
     needs_scores: bool  # reward.source == columns: a row without explicit scores cannot be scored
     max_row_chars: int
-    passthrough: pa.Schema | None  # JSONL: the types of the input's own columns, inferred from a sample
+    own_schema: pa.Schema | None  # JSONL: the types of the input's own columns, inferred from a sample
 
 
-def infer_passthrough_schema(sample: list[dict], spec: NormalizeSpec | None = None) -> pa.Schema:
+def infer_own_schema(sample: list[dict], spec: NormalizeSpec | None = None) -> pa.Schema:
     """Types for the input's own JSONL fields, from the sample rows that `spec` would score (all storable rows
     where none would, or without a spec); see `mapray.own_columns` for the rules."""
     rows = [r for r in sample if isinstance(r, dict) and unstorable(r) is None]
@@ -58,7 +58,7 @@ class Normalizer:
         self.spec = spec
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        jsonl = LINE in table.column_names and self.spec.passthrough is not None
+        jsonl = LINE in table.column_names and self.spec.own_schema is not None
         lines = table.column(LINE).to_pylist() if jsonl else None
         if lines is not None:
             records, reasons = parse_lines(lines)
@@ -72,7 +72,7 @@ class Normalizer:
             if reasons[i] is None:
                 pairs[i], reasons[i] = self._pair(rec, lines[i] if lines is not None else None)
         if lines is not None:
-            base = self._passthrough(records, reasons)
+            base = self._own_columns(records, reasons)
         ids = [p.pair_id if p is not None else _raw_id(rec, self.spec.columns.id) for p, rec in zip(pairs, records)]
         stages = [None if r is None else "generate" if self._set_aside_before(rec) else "normalize"
                   for rec, r in zip(records, reasons)]
@@ -114,10 +114,10 @@ class Normalizer:
             raise RejectRow(f"missing field '{missing}' (reward.source=columns needs explicit scores)")
         return pair
 
-    def _passthrough(self, records: list, reasons: list) -> pa.Table:
+    def _own_columns(self, records: list, reasons: list) -> pa.Table:
         """The JSONL rows' own columns with the sampled types; a row with a field the sample did not have, or a
         value that does not fit its column's type, is set aside (see `mapray.own_columns`)."""
-        schema = self.spec.passthrough
+        schema = self.spec.own_schema
         names = set(schema.names)
         for i, rec in enumerate(records):
             extra = next((k for k in rec if k not in names), None) if reasons[i] is None else None

@@ -1,6 +1,6 @@
-"""The output URI's layout, the row shapes written there, and publishing a finished run.
+"""The output URI's layout, its staged steps, and publishing a finished run.
 
-<output>/scored/      one row per scored pair: the input's own columns + `mapray.columns.SCORED`
+<output>/scored/      one row per scored pair (`mapray.public_rows`): TRL's columns, the input's own, mapray's
 <output>/selected/    the selected rows only
 <output>/rejects/     pair_id, reason, stage, source (file:line), raw (the input row as JSON)
 <output>/README.md       a dataset card (mapray/card.py): `datasets.load_dataset(<output>)` reads the folders
@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable
 
 import fsspec
 import pyarrow as pa
@@ -22,8 +23,7 @@ import pyarrow.parquet as pq
 
 from mapray import card
 from mapray import columns as C
-from mapray.config import ColumnNames, ConfigError
-from mapray.normalize import raw_json
+from mapray.errors import ConfigError
 from mapray.uris import absolute, filesystem, move_folder, reachable
 
 FOLDERS = ("scored", "selected", "rejects")
@@ -79,6 +79,18 @@ class OutputLayout:
         with self.fs.open(path, "wb") as f, pq.ParquetWriter(f, schema):
             pass
 
+    def stage(self, name: str, write: Callable[[str], object], resumable: bool = False) -> str:
+        """Staged step `name`: `write(path)` into its staged folder unless an earlier attempt of this run finished
+        it (a `.done` marker, written once the step is whole). What a cut-short attempt left is removed first,
+        unless the step is `resumable` (its write picks up from its own checkpoint). Returns the folder."""
+        path = self.staged(name)
+        if not self.is_done(name):
+            if not resumable:
+                self.remove(path)
+            write(path)
+            self.mark_done(name)
+        return path
+
     def has_parquet(self, path: str) -> bool:
         local = fsspec.core.url_to_fs(path)[1]
         return self.fs.exists(local) and any(p.endswith(".parquet") for p in self.fs.find(local))
@@ -87,98 +99,114 @@ class OutputLayout:
         """Swaps the staged folders in and writes the dataset card. manifest.json goes first and comes back last,
         so a reader that follows the protocol in `read_manifest` never takes a mix of two runs for a complete
         result."""
-        manifest_path = f"{self.root}/manifest.json"
-        if self.fs.exists(manifest_path):
-            self.fs.rm(manifest_path)  # from here on the output reads as "being published"
-        for name in FOLDERS:
+        self._swap_in(FOLDERS, ["manifest.json"])
+        with self.fs.open(f"{self.root}/README.md", "w") as f:
+            f.write(card.render(manifest))
+        write_manifest(self.uri, manifest)
+        self.fs.rm(f"{self.root}/_staging/{self.run_id}", recursive=True)
+
+    def publish_folder(self, name: str, info: dict) -> None:
+        """Moves staged folder `name` to <output>/<name>/ and writes <output>/<name>.json last (what readers wait
+        for). The output's manifest goes first: what the output's other folders hold no longer matches <name>/
+        until a run writes them again."""
+        self._swap_in([name], ["manifest.json", f"{name}.json"])
+        write_json(f"{self.uri}/{name}.json", info)
+        self.fs.rm(f"{self.root}/_staging/{self.run_id}", recursive=True)
+
+    def _swap_in(self, names, markers: list[str]) -> None:
+        """Removes the markers (from here on the output reads as being published), then moves each staged folder
+        over its final one. A folder an attempt cut short has moved already is complete: it stays."""
+        for marker in markers:
+            if self.fs.exists(f"{self.root}/{marker}"):
+                self.fs.rm(f"{self.root}/{marker}")
+        for name in names:
             staged, final = (fsspec.core.url_to_fs(p)[1] for p in (self.staged(name), self.final(name)))
             if not self.fs.exists(staged):
                 continue
             if self.fs.exists(final):
                 self.fs.rm(final, recursive=True)
             move_folder(self.fs, staged, final)
-        with self.fs.open(f"{self.root}/README.md", "w") as f:
-            f.write(card.render(manifest))
-        write_manifest(self.uri, manifest)
-        self.fs.rm(f"{self.root}/_staging/{self.run_id}", recursive=True)
 
 
 def write_manifest(uri: str, manifest: dict) -> None:
-    fs, root = fsspec.core.url_to_fs(uri.rstrip("/"))
-    tmp = f"{root}/.manifest.json.tmp"
+    write_json(f"{uri.rstrip('/')}/manifest.json", manifest)
+
+
+def write_json(uri: str, data: dict) -> None:
+    """A JSON file written beside its place and moved there: a reader never sees half of it."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    folder, name = path.rsplit("/", 1)
+    tmp = f"{folder}/.{name}.tmp"
     with fs.open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2, default=str)
-    fs.mv(tmp, f"{root}/manifest.json")
+        json.dump(data, f, indent=2, default=str)
+    fs.mv(tmp, path)
+
+
+def read_json(uri: str) -> dict | None:
+    """A JSON file's contents; None when there is no such file."""
+    try:
+        with fsspec.open(uri) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
 
 
 def read_manifest(uri: str) -> dict:
     """The published result's manifest. For trainers: read it first, read the folders, then check that
     manifest.json still holds the same run_id; a missing manifest means no result or one being published."""
-    try:
-        with fsspec.open(f"{uri.rstrip('/')}/manifest.json") as f:
-            return json.load(f)
-    except FileNotFoundError:
+    manifest = read_json(f"{uri.rstrip('/')}/manifest.json")
+    if manifest is None:
         raise ConfigError(f"no manifest.json under {uri}: not a finished mapray output "
-                          "(or a run is publishing it right now)") from None
+                          "(or a run is publishing it right now)")
+    return manifest
 
 
-@dataclass(frozen=True)
-class TrlColumns:
-    """How a run writes TRL's `prompt`, `chosen`, `rejected` (the pair it scored, explicit prompt) into scored/.
+def write_results(rows, marked: Callable[[pa.Table], pa.Table], selection, layout: OutputLayout,
+                  rejects: bool = True) -> dict:
+    """The global pass's writes into the staging folder: each block of `rows` made public rows with the decision
+    applied (`marked`) -> scored/ (the pool's rows), selected/ (the kept ones) and, with `rejects`, rejects/
+    (every row set aside, the copies of duplicated pair_ids included). Returns the counts the manifest records."""
+    import ray.data
 
-    An input column of one of those names whose values are not already that (an implicit prompt inside chosen, an
-    HH transcript, UltraFeedback's full conversations, a candidates row's prompt string; a candidates row's
-    message-list prompt is TRL's already) is kept, renamed
-    `original_<name>`; where the input already is TRL's explicit-prompt form, its columns are the ones written."""
+    from mapray.public_rows import reject_rows, scored_rows
+    from mapray.selection import only_selected
 
-    conversational: bool
-    candidates: bool = False
-    originals: tuple[str, ...] = ()
-
-    @classmethod
-    def of(cls, fmt: str, cols: ColumnNames, sample: dict) -> TrlColumns:
-        explicit = (fmt == "standard" and isinstance(sample.get(cols.prompt), str)) or (
-            fmt in ("conversational", "candidates") and isinstance(sample.get(cols.prompt), list))
-        own_names = (cols.prompt, cols.chosen, cols.rejected)
-        kept_as_is = explicit and own_names == C.TRL_COLUMNS
-        originals = () if kept_as_is else tuple(n for n in C.TRL_COLUMNS if n in sample)
-        return cls(fmt != "standard", fmt == "candidates", originals)
-
-
-def scored_rows(table: pa.Table, trl: TrlColumns | None = None) -> pa.Table:
-    """TRL's columns first (built from the canonical pair; `trl` None: the table already has them, as in a
-    reselection), then the input's own columns, then the public ones in their documented order."""
-    own = [c for c in table.column_names if c not in C.SCORED and not c.startswith("_m_")]
-    if trl is None:
-        return table.select(own + [c for c in C.SCORED if c in table.column_names])
-    columns = {name: _trl_array(table.column(internal), trl.conversational)
-               for name, internal in zip(C.TRL_COLUMNS, (C.PROMPT, C.CHOSEN, C.REJECTED))}
-    if trl.candidates:
-        columns[C.CANDIDATE_REWARDS_OUT] = table.column(C.CANDIDATE_REWARDS)
-    for name in own:
-        if name in C.TRL_COLUMNS and name not in trl.originals:
-            continue  # the same values, written once as TRL's column
-        columns[C.ORIGINAL_PREFIX + name if name in trl.originals else name] = table.column(name)
-    columns.update({c: table.column(c) for c in C.SCORED if c in table.column_names})
-    return pa.table(columns)
+    public = rows.map_batches(marked, batch_format="pyarrow")
+    for name in FOLDERS if rejects else FOLDERS[:2]:  # a global pass cut short earlier left partial folders
+        layout.remove(layout.staged(name))
+        layout.ensure(layout.staged(name))
+    public.map_batches(scored_rows, batch_format="pyarrow").write_parquet(layout.staged("scored"))
+    if selection.count:
+        ray.data.read_parquet(layout.staged("scored")).map_batches(only_selected, batch_format="pyarrow") \
+            .write_parquet(layout.staged("selected"))
+    by_reason: dict[str, int] = {}
+    if rejects:
+        set_aside = public.map_batches(reject_rows, batch_format="pyarrow").materialize()
+        if set_aside.count():
+            set_aside.write_parquet(layout.staged("rejects"))
+            by_reason = dict(Counter(r["reason"] for r in set_aside.select_columns(["reason"]).iter_rows())
+                             .most_common())
+    n_rejected = sum(by_reason.values())
+    counts = {"input": selection.scored + n_rejected, "scored": selection.scored, "rejected": n_rejected,
+              "selected": selection.count, "rejected_by_reason": by_reason}
+    # built by the same steps as the real rows
+    _keep_schemas(layout, counts, lambda: scored_rows(marked(rows.schema().base_schema.empty_table())).schema,
+                  rejects)
+    return counts
 
 
-def _trl_array(column: pa.ChunkedArray, conversational: bool) -> pa.Array:
-    values = [None if v is None else json.loads(v) for v in column.to_pylist()]
-    return pa.array(values, C.MESSAGES if conversational else pa.string())
+def _keep_schemas(layout: OutputLayout, counts: dict, empty_scored: Callable[[], pa.Schema], rejects: bool) -> None:
+    """An empty folder gets one 0-row file with its columns: Ray writes no file for no rows, and a reader
+    (pyarrow, Ray, pandas, `datasets` streaming) needs one to give a 0-row table instead of an error."""
+    if rejects and not counts["rejected"]:
+        layout.write_empty("rejects", C.REJECTS_SCHEMA)
+    if counts["selected"]:
+        return
+    import ray.data
 
-
-def reject_rows(table: pa.Table) -> pa.Table:
-    """rejects/ rows; for rows rejected after normalize, `raw` is rebuilt from the input's own columns."""
-    raw = table.column(C.RAW).to_pylist()
-    own = table.select([c for c in table.column_names if c not in C.SCORED and not c.startswith("_m_")])
-    for i, value in enumerate(raw):
-        if value is None:
-            raw[i] = raw_json(own.slice(i, 1).to_pylist()[0])
-    return pa.table({
-        C.PAIR_ID: table.column(C.PAIR_ID).cast(pa.string()),
-        "reason": table.column(C.REJECT),
-        "stage": table.column(C.REJECT_STAGE),
-        "source": table.column(C.SOURCE),
-        "raw": pa.array(raw, pa.string()),
-    }, schema=C.REJECTS_SCHEMA)
+    if counts["scored"]:  # selected/ takes the exact schema scored/ was written with
+        schema = ray.data.read_parquet(layout.staged("scored")).schema().base_schema
+    else:
+        schema = empty_scored()
+        layout.write_empty("scored", schema)
+    layout.write_empty("selected", schema)

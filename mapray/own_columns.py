@@ -1,7 +1,7 @@
 """The input's own JSONL columns: the Arrow type each one gets, and which values fit it.
 
 JSONL has no schema, so the types come from a sample of the first rows (`input.schema_sample_rows`), and only
-from the sample rows that will be scored (`mapray.normalize.infer_passthrough_schema` picks them): a row set
+from the sample rows that will be scored (`mapray.normalize.infer_own_schema` picks them): a row set
 aside for any reason never shapes a column. Within those rows:
 
 - A column takes the type of its most common kind of JSON value (string, number, bool, array, object; ties go

@@ -1,6 +1,10 @@
-"""The one place that knows the order: read -> normalize -> rewards -> policy -> reference -> row metrics ->
-staged rows; then the global pass: pool moments -> map, map_unreg, map_z (with the alpha of this pass) ->
-selection -> scored/, selected/, rejects/ -> README.md (dataset card) -> manifest.json.
+"""The scoring run, top to bottom: read -> the API's steps (`mapray.api.Scorer`, `mapray.selection`) -> publish.
+
+plan (config, input files, the models' files and identities, before Ray starts) -> normalized rows (staged) ->
+cached scores attached (staged, when a cache has some) -> the model pass: rewards, policy, reference, row metrics,
+public rows (staged, resumable by row under Ray Data's checkpoint) -> what it computed stored in the cache ->
+the global pass: the selection decision over the staged pool -> scored/, selected/, rejects/ -> README.md
+(dataset card) -> manifest.json. `reselect` is the global pass again over a published scored/.
 """
 
 from __future__ import annotations
@@ -9,24 +13,22 @@ import hashlib
 import json
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass, replace
 from functools import partial
 
 from mapray import __version__
 from mapray import columns as C
-from mapray import selection as S
+from mapray.api import InputShape, Scorer
 from mapray.cache import Namespace, attach_hits, namespace, write_generation
-from mapray.config import ConfigError, RayConfig, RunConfig, SelectionConfig, configured_models, to_dict
-from mapray.formats import RejectRow, detect_format
+from mapray.config import RayConfig, RunConfig, SelectionConfig, configured_models, to_dict
 from mapray.inputs import InputFiles, discover, read_dataset, read_staged, sample_records
 from mapray.manifest import build_manifest, identify_models
-from mapray.models import check_model_path
-from mapray.normalize import Normalizer, NormalizeSpec, infer_passthrough_schema
-from mapray.outputs import OutputLayout, TrlColumns, read_manifest, reject_rows, scored_rows
-from mapray.preflight import check_models
-from mapray.runtime import LIGHT_TASK_CPUS, checkpointed, checkpointed_rows, init_ray, map_stage, watched
-from mapray.stages import LogprobStage, RewardStage, add_row_metrics, policy_from_generation
+from mapray.normalize import infer_own_schema
+from mapray.outputs import OutputLayout, read_manifest, write_results
+from mapray.public_rows import public_rows
+from mapray.runtime import LIGHT_TASK_CPUS, checkpointed, checkpointed_rows, init_ray, watched
+from mapray.selection import decide, mark, set_aside
+from mapray.stages import LogprobStage, RewardStage
 from mapray.uris import absolute, reachable
 
 log = logging.getLogger(__name__)
@@ -37,52 +39,26 @@ class Plan:
     """Everything checked and decided before Ray starts or a model loads."""
 
     cfg: RunConfig
+    scorer: Scorer
     files: InputFiles
-    spec: NormalizeSpec
+    shape: InputShape
     layout: OutputLayout
-    warnings: list[str]
-    trl: TrlColumns  # how scored/ writes TRL's prompt / chosen / rejected
     models: dict  # each configured model's identity (`mapray.manifest.identify_models`)
 
 
 def plan(cfg: RunConfig) -> Plan:
-    for key, model in configured_models(cfg):
-        check_model_path(model.path, f"{key}.path")
+    scorer = Scorer(cfg)
     files = discover(cfg.input)
     OutputLayout(cfg.output).check_writable()
     if cfg.cache:
         reachable(cfg.cache, "cache")
     sample = sample_records(files, cfg.input.schema_sample_rows)
-    fmt = cfg.input.format
-    if fmt == "prompts":
-        raise ConfigError("input.format: prompts are sampled from by `mapray selfplay`; `mapray score` needs pairs "
-                          "or candidates")
-    if fmt == "auto":
-        if not sample:
-            raise ConfigError(f"input.format: no parseable row in {files.uris[0]} to detect the format from")
-        try:
-            fmt = detect_format(sample[0], cfg.input.columns)
-        except RejectRow as e:
-            raise ConfigError(f"input.format: {e}") from None
-        log.info("input format detected: %s", fmt)
-    if reuses_generation_logps(cfg) and (fmt != "candidates" or "generation_logps" not in (sample or [{}])[0]):
-        raise ConfigError("generation.reuse_logps: the input has no generation_logps (only `mapray selfplay`'s "
-                          "generated/ rows have them)")
-    # before Ray starts: standard rows are plain text (TRL's tokenization), the other formats go through a template
-    check_models(cfg, needs_chat_template=fmt != "standard")
+    shape = scorer.shape(sample, source=files.uris[0])
+    if files.file_format == "jsonl":  # the own columns' types, from the sample rows this spec would score
+        shape = replace(shape, spec=replace(shape.spec, own_schema=infer_own_schema(sample, shape.spec)))
     models = identify_models(cfg)  # remembered: a rerun with unchanged checkpoints reads no weights
     layout = OutputLayout(cfg.output, run_id=run_key(cfg, files, models))
-    spec = NormalizeSpec(fmt, cfg.input.columns, cfg.reward.source == "columns", cfg.input.max_row_chars, None)
-    if files.file_format == "jsonl":  # the own columns' types, from the sample rows this spec would score
-        spec = replace(spec, passthrough=infer_passthrough_schema(sample, spec))
-    warnings = []
-    if cfg.metric.implicit == "dpo" and cfg.reference is not None and cfg.reference.path == cfg.policy.path:
-        warnings.append("reference.path equals policy.path: the DPO implicit margin is identically 0, "
-                        "so MAP ranks by the explicit margin alone")
-    for w in warnings:
-        log.warning(w)
-    trl = TrlColumns.of(fmt, cfg.input.columns, sample[0] if sample else {})
-    return Plan(cfg, files, spec, layout, warnings, trl, models)
+    return Plan(cfg, scorer, files, shape, layout, models)
 
 
 def run_key(cfg: RunConfig, files: InputFiles, models: dict) -> str:
@@ -99,12 +75,6 @@ def staging_key(kind: str, payload: dict) -> str:
     return f"{kind}-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def normalized_rows(p: Plan):
-    """Every input row in canonical form, good or carrying its reject reason, each with a stable row key."""
-    ds = read_dataset(p.files, p.cfg.input.limit, num_cpus=LIGHT_TASK_CPUS)
-    return ds.map_batches(Normalizer(p.spec), batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
-
-
 def cache_namespaces(cfg: RunConfig, models: dict) -> dict[str, tuple[Namespace, str | None]]:
     """Each model stage's cache namespace, with the `pick` its keys take (`mapray.cache.row_keys`); empty
     without a cache."""
@@ -116,38 +86,12 @@ def cache_namespaces(cfg: RunConfig, models: dict) -> dict[str, tuple[Namespace,
         out["reward"] = (namespace(uri, "reward", RewardStage.KIND, cfg.reward.model,
                                    models["reward.model"]["sha256"]), None)
     pick = out["reward"][0].id if "reward" in out else None  # a reward model picks candidates rows' pairs
-    if not reuses_generation_logps(cfg):
+    if not (cfg.generation is not None and cfg.generation.reuse_logps):
         out["policy"] = (namespace(uri, "policy", LogprobStage.KIND, cfg.policy, models["policy"]["sha256"]), pick)
     if cfg.metric.needs_reference_model:
         out["reference"] = (namespace(uri, "reference", LogprobStage.KIND, cfg.reference,
                                       models["reference"]["sha256"]), pick)
     return out
-
-
-def reuses_generation_logps(cfg: RunConfig) -> bool:
-    """Self-play with `generation.reuse_logps`: the policy's log-probs come with the samples, no policy pass."""
-    return cfg.generation is not None and cfg.generation.reuse_logps
-
-
-def score_rows(p: Plan, ds, caches: dict):
-    """The model stages and per-row metrics over normalized rows."""
-    cfg = p.cfg
-
-    def cache(role: str) -> dict:
-        ns, pick = caches.get(role, (None, None))
-        return {"cache": ns, "pick": pick}
-
-    if cfg.reward.source == "model":
-        ds = map_stage(ds, RewardStage, cfg.reward.model, **cache("reward"))
-    if reuses_generation_logps(cfg):
-        ds = ds.map_batches(policy_from_generation, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
-    else:
-        ds = map_stage(ds, LogprobStage, cfg.policy, role="policy", **cache("policy"))
-    if cfg.metric.needs_reference_model:
-        ds = map_stage(ds, LogprobStage, cfg.reference, role="reference", **cache("reference"))
-    return ds.map_batches(add_row_metrics, fn_kwargs={"metric": cfg.metric,
-                                                      "rewards_from_columns": cfg.reward.source == "columns"},
-                          batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
 
 
 def score(cfg: RunConfig, extra: dict | None = None) -> dict:
@@ -158,46 +102,61 @@ def score(cfg: RunConfig, extra: dict | None = None) -> dict:
     started = time.time()
     p = plan(cfg)
     init_ray(cfg.ray, [m for _, m in configured_models(cfg)])
-    import ray.data
-
-    models = p.models
     layout = p.layout
     resumed = layout.exists(layout.staged("rows"))
     timings = {"start_s": time.time() - started}  # config checks, Ray start, model identities
-    if not layout.is_done("normalized"):
-        layout.remove(layout.staged("normalized"))
-        normalized_rows(p).write_parquet(layout.staged("normalized"))
-        layout.mark_done("normalized")
+    layout.stage("normalized", lambda path: p.scorer.normalize(
+        read_dataset(p.files, cfg.input.limit, num_cpus=LIGHT_TASK_CPUS), p.shape).write_parquet(path))
     timings["normalize_s"] = time.time() - started - timings["start_s"]
-    caches = cache_namespaces(cfg, models)
+    caches = cache_namespaces(cfg, p.models)
     model_input = look_up_cached(layout, caches)
     timings["cache_lookup_s"] = time.time() - started - timings["start_s"] - timings["normalize_s"]
     done_before = checkpointed_rows(layout.staged("checkpoint"))
     model_pass_at = time.time()
-    if not layout.is_done("rows"):
-        with checkpointed(layout.staged("checkpoint"), C.ROW) as unwritten, watched():
-            normalized = unwritten(read_staged(model_input, num_cpus=LIGHT_TASK_CPUS))
-            # light too: a write's default whole CPU would wait beside the model actors until the pass ends
-            score_rows(p, normalized, caches).write_parquet(layout.staged("rows"),
-                                                            ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
-        layout.mark_done("rows")
+    rows_path = layout.stage("rows", lambda path: model_pass(p, model_input, caches, path), resumable=True)
     scored_at = time.time()
     timings["model_pass_s"] = scored_at - model_pass_at  # model stages + row metrics + staged write
-    rows = ray.data.read_parquet(layout.staged("rows"))
-    if caches and layout.has_parquet(layout.staged("rows")):
+    import ray.data
+
+    rows = ray.data.read_parquet(rows_path)
+    if caches and layout.has_parquet(rows_path):
         for ns, _ in caches.values():  # what this run computed: one generation per namespace
             write_generation(rows, ns, layout.run_id)
     timings["cache_store_s"] = time.time() - scored_at
     scored_at = time.time()
-    counts, moments, chosen = finish(rows, layout, cfg.metric.alpha, cfg.selection, trl=p.trl)
+    narrow = ray.data.read_parquet(rows_path, columns=NARROW).map_batches(
+        lambda t: t.rename_columns([C.REJECT_REASON if c == C.REJECT else c for c in t.column_names]),
+        batch_format="pyarrow")
+    selection = decide(narrow, cfg.selection, cfg.metric.alpha, key=C.ROW, full=rows)
+    counts = write_results(rows, partial(made_public, trl=p.shape.trl, selection=selection), selection, layout)
     timings.update(global_pass_s=time.time() - scored_at, total_s=time.time() - started)
-    manifest = build_manifest(cfg, models, counts, moments, p.warnings,
-                              {k: round(v, 3) for k, v in timings.items()}, layout.run_id, p.spec.format)
-    manifest["resumed"], manifest["selection"] = resumed, chosen
+    manifest = build_manifest(cfg, p.models, counts, moments(selection), p.scorer.warnings,
+                              {k: round(v, 3) for k, v in timings.items()}, layout.run_id, p.shape.format)
+    manifest["resumed"], manifest["selection"] = resumed, selection.summary()
     manifest["counts"]["scored_this_attempt"] = checkpointed_rows(layout.staged("checkpoint")) - done_before
     manifest.update(extra or {})
     layout.publish(manifest)
     return manifest
+
+
+def model_pass(p: Plan, model_input: str, caches: dict, path: str) -> None:
+    """The staged rows -> the model stages -> scored internal rows at `path`, resumable by row: a rerun skips
+    every row Ray Data's checkpoint records as written."""
+    with checkpointed(p.layout.staged("checkpoint"), C.ROW) as unwritten, watched():
+        normalized = unwritten(read_staged(model_input, num_cpus=LIGHT_TASK_CPUS))
+        # light too: a write's default whole CPU would wait beside the model actors until the pass ends
+        p.scorer.score(normalized, caches).write_parquet(path, ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
+
+
+# what the selection's passes read of the staged rows (the rest only for the copies of a duplicated pair_id)
+NARROW = [C.PAIR_ID, C.EXPLICIT_MARGIN, C.IMPLICIT_MARGIN, C.REJECT, C.ROW]
+
+
+def made_public(table, trl, selection):
+    """A block of staged rows as the outputs hold it: duplicates set aside, public rows, the decision applied."""
+    if selection.duplicates:
+        table = set_aside(table, selection.duplicates, C.ROW)
+    return mark(public_rows(table, trl), selection)
 
 
 def look_up_cached(layout: OutputLayout, caches: dict) -> str:
@@ -207,80 +166,21 @@ def look_up_cached(layout: OutputLayout, caches: dict) -> str:
     lookups = [(ns, pick, stored[ns.role]) for ns, pick in caches.values() if stored[ns.role]]
     if not lookups:
         return layout.staged("normalized")
-    if not layout.is_done("looked_up"):
+
+    def attach(path: str) -> None:
         import ray.data
 
-        layout.remove(layout.staged("looked_up"))
         normalized = read_staged(layout.staged("normalized"), num_cpus=LIGHT_TASK_CPUS)
         footers = ray.data.read_parquet(layout.staged("normalized"))  # count and schema from the files' footers
-        attach_hits(normalized, lookups, footers.count(), footers.schema().base_schema) \
-            .write_parquet(layout.staged("looked_up"))
-        layout.mark_done("looked_up")
-    return layout.staged("looked_up")
+        attach_hits(normalized, lookups, footers.count(), footers.schema().base_schema).write_parquet(path)
+
+    return layout.stage("looked_up", attach)
 
 
-def finish(rows, layout: OutputLayout, alpha: float, sel: SelectionConfig,
-           dedupe: bool = True, trl: TrlColumns | None = None) -> tuple[dict, dict, dict]:
-    """The global pass over staged rows: the MAP forms with this alpha, the selection, and scored/, selected/ and
-    rejects/ written into the staging folder. Returns counts, pool moments and how the selection was made."""
-    duplicates = S.duplicate_rejects(rows) if dedupe else {}
-    if duplicates:
-        rows = rows.map_batches(partial(S.reject_rows_by_key, reasons=duplicates, stage="dedupe"),
-                                batch_format="pyarrow")
-    good = rows.map_batches(S.only_good, batch_format="pyarrow")
-    pool = S.pool_moments(good)
-    chosen = S.decide(good, pool, alpha, sel)
-    scored = good.map_batches(partial(S.mark_selected, selection=chosen),
-                              batch_format="pyarrow").map_batches(partial(scored_rows, trl=trl),
-                                                                  batch_format="pyarrow")
-    for name in ("scored", "selected", "rejects"):  # a global pass cut short earlier left partial folders
-        layout.remove(layout.staged(name))
-        layout.ensure(layout.staged(name))
-    scored.write_parquet(layout.staged("scored"))
-    import ray.data
-
-    if chosen.count:
-        ray.data.read_parquet(layout.staged("scored")).map_batches(S.only_selected, batch_format="pyarrow") \
-            .write_parquet(layout.staged("selected"))
-    rejects = rows.map_batches(S.only_rejected, batch_format="pyarrow").map_batches(
-        reject_rows, batch_format="pyarrow").materialize()
-    n_rejected = rejects.count()
-    if n_rejected:
-        rejects.write_parquet(layout.staged("rejects"))
-    counts = {"input": pool.explicit.count + n_rejected, "scored": pool.explicit.count,
-              "rejected": n_rejected, "selected": chosen.count,
-              "rejected_by_reason": _reason_counts(rejects) if n_rejected else {}}
-    _keep_schemas(layout, counts, partial(_empty_scored, rows=rows, selection=chosen, trl=trl))
-    moments = {"explicit_margin": pool.explicit.to_dict(), "abs_implicit_margin": pool.implicit_abs.to_dict()}
-    return counts, moments, chosen.summary()
-
-
-def _keep_schemas(layout: OutputLayout, counts: dict, empty_scored) -> None:
-    """An empty folder gets one 0-row file with its columns: Ray writes no file for no rows, and a reader
-    (pyarrow, Ray, pandas, `datasets` streaming) needs one to give a 0-row table instead of an error."""
-    if not counts["rejected"]:
-        layout.write_empty("rejects", C.REJECTS_SCHEMA)
-    if counts["selected"]:
-        return
-    import ray.data
-
-    if counts["scored"]:  # selected/ takes the exact schema scored/ was written with
-        schema = ray.data.read_parquet(layout.staged("scored")).schema().base_schema
-    else:
-        schema = empty_scored().schema
-        layout.write_empty("scored", schema)
-    layout.write_empty("selected", schema)
-
-
-def _empty_scored(rows, selection: S.Selection, trl: TrlColumns | None):
-    """A 0-row scored/ table, built by the same steps as the real rows."""
-    empty = rows.schema().base_schema.empty_table()
-    return scored_rows(S.mark_selected(empty, selection), trl)
-
-
-def _reason_counts(rejects) -> dict:
-    counts = Counter(row["reason"] for row in rejects.select_columns(["reason"]).iter_rows())
-    return dict(counts.most_common())
+def moments(selection) -> dict:
+    """The pool moments as the manifest records them."""
+    pool = selection.pool
+    return {C.EXPLICIT_MARGIN: pool.explicit.to_dict(), "abs_implicit_margin": pool.implicit_abs.to_dict()}
 
 
 def reselect(uri: str, sel: SelectionConfig, alpha: float | None = None) -> dict:
@@ -292,27 +192,22 @@ def reselect(uri: str, sel: SelectionConfig, alpha: float | None = None) -> dict
 
     layout = OutputLayout(uri)
     started = time.time()
-    rows = ray.data.read_parquet(layout.final("scored")).map_batches(_as_good_rows, batch_format="pyarrow")
-    counts, moments, chosen = finish(rows.materialize(), layout, alpha, sel, dedupe=False)
+    # the MAP forms and `selected` are computed again, with this alpha
+    rows = ray.data.read_parquet(layout.final("scored")).map_batches(
+        lambda table: table.drop_columns([c for c in C.SELECTION_COLUMNS if c in table.column_names]),
+        batch_format="pyarrow").materialize()
+    selection = decide(rows, sel, alpha)
+    counts = write_results(rows, partial(mark, selection=selection), selection, layout, rejects=False)
     counts.update(input=previous["counts"]["input"], rejected=previous["counts"]["rejected"],
                   rejected_by_reason=previous["counts"].get("rejected_by_reason", {}))
     config = dict(previous["config"], selection=to_dict(sel))
     config["metric"] = dict(config["metric"], alpha=alpha)
-    manifest = dict(previous, config=config, counts=counts, selection=chosen, pool_moments=moments,
-                    run_id=layout.run_id, reselected_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    manifest = dict(previous, config=config, counts=counts, selection=selection.summary(),
+                    pool_moments=moments(selection), run_id=layout.run_id,
+                    reselected_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     timings=dict(previous.get("timings", {}), reselect_s=time.time() - started))
-    if layout.has_parquet(layout.final("rejects")):
-        layout.remove(layout.staged("rejects"))  # the published rejects/ stays as it was
-    # else: an output from before empty folders kept their schema gets the 0-row rejects file now
+    if not layout.has_parquet(layout.final("rejects")):
+        # an output from before empty folders kept their schema gets the 0-row rejects file now
+        layout.write_empty("rejects", C.REJECTS_SCHEMA)
     layout.publish(manifest)
     return manifest
-
-
-def _as_good_rows(table):
-    """scored/ rows back into the shape of staged rows (no reject reason); the MAP forms and `selected` are
-    dropped, the global pass computes them again with the reselection's alpha."""
-    table = table.drop_columns([c for c in ("map", "map_unreg", "map_z", "selected") if c in table.column_names])
-    for name in (C.REJECT, C.REJECT_STAGE, C.RAW, C.SOURCE, C.ROW):
-        table = C.set_column(table, name, [None] * table.num_rows, C.INTERNAL_TYPES[name])
-    return table
-

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import fsspec
 
-from mapray.config import ConfigError, ModelConfig, RunConfig, configured_models
+from mapray.config import ModelConfig, RunConfig, configured_models
+from mapray.errors import ConfigError, first_line
 from mapray.models import resolve_model_path
 
 # the heads AutoModelForCausalLM loads (multimodal models name theirs *ForConditionalGeneration); anything else,
@@ -61,7 +62,7 @@ def read_model_files(path: str, key: str) -> ModelFiles:
         try:
             local = resolve_model_path(path)
         except Exception as e:  # a corrupt file, gguf not installed: one line, not a traceback
-            raise ConfigError(f"{key}: cannot convert {path} into a checkpoint: {_first_line(e)}") from None
+            raise ConfigError(f"{key}: cannot convert {path} into a checkpoint: {first_line(e)}") from None
     fs, root = fsspec.core.url_to_fs(local)
     root = root.rstrip("/")
     config = _read_json(fs, f"{root}/config.json", key)
@@ -91,13 +92,14 @@ def check_reward_head(key: str, files: ModelFiles) -> None:
                           "exactly one")
 
 
-def check_positions(key: str, model: ModelConfig, files: ModelFiles) -> None:
-    """The rule of `mapray.scoring.check_max_length`: beyond its positions a model scores garbage (RoPE) or
-    crashes; the vLLM engine asks for one generated token after the scored sequence."""
+def check_positions(key: str, model: ModelConfig, files: ModelFiles, generated_token: bool | None = None) -> None:
+    """Beyond its positions a model scores garbage (RoPE) or crashes. `generated_token`: one position is kept
+    for a token generated after the scored sequence (default: the vLLM scoring engine's prompt log-probs ask for
+    one; a sampler's context is max_length itself). The engines check it again where they load (a second line)."""
     positions = _positions(files.config)
-    vllm = model.engine == "vllm"
-    if positions is not None and model.max_length + vllm > positions:
-        kept = f"; the vLLM engine keeps one for a generated token: at most {positions - 1}" if vllm else ""
+    extra = model.engine == "vllm" if generated_token is None else generated_token
+    if positions is not None and model.max_length + extra > positions:
+        kept = f"; the vLLM engine keeps one for a generated token: at most {positions - 1}" if extra else ""
         raise ConfigError(f"{key}.max_length: {model.max_length} exceeds the {positions} positions of "
                           f"{files.where} (max_position_embeddings in its config.json{kept})")
 
@@ -193,7 +195,7 @@ def _read_json(fs, path: str, key: str) -> dict | None:
     try:
         data = json.loads(raw)
     except ValueError as e:  # bad JSON or bad UTF-8
-        raise ConfigError(f"{key}: {path} is not valid JSON: {_first_line(e)}") from None
+        raise ConfigError(f"{key}: {path} is not valid JSON: {first_line(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{key}: {path} is not a JSON object")
     return data
@@ -206,9 +208,5 @@ def _read(fs, path: str, key: str) -> bytes | None:
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
     except Exception as e:  # credentials, an unreachable host: one line, not a traceback
-        raise ConfigError(f"{key}: cannot read {path}: {_first_line(e)}") from None
+        raise ConfigError(f"{key}: cannot read {path}: {first_line(e)}") from None
 
-
-def _first_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__

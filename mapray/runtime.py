@@ -18,7 +18,8 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.checkpoint import CheckpointConfig, IdColumnCheckpointManager
 from ray.data.context import ShuffleStrategy
 
-from mapray.config import ConfigError, ModelConfig, RayConfig
+from mapray.config import ModelConfig, RayConfig
+from mapray.errors import ConfigError
 
 # Reading, normalizing and the per-row metrics are light, I/O-bound tasks: asking a whole CPU each would leave
 # them waiting behind the model actors on small machines (Ray Data budgets CPUs across operators).
@@ -36,13 +37,19 @@ class RunStalled(ConfigError):
     """The run asks Ray for more than the cluster has and cannot go on: like a config error, one line."""
 
 
-def init_ray(cfg: RayConfig, models: list[ModelConfig]) -> None:
+def ensure_ray(cfg: RayConfig | None = None, models: list[ModelConfig] = ()) -> None:
+    """The Ray this process is connected to, or else one started as `cfg` says (never a second one)."""
     if not ray.is_initialized():
-        _start_ray(cfg, models)
-    size_shuffles()
+        _start_ray(cfg or RayConfig(), models)
 
 
-def size_shuffles() -> None:
+def init_ray(cfg: RayConfig, models: list[ModelConfig]) -> None:
+    """A run's Ray: `ensure_ray`, with this process's Ray Data shuffles sized for it (`tune_shuffles`)."""
+    ensure_ray(cfg, models)
+    tune_shuffles(ray.data.DataContext.get_current())
+
+
+def tune_shuffles(ctx: ray.data.DataContext) -> None:
     """Shuffles (the selection's sort, the duplicate count, the cache's joins) default to 200 partitions when
     Ray Data cannot tell the input's block count: a task and an output block each, seconds of fixed cost per run
     on a small machine. One per cluster CPU keeps every CPU busy.
@@ -51,7 +58,6 @@ def size_shuffles() -> None:
     (`SHUFFLE_V2`) starts a pool of aggregator actors per shuffle, measured at ~4.7 s of fixed cost per sort or
     group-by even on 10 rows (0.15 s pull-based), paid twice by every run's global pass. A cluster of several nodes
     keeps Ray Data's default, built for pools spread over nodes."""
-    ctx = ray.data.DataContext.get_current()
     cpus = int(ray.cluster_resources().get("CPU", 1))
     ctx.default_hash_shuffle_parallelism = max(2, cpus)
     if sum(node["Alive"] for node in ray.nodes()) == 1:
@@ -60,7 +66,7 @@ def size_shuffles() -> None:
 
 @contextlib.contextmanager
 def hash_shuffled():
-    """Datasets made inside use Ray Data's hash shuffle (`SHUFFLE_V2`) whatever `size_shuffles` chose: key-based
+    """Datasets made inside use Ray Data's hash shuffle (`SHUFFLE_V2`) whatever `tune_shuffles` chose: key-based
     repartitioning exists only there. A dataset keeps the DataContext it was made with."""
     ctx = ray.data.DataContext.get_current()
     previous = ctx.shuffle_strategy
@@ -201,12 +207,13 @@ def checkpointed(path: str, id_column: str):
 # --- the watchdog: a run that waits on resources it can never get stops with one line ---
 
 @contextlib.contextmanager
-def watched(limit_s: float = STALL_LIMIT_S):
+def watched(limit_s: float = STALL_LIMIT_S, ctx: ray.data.DataContext | None = None):
     """Stops an execution with RunStalled once, for `limit_s`, no actor had a batch in hand and nothing moved
     while the run asks Ray for more than the cluster has. A slow batch is an actor at work and a loading model a
     pending actor that fits in the cluster: neither stops a run, however long it takes. Watches the datasets
-    made inside (a dataset keeps the DataContext it was made with, as `checkpointed` relies on too)."""
-    ctx = ray.data.DataContext.get_current()
+    made inside (a dataset keeps the DataContext it was made with, as `checkpointed` relies on too), or those of
+    `ctx` (a Dataset's own context, for executions the Python API starts on a caller's Dataset)."""
+    ctx = ctx or ray.data.DataContext.get_current()
     ctx.set_config(_STALL_LIMIT_KEY, limit_s)
     ctx.custom_execution_callback_classes.append(_Watchdog)
     try:

@@ -80,19 +80,19 @@ class LogprobStage(_ModelStage):
 
     INPUTS = [C.PROMPT, C.CHOSEN, C.REJECTED, C.REJECT]
     KIND = "logprobs"
-    VALUE = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens", "chosen_truncated",
-             "rejected_truncated")
+    VALUE = (C.CHOSEN_LOGPS, C.REJECTED_LOGPS, C.CHOSEN_TOKENS, C.REJECTED_TOKENS, C.CHOSEN_TRUNCATED,
+             C.REJECTED_TRUNCATED)
 
     def __init__(self, cfg: ModelConfig, role: str = "policy", cache: Namespace | None = None,
                  pick: str | None = None):
-        super().__init__(cfg, cache, pick)
-        self.role = role
+        self.role = role  # before the model loads: its checks name the role
         self.prefix = "ref_" if role == "reference" else ""
+        super().__init__(cfg, cache, pick)
 
     def _load_engine(self):
         from mapray.scoring import load_logprob_engine
 
-        return load_logprob_engine(self.cfg, self.local)
+        return load_logprob_engine(self.cfg, self.local, self.role)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         C.require(table, self.INPUTS, f"{self.role} log-probs")
@@ -188,8 +188,8 @@ class RewardStage(_ModelStage):
             best, worst = pick_pair(texts, rewards)
             chosen[i], rejected[i] = (json.dumps(assistant(texts[k]), ensure_ascii=False) for k in (best, worst))
             reward_c[i], reward_r[i], candidate_rewards[i] = rewards[best], rewards[worst], rewards
-        for name, values_ in ((C.CHOSEN, chosen), (C.REJECTED, rejected), ("reward_chosen", reward_c),
-                              ("reward_rejected", reward_r), (C.CANDIDATE_REWARDS, candidate_rewards)):
+        for name, values_ in ((C.CHOSEN, chosen), (C.REJECTED, rejected), (C.REWARD_CHOSEN, reward_c),
+                              (C.REWARD_REJECTED, reward_r), (C.CANDIDATE_REWARDS, candidate_rewards)):
             table = C.set_column(table, name, values_, C.INTERNAL_TYPES.get(name) or C.SCORED[name])
         table = with_values(table, self.cache, values, new_keys)
         return C.mark_rejected(table, reasons, "reward")
@@ -224,9 +224,9 @@ def add_row_metrics(table: pa.Table, metric: MetricConfig, rewards_from_columns:
     """Per-row margins and implicit rewards. The MAP forms are not computed here: they depend on alpha, which
     reaches them only in the global pass (selection.add_scores), so a reselection with another alpha is right."""
     if rewards_from_columns:
-        table = C.set_column(table, "reward_chosen", table.column(C.SCORE_CHOSEN), pa.float64())
-        table = C.set_column(table, "reward_rejected", table.column(C.SCORE_REJECTED), pa.float64())
-    for name in ("ref_chosen_logps", "ref_rejected_logps"):
+        table = C.set_column(table, C.REWARD_CHOSEN, table.column(C.SCORE_CHOSEN), pa.float64())
+        table = C.set_column(table, C.REWARD_REJECTED, table.column(C.SCORE_REJECTED), pa.float64())
+    for name in (C.REF_CHOSEN_LOGPS, C.REF_REJECTED_LOGPS):
         if name not in table.column_names:
             table = C.set_column(table, name, pa.nulls(table.num_rows, pa.float64()), pa.float64())
 
@@ -235,15 +235,15 @@ def add_row_metrics(table: pa.Table, metric: MetricConfig, rewards_from_columns:
 
     good = np.array([r is None for r in table.column(C.REJECT).to_pylist()], dtype=bool)
     beta, form = metric.resolved_beta, metric.implicit
-    ref_c = num("ref_chosen_logps") if form == "dpo" else None
-    ref_r = num("ref_rejected_logps") if form == "dpo" else None
+    ref_c = num(C.REF_CHOSEN_LOGPS) if form == "dpo" else None
+    ref_r = num(C.REF_REJECTED_LOGPS) if form == "dpo" else None
     with np.errstate(all="ignore"):  # rejected rows hold nulls (NaN here) and are masked below
-        m_ex = metrics.explicit_margin(num("reward_chosen"), num("reward_rejected"))
-        r_c = metrics.implicit_reward(form, beta, num("chosen_logps"), num("chosen_tokens"), ref_c)
-        r_r = metrics.implicit_reward(form, beta, num("rejected_logps"), num("rejected_tokens"), ref_r)
+        m_ex = metrics.explicit_margin(num(C.REWARD_CHOSEN), num(C.REWARD_REJECTED))
+        r_c = metrics.implicit_reward(form, beta, num(C.CHOSEN_LOGPS), num(C.CHOSEN_TOKENS), ref_c)
+        r_r = metrics.implicit_reward(form, beta, num(C.REJECTED_LOGPS), num(C.REJECTED_TOKENS), ref_r)
         m_im = r_c - r_r
-        values = {"explicit_margin": m_ex, "implicit_reward_chosen": r_c, "implicit_reward_rejected": r_r,
-                  "implicit_margin": m_im}
+        values = {C.EXPLICIT_MARGIN: m_ex, C.IMPLICIT_REWARD_CHOSEN: r_c, C.IMPLICIT_REWARD_REJECTED: r_r,
+                  C.IMPLICIT_MARGIN: m_im}
     for name, array in values.items():
         table = C.set_column(table, name, pa.array(array, pa.float64(), mask=~good), pa.float64())
     return table

@@ -114,6 +114,7 @@ class PairEncoder:
 
 
 def common_prefix_length(ids: list[int], other: list[int]) -> int:
+    """How many leading tokens two id lists share."""
     n = 0
     for a, b in zip(ids, other):
         if a != b:

@@ -7,7 +7,7 @@ import os
 
 import fsspec
 
-from mapray.config import ConfigError
+from mapray.errors import ConfigError, first_line
 
 LOCAL_PROTOCOLS = (None, "file", "local")
 # fsspec finds these filesystems in packages of their own, installed with mapray's extras of these names
@@ -86,7 +86,3 @@ def move_folder(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
     fs.copy(files, [dst + p[len(src):] for p in files])
     fs.rm(src, recursive=True)
 
-
-def first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__

@@ -12,7 +12,7 @@ import pytest
 from mapray import columns as C
 from mapray.config import ColumnNames, load_config
 from mapray.inputs import InputFiles, sample_records
-from mapray.normalize import Normalizer, NormalizeSpec, infer_passthrough_schema, raw_json
+from mapray.normalize import Normalizer, NormalizeSpec, infer_own_schema, raw_json
 from mapray.pipeline import score
 
 
@@ -164,8 +164,8 @@ def test_malformed_rows_are_set_aside_with_their_reason(fmt, tmp_path, tiny, loc
 
 def _normalize_lines(fmt: str, lines: list[bytes], sample: list[dict], needs_scores: bool = True) -> pa.Table:
     """The pipeline's JSONL normalize step without Ray: types from `sample`, then the lines."""
-    spec = NormalizeSpec(fmt, ColumnNames(), needs_scores=needs_scores, max_row_chars=10**6, passthrough=None)
-    spec = replace(spec, passthrough=infer_passthrough_schema(sample, spec))
+    spec = NormalizeSpec(fmt, ColumnNames(), needs_scores=needs_scores, max_row_chars=10**6, own_schema=None)
+    spec = replace(spec, own_schema=infer_own_schema(sample, spec))
     table = pa.table({"_m_line": pa.array(lines, pa.binary()), C.SOURCE: [f"f:{i}" for i in range(len(lines))]})
     return Normalizer(spec)(table)
 

@@ -3,7 +3,8 @@ import sys
 
 import pytest
 
-from mapray.config import ConfigError, load_config
+from mapray.config import load_config
+from mapray.errors import ConfigError
 from tests.conftest import UF
 
 

@@ -20,7 +20,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from mapray import cli, pipeline, preflight
-from mapray.config import ConfigError, InputConfig, ModelConfig, RayConfig, RunConfig, from_dict, load_config
+from mapray.config import InputConfig, ModelConfig, RayConfig, RunConfig, load_config
+from mapray.errors import ConfigError
+from mapray.typed_config import from_dict
 
 # fixed seed, bounded examples; no shrinking: against the old parser it ran for five minutes before reporting
 PROPERTY = settings(max_examples=150, derandomize=True, database=None, deadline=None,

@@ -6,7 +6,7 @@ import pytest
 from mapray import columns as C
 from mapray.config import ColumnNames
 from mapray.formats import RejectRow, detect_format, normalize_record, pick_pair, split_transcript
-from mapray.normalize import Normalizer, NormalizeSpec, infer_passthrough_schema
+from mapray.normalize import Normalizer, NormalizeSpec, infer_own_schema
 from tests.conftest import HH, UF
 
 COLS = ColumnNames()
@@ -173,7 +173,7 @@ def test_real_hh_rows_set_aside_with_reasons():
     # plus a real-world mismatch: chosen of one conversation paired with rejected of another
     mixed = {"chosen": rows[0]["chosen"], "rejected": rows[1]["rejected"]}
     spec = NormalizeSpec("transcript", COLS, needs_scores=False, max_row_chars=10**6,
-                         passthrough=infer_passthrough_schema(rows[:50]))
+                         own_schema=infer_own_schema(rows[:50]))
     out = Normalizer(spec)(_lines_table(lines + [json.dumps(mixed).encode()]))
     assert out.num_rows == 501  # nothing dropped
     reasons = out.column(C.REJECT).to_pylist()
@@ -194,7 +194,7 @@ def test_jsonl_line_failures_and_type_mismatch():
              json.dumps(dict(good, extra_field=1)).encode(),
              json.dumps({k: v for k, v in good.items() if k != "score_chosen"}).encode()]
     spec = NormalizeSpec("standard", COLS, needs_scores=True, max_row_chars=10**6,
-                         passthrough=infer_passthrough_schema([good]))
+                         own_schema=infer_own_schema([good]))
     out = Normalizer(spec)(_lines_table(lines))
     reasons = out.column(C.REJECT).to_pylist()
     assert reasons[0] is None
@@ -212,7 +212,7 @@ def test_jsonl_line_failures_and_type_mismatch():
 def test_real_ultrafeedback_rows_normalize():
     lines = UF.read_bytes().splitlines()[:200]
     sample = [json.loads(x) for x in lines]
-    spec = NormalizeSpec("conversational", ColumnNames(id="prompt_id"), True, 10**6, infer_passthrough_schema(sample))
+    spec = NormalizeSpec("conversational", ColumnNames(id="prompt_id"), True, 10**6, infer_own_schema(sample))
     out = Normalizer(spec)(_lines_table(lines))
     assert out.column(C.REJECT).null_count == 200
     assert out.column(C.PAIR_ID).to_pylist() == [s["prompt_id"] for s in sample]

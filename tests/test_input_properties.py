@@ -1,5 +1,5 @@
 """Property tests for bad input (issue 9, items 2 and 3). They drive the driver's sample (`inputs.sample_records`),
-the type inference (`normalize.infer_passthrough_schema`) and the normalize step (`normalize.Normalizer`)
+the type inference (`normalize.infer_own_schema`) and the normalize step (`normalize.Normalizer`)
 directly, for every input format, in JSONL and Parquet:
 
 - no JSON value, in any field (keys too), at any position in the file, stops them: every row comes out, a bad
@@ -20,7 +20,6 @@ from decimal import Decimal
 
 import fsspec
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -29,8 +28,8 @@ from hypothesis import strategies as st
 from mapray import columns as C
 from mapray.config import ColumnNames
 from mapray.inputs import InputFiles, sample_records
-from mapray.normalize import Normalizer, NormalizeSpec, infer_passthrough_schema
-from mapray.outputs import reject_rows
+from mapray.normalize import Normalizer, NormalizeSpec, infer_own_schema
+from mapray.public_rows import TrlColumns, public_rows, reject_rows
 
 FORMATS = ("standard", "conversational", "transcript", "candidates")
 COLS = ColumnNames()
@@ -174,8 +173,8 @@ def normalize_jsonl(fmt: str, lines: list[bytes], sample_rows: int) -> pa.Table:
         sample = sample_records(InputFiles([uri], "jsonl", None, [uri]), sample_rows)
     finally:
         fsspec.filesystem("memory").rm(uri)
-    spec = NormalizeSpec(fmt, COLS, needs_scores=True, max_row_chars=10**6, passthrough=None)
-    spec = replace(spec, passthrough=infer_passthrough_schema(sample, spec))
+    spec = NormalizeSpec(fmt, COLS, needs_scores=True, max_row_chars=10**6, own_schema=None)
+    spec = replace(spec, own_schema=infer_own_schema(sample, spec))
     table = pa.table({"_m_line": pa.array(lines, pa.binary()),
                       C.SOURCE: pa.array([f"f.jsonl:{i + 1}" for i in range(len(lines))], pa.string())})
     return Normalizer(spec)(table)
@@ -211,7 +210,9 @@ def assert_own_columns_kept(out: pa.Table, i: int, row: dict) -> None:
 
 def assert_writes(out: pa.Table) -> None:
     """The rows write to Parquet and read back (the staged normalize output), and so do their rejects/."""
-    for table in (out, reject_rows(out.filter(pc.is_valid(out.column(C.REJECT))))):
+    conversational = any(v is not None and v.startswith("[") for v in out.column(C.PROMPT).to_pylist())
+    public = public_rows(out, TrlColumns(conversational))
+    for table in (out, reject_rows(public)):
         buf = io.BytesIO()
         pq.write_table(table, buf)
         assert pq.read_table(io.BytesIO(buf.getvalue())).num_rows == table.num_rows
@@ -360,7 +361,7 @@ def test_parquet_of_odd_types_never_stops_a_run(fmt, data):
     unreadable = [any(_unreadable(column, i) for column in table.columns) for i in range(n)]
     assert len(sample) == n - sum(unreadable)
 
-    out = Normalizer(NormalizeSpec(fmt, COLS, needs_scores=True, max_row_chars=10**6, passthrough=None))(table)
+    out = Normalizer(NormalizeSpec(fmt, COLS, needs_scores=True, max_row_chars=10**6, own_schema=None))(table)
     reasons = out.column(C.REJECT).to_pylist()
     assert out.num_rows == n and not any("internal error" in r for r in reasons if r)
     for i, reason in enumerate(reasons):

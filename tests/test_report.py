@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mapray import columns as C
-from mapray import metrics
+from mapray import histograms, metrics
 from mapray.config import InputConfig, MetricConfig, ModelConfig, RunConfig, SelectionConfig, to_dict
 from mapray.report import ReportSettings, report, stats
 from mapray.report.variants import plan
@@ -65,11 +65,12 @@ def test_every_metric_is_selectable_by_name():
 # ---- the report's arithmetic ----
 
 def test_histogram_arithmetic_by_hand():
-    assert stats.rank_edges(np.array([3.0, 1.0, 3.0, 2.0]), 8).tolist() == [1.0, 2.0, 3.0]  # few: every value
-    assert stats.bin_index(np.array([0.5, 1.0, 2.5, 3.0, 9.0]), np.array([1.0, 2.0, 3.0])).tolist() == [0, 1, 2, 3, 3]
+    assert histograms.rank_edges(np.array([3.0, 1.0, 3.0, 2.0]), 8).tolist() == [1.0, 2.0, 3.0]  # few: every value
+    edges = np.array([1.0, 2.0, 3.0])
+    assert histograms.bin_index(np.array([0.5, 1.0, 2.5, 3.0, 9.0]), edges).tolist() == [0, 1, 2, 3, 3]
     # bins from the top: [5, 0, 2, 3] -> the 4th best row lies in bin 2 (3 above it), the first of its 2 rows
-    assert stats.top_bin(np.array([5, 0, 2, 3]), 4) == stats.TopBin(bin=2, keep=1, size=2)
-    assert stats.top_bin(np.array([5, 0, 2, 3]), 10) == stats.TopBin(bin=0, keep=5, size=5)
+    assert histograms.top_bin(np.array([5, 0, 2, 3]), 4) == histograms.TopBin(bin=2, keep=1, size=2)
+    assert histograms.top_bin(np.array([5, 0, 2, 3]), 10) == histograms.TopBin(bin=0, keep=5, size=5)
     # unflipped 1, 2, 2 and flipped 0, 2 on edges [1, 2]: bins (-inf,1) [1,2) [2,inf)
     hist = stats.Hist.of(np.array([1.0, 2.0, 2.0, 0.0, 2.0]), np.array([False, False, False, True, True]),
                          np.array([1.0, 2.0]))

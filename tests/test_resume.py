@@ -17,7 +17,8 @@ import pytest
 import ray
 import ray.data
 
-from mapray.config import ConfigError, ModelConfig
+from mapray.config import ModelConfig
+from mapray.errors import ConfigError
 from mapray.runtime import RunStalled, check_local_cpus, checkpointed, checkpointed_rows, skip_written, watched
 from mapray.testing.compare import assert_same_rows
 from mapray.testing.faults import kill_with_its_local_ray

@@ -434,7 +434,7 @@ def test_selfplay_then_evolve_read_and_publish_on_s3(s3, tiny, smollm2, tmp_path
     beside it: every rewrite scored or set aside with its reason, the lineage pointing at round 0. (The kill and
     resume of a self-play run are tested on a local output: tests/test_selfplay.py.)"""
     pytest.importorskip("vllm")
-    from mapray.selfplay import generate
+    from mapray.generation.run import generate
 
     fs = s3.fs
     prompts = [json.loads(line)["prompt"] for line in UF.read_text().splitlines()[:5]]

@@ -2,6 +2,7 @@
 and empty folders that keep their schema."""
 
 import json
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -9,10 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from mapray import columns as C
-from mapray import metrics
-from mapray.config import ConfigError, SelectionConfig, load_config
-from mapray.outputs import OutputLayout
-from mapray.pipeline import finish
+from mapray import metrics, pipeline
+from mapray.config import SelectionConfig, load_config
+from mapray.errors import ConfigError
+from mapray.outputs import OutputLayout, write_results
+from mapray.selection import decide, mark
 
 M_EX = [3.0, -1.0, 2.0, 0.5, 2.0, -4.0, 1.625, 0.0, 5.0, -2.0]
 M_IM = [0.5, -2.0, 1.0, 0.0, -1.0, 3.0, 0.25, -0.5, 4.0, 1.0]
@@ -22,8 +24,8 @@ BASE = {"input": {"uri": "x"}, "output": "o", "policy": {"path": "p"}}
 
 
 def staged_rows(m_ex=M_EX, m_im=M_IM, n_rejected: int = 0) -> pa.Table:
-    """Rows as the model pass stages them: an own column, the margins, the internal columns; the last
-    `n_rejected` rows carry a reject reason."""
+    """Rows as the model pass stages them (public rows with the row key): an own column, the margins, the
+    reject columns; the last `n_rejected` rows carry a reject reason."""
     n = len(m_ex) + n_rejected
     reject = [None] * len(m_ex) + ["empty chosen response"] * n_rejected
     table = pa.table({
@@ -32,19 +34,24 @@ def staged_rows(m_ex=M_EX, m_im=M_IM, n_rejected: int = 0) -> pa.Table:
         "explicit_margin": pa.array(list(m_ex) + [None] * n_rejected, pa.float64()),
         "implicit_margin": pa.array(list(m_im) + [None] * n_rejected, pa.float64()),
     })
-    internal = {C.REJECT: reject, C.REJECT_STAGE: [None if r is None else "normalize" for r in reject],
-                C.ROW: [f"row{i}" for i in range(n)], C.SOURCE: [f"in.jsonl:{i + 1}" for i in range(n)]}
-    for name in C.INTERNAL:
-        table = C.set_column(table, name, internal.get(name, [None] * n), C.INTERNAL_TYPES[name])
-    return table
+    rejects = {C.REJECT_REASON: reject, "reject_stage": [None if r is None else "normalize" for r in reject],
+               "reject_source": [None if r is None else f"in.jsonl:{i + 1}" for i, r in enumerate(reject)],
+               "reject_raw": [None if r is None else json.dumps({"prompt": f"question {i}"})
+                              for i, r in enumerate(reject)]}
+    for name, values in rejects.items():
+        table = C.set_column(table, name, values, pa.string())
+    return C.set_column(table, C.ROW, [f"row{i}" for i in range(n)], pa.string())
 
 
 def run_finish(local_ray, tmp_path, table: pa.Table, alpha: float, sel: SelectionConfig, blocks: int = 3):
-    """finish() over `table` split into several blocks, published; returns (out, counts, selection, moments)."""
-    per = -(-table.num_rows // blocks)
+    """The global pass (decide, then the writes) over `table` split into several blocks, published; returns
+    (out, counts, selection summary, moments)."""
+    per = -(-table.num_rows // blocks) or 1
     rows = local_ray.data.from_arrow([table.slice(i, per) for i in range(0, table.num_rows, per)])
     layout = OutputLayout(str(tmp_path / "out"), run_id="test")
-    counts, moments, chosen = finish(rows, layout, alpha, sel, dedupe=False)
+    selection = decide(rows, sel, alpha, key=C.ROW)
+    counts = write_results(rows, partial(mark, selection=selection, key=C.ROW), selection, layout)
+    chosen, moments = selection.summary(), pipeline.moments(selection)
     layout.publish({"run_id": "test", "counts": counts, "selection": chosen, "pool_moments": moments})
     return tmp_path / "out", counts, chosen, moments
 

@@ -16,9 +16,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mapray import columns as C
-from mapray.config import ColumnNames, ConfigError, GenerationConfig, ModelConfig, load_config
+from mapray.config import ColumnNames, GenerationConfig, ModelConfig, load_config
+from mapray.errors import ConfigError
 from mapray.formats import RejectRow
-from mapray.generation import evolve as E
+from mapray.generation import rewrites as E
 from mapray.generation.engine import Sample
 from mapray.generation.prompts import SCHEMA, PromptReader, prompt_format, prompt_messages, prompt_seed
 from mapray.generation.stage import with_samples
@@ -180,7 +181,7 @@ def test_bad_generation_settings_stop_the_run_with_one_line(setting, message):
 
 
 def test_selfplay_checks_what_only_it_needs_before_anything_runs(tiny, tmp_path):
-    from mapray.selfplay import check
+    from mapray.generation.run import check
 
     base = ["input.uri=x", f"output={tmp_path}", f"policy.path={tiny['policy']}"]
     with pytest.raises(ConfigError, match="self-play needs a reward model"):
@@ -283,8 +284,8 @@ def test_selfplay_resumes_a_killed_generation(tmp_path, tiny, smollm2, local_ray
     """The loop on a local output, its driver killed while sampling; the evolve round after it runs on
     object storage (tests/test_s3.py), where a pool of prompts usually lives."""
     pytest.importorskip("vllm")
+    from mapray.generation.run import generate, selfplay
     from mapray.runtime import checkpointed_rows
-    from mapray.selfplay import generate, selfplay
     from mapray.testing.faults import kill_with_its_local_ray, wait_until
 
     path, prompts = _prompts_file(tmp_path)

@@ -68,7 +68,7 @@ def trl_type_rows(kind: str) -> list[dict]:
 
 def mapray_logps(rows: list[dict], fmt: str, tiny: dict) -> dict[str, dict]:
     """mapray's own path without Ray: normalize, then the policy and reference log-prob stages."""
-    spec = NormalizeSpec(fmt, ColumnNames(id="id"), needs_scores=False, max_row_chars=10**6, passthrough=None)
+    spec = NormalizeSpec(fmt, ColumnNames(id="id"), needs_scores=False, max_row_chars=10**6, own_schema=None)
     table = Normalizer(spec)(pa.Table.from_pylist(rows))
     for role in ("policy", "reference"):
         cfg = ModelConfig(path=tiny[role], max_length=MAX_LENGTH, token_budget=4096)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mapray.config import GenerationConfig, ModelConfig
-from mapray.scoring.vllm_engine import _engine_kwargs, _start
+from mapray.scoring.vllm_engine import engine_kwargs, start_engine
 
 
 @dataclass(frozen=True)
@@ -28,10 +28,10 @@ class Sample:
 
 class VllmGenerator:
     def __init__(self, cfg: ModelConfig, local_path: str):
-        kwargs = _engine_kwargs(cfg, local_path, cfg.max_length)
+        kwargs = engine_kwargs(cfg, local_path, cfg.max_length)
         # generation asks no prompt log-probs, so a prompt shared by the n samples may be cached
         kwargs.update(enable_prefix_caching=True, logprobs_mode="raw_logprobs")
-        self.llm = _start(kwargs, "generation")
+        self.llm = start_engine(kwargs, "generation")
         self.max_model_len = cfg.max_length
 
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: GenerationConfig,

@@ -1,62 +1,146 @@
-"""Evol-Instruct rewrites for the second self-play loop: the prompt templates of the five strategies, and the
-filters a rewrite must pass before it is sampled from.
+"""The evolve round: round k+1 of self-play from round k's output.
 
-The strategies are those of Evol-Instruct (WizardLM, arXiv 2304.12244) as the MAP reference code uses them
-(`evol_select/evol_instruct.py`): one in breadth (a new prompt of the same domain) and four in depth. The
-templates below are mapray's own wording of them; each asks the policy for the rewritten prompt alone.
+The prompts of round k ranked by their mean MAP (a Ray Data group-by over its scored/), the top fraction
+rewritten with each Evol-Instruct strategy by the policy (`mapray.generation.rewrites`: the templates and the
+filters), one rewrite each, on the sampler's actor pool; the rewrites that pass the filters are round k+1's
+prompts (<output>/evolved/, every rewrite kept with its original, strategy and the reason it was set aside), and
+the self-play round (`mapray.generation.run`) samples, scores and selects them. The manifest's `lineage` links
+the rounds.
 """
 
 from __future__ import annotations
 
-import re
+import dataclasses
+import math
 
-_FRAME = (
-    "You are a prompt rewriter. Rewrite the #Given Prompt# into a new prompt, following the #Method#. The new "
-    "prompt must be reasonable, understandable by humans and answerable on its own, and it must not mention the "
-    "#Given Prompt# or the #Method#. Do not answer it. Keep it at most {growth} times as long as the #Given "
-    "Prompt#.\n\n#Method#: {method}\n\n#Given Prompt#:\n{prompt}\n\n#Rewritten Prompt#:\n"
-)
-METHODS = {
-    "breadth": "Create a brand-new prompt in the same domain as the #Given Prompt#, on a rarer topic, of similar "
-               "length and difficulty.",
-    "deepen": "Increase the depth and breadth of what the #Given Prompt# asks, so that answering it takes more "
-              "knowledge of the subject.",
-    "constraints": "Add one more constraint or requirement to the #Given Prompt#.",
-    "concretize": "Replace general concepts in the #Given Prompt# with more specific ones.",
-    "reasoning": "If the #Given Prompt# can be answered with a few simple steps of thought, rewrite it to ask "
-                 "explicitly for reasoning in several steps.",
-}
-# a label the policy may echo before the rewrite ("#Rewritten Prompt#:", "Rewritten prompt:")
-_LABEL = re.compile(r"^\s*#*\s*(rewritten|new|created)\s+prompt\s*#*\s*:?\s*", re.IGNORECASE)
+import pyarrow as pa
 
+from mapray import columns as C
+from mapray.config import ColumnNames, EvolveConfig, GenerationConfig, InputConfig, RunConfig, generator_config
+from mapray.errors import ConfigError
+from mapray.generation import rewrites as R
+from mapray.generation.prompts import LINEAGE
+from mapray.generation.run import GENERATED, check, play_round, read_generation, sample_prompts
+from mapray.inputs import read_staged
+from mapray.models import identify_model
+from mapray.outputs import OutputLayout, read_manifest
+from mapray.pipeline import staging_key
+from mapray.runtime import LIGHT_TASK_CPUS, init_ray
+from mapray.typed_config import to_dict
 
-def rewrite_request(prompt: str, strategy: str, max_growth: float) -> list[dict]:
-    """The chat turn that asks the policy for one rewrite of `prompt` with `strategy`."""
-    return [{"role": "user", "content": _FRAME.format(method=METHODS[strategy], prompt=prompt,
-                                                       growth=f"{max_growth:g}")}]
+EVOLVED = "evolved"
 
 
-def last_user_text(messages: list[dict]) -> str:
-    """The text a rewrite starts from: the prompt's last user turn."""
-    return next(m["content"] for m in reversed(messages) if m["role"] == "user")
+def evolve(cfg: RunConfig, source: str) -> dict:
+    """Rewrites the best prompts of the self-play output at `source` and runs self-play on the rewrites into
+    cfg.output; the manifest's `lineage` links the rounds."""
+    check(cfg)
+    previous = read_manifest(source)
+    if "generation" not in previous:
+        raise ConfigError(f"evolve: {source} is not a `mapray selfplay` output (its manifest has no generation)")
+    if OutputLayout(source).uri == OutputLayout(cfg.output).uri:
+        raise ConfigError("output: evolve writes a new round; give it another output than the one it reads")
+    settings = cfg.evolve or EvolveConfig()
+    round_ = previous.get("lineage", {}).get("round", 0) + 1
+    rewrites = evolve_prompts(cfg, source, previous["run_id"], settings, round_)
+    lineage = {"round": round_, "parent": {"output": OutputLayout(source).uri, "run_id": previous["run_id"]},
+               "evolve": {**to_dict(settings), **{k: v for k, v in rewrites.items() if k != "key"}},
+               "history": [previous.get("lineage", {"round": 0})]}
+    evolved = OutputLayout(cfg.output).final(EVOLVED)
+    round_input = InputConfig(uri=evolved, format="prompts", file_format="parquet",
+                              columns=ColumnNames(error="evolve_error"))
+    return play_round(dataclasses.replace(cfg, input=round_input), lineage)
 
 
-def clean_rewrite(text: str) -> str:
-    return _LABEL.sub("", text.strip(), count=1).strip()
+def evolve_prompts(cfg: RunConfig, source: str, source_run: str, settings: EvolveConfig, round_: int) -> dict:
+    """<output>/evolved/: one row per (top prompt, strategy) with the rewrite as its prompt, or the reason it is
+    set aside in `evolve_error`."""
+    import ray.data
+
+    generator = generator_config(cfg)
+    init_ray(cfg.ray, [generator])
+    scored = OutputLayout(source).final("scored")
+    sha = identify_model(generator.path)["sha256"]
+    key = staging_key("evolve", {"source": source_run, "settings": to_dict(settings), "sha": sha,
+                                 "seed": (cfg.generation or GenerationConfig()).seed,
+                                 "reward": to_dict(cfg.reward.model)})
+    current = read_generation(cfg.output, EVOLVED)
+    if current is not None and current["key"] == key:
+        return current
+    layout = OutputLayout(cfg.output, run_id=key)
+    ranked = ray.data.read_parquet(scored, columns=["prompt_id", "prompt", C.MAP]) \
+        .groupby("prompt_id").map_groups(_mean_map, batch_format="pyarrow").materialize()  # counted, then sorted
+    total = ranked.count()
+    if not total:
+        raise ConfigError(f"evolve: {source} has no scored prompt to rewrite")
+    top = max(1, math.ceil(settings.top_fraction * total))
+    best = ranked.sort([C.MAP, "prompt_id"], descending=[True, False]).limit(top)
+    requests = best.map_batches(_rewrite_requests, fn_kwargs={"settings": settings, "round_": round_},
+                                batch_format="pyarrow")
+    layout.stage("prompts", requests.write_parquet)
+    rewriting = GenerationConfig(n=1, temperature=settings.temperature, top_p=1.0,
+                                 max_tokens=settings.max_tokens, seed=(cfg.generation or GenerationConfig()).seed)
+    layout.stage(GENERATED, lambda path: sample_prompts(layout, generator, rewriting, n=1), resumable=True)
+    filtered = read_staged(layout.staged(GENERATED), num_cpus=LIGHT_TASK_CPUS).map_batches(
+        RewriteFilter, fn_constructor_kwargs={"reward": cfg.reward.model, "settings": settings},
+        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=LIGHT_TASK_CPUS)
+    evolved = layout.stage(EVOLVED, filtered.write_parquet)
+    errors = ray.data.read_parquet(evolved, columns=["evolve_error"]).to_pandas()["evolve_error"]
+    info = {"key": key, "prompts_ranked": total, "prompts_rewritten": top, "rewrites": len(errors),
+            "rewrites_kept": int(errors.isna().sum()), "rewrites_set_aside": int(errors.notna().sum())}
+    layout.publish_folder(EVOLVED, info)
+    return info
 
 
-def rewrite_problem(original: str, rewrite: str, max_growth: float, tokens: int, context: int,
-                    finished: bool = True) -> str | None:
-    """Why a rewrite is set aside, or None: empty, cut off by evolve.max_tokens (a half-written prompt; mapray's
-    rule, not the reference code's), longer than `max_growth` times its original (characters), or not fitting the
-    reward model's context (`tokens` of the prompt as the reward model reads it)."""
-    if not rewrite:
-        return "evolve: the rewrite is empty"
-    if not finished:
-        return "evolve: the rewrite was cut off at evolve.max_tokens"
-    if len(rewrite) > max_growth * len(original):
-        return (f"evolve: the rewrite is {len(rewrite) / len(original):.1f}x its original's length "
-                f"(evolve.max_growth {max_growth:g})")
-    if tokens >= context:
-        return f"evolve: the rewrite is {tokens} tokens, it does not fit the reward model's max_length ({context})"
-    return None
+def _mean_map(group: pa.Table) -> pa.Table:
+    """One prompt's rows -> one row: its id, its messages, the mean MAP of its pairs."""
+    import pyarrow.compute as pc
+
+    return pa.table({"prompt_id": group.column("prompt_id").slice(0, 1),
+                     "prompt": group.column("prompt").slice(0, 1),
+                     C.MAP: pa.array([pc.mean(group.column(C.MAP)).as_py()], pa.float64())})
+
+
+def _rewrite_requests(table: pa.Table, settings: EvolveConfig, round_: int) -> pa.Table:
+    """Each top prompt x strategy -> a prompt row (`mapray.generation.prompts.SCHEMA`) asking for the rewrite."""
+    import uuid
+
+    from mapray.generation.prompts import SCHEMA
+
+    rows = []
+    for pid, messages in zip(table.column("prompt_id").to_pylist(), table.column("prompt").to_pylist()):
+        original = R.last_user_text(messages)
+        for strategy in settings.strategies:
+            rows.append({"prompt_id": f"{pid}:{strategy}", "prompt": R.rewrite_request(original, strategy,
+                                                                                       settings.max_growth),
+                         "input_raw": original, "evolved_from": pid, "evolve_strategy": strategy,
+                         "evolve_round": round_, C.ROW: uuid.uuid4().hex})
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+class RewriteFilter:
+    """Generated rewrites -> evolved/ prompt rows: the rewrite, its lineage, and why it is set aside (if so)."""
+
+    SCHEMA = pa.schema([("prompt", pa.string()), ("original", pa.string()), *LINEAGE.items(),
+                        ("evolve_error", pa.string()), ("rewrite_raw", pa.string())])
+
+    def __init__(self, reward, settings: EvolveConfig):
+        from mapray.stages import load_encoder
+
+        self.encoder, _ = load_encoder(reward)  # the rewrite must fit the context of the model that scores it
+        self.context, self.settings = reward.max_length, settings
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        rows = []
+        for row in table.to_pylist():
+            raw = (row["all_generated_responses"] or [None])[0]
+            text = R.clean_rewrite(raw or "")
+            error = row["generation_error"]
+            if error is None:
+                tokens = len(self.encoder.encode_prompt([{"role": "user", "content": text}])) if text else 0
+                finished = (row["finish_reasons"] or ["stop"])[0] == "stop"
+                error = R.rewrite_problem(row["input_raw"], text, self.settings.max_growth, tokens, self.context,
+                                          finished)
+            rows.append({"prompt": text if error is None else None, "original": row["input_raw"],
+                         **{k: row[k] for k in LINEAGE}, "evolve_error": error, "rewrite_raw": raw})
+        return pa.Table.from_pylist(rows, schema=self.SCHEMA)

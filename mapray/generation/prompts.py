@@ -15,7 +15,8 @@ import uuid
 import pyarrow as pa
 
 from mapray import columns as C
-from mapray.config import ColumnNames, ConfigError
+from mapray.config import ColumnNames
+from mapray.errors import ConfigError
 from mapray.formats import Messages, RejectRow, detect_format, message_prompt, normalize_record
 from mapray.inputs import LINE, parse_lines, table_rows
 from mapray.normalize import raw_json

@@ -4,7 +4,8 @@
 cut-off, the alpha sweep, the overlap of the selection under every metric, length bias, the noise audit, a
 per-group breakdown), draws the figures (figures.py) and writes OUT/report/: `index.html` (one self-contained
 page, page.py), `report.json` and the figures as PNG. `summary` gives the same numbers to `mapray show`, reusing
-a report.json of the same run and settings when there is one. No model runs.
+a report.json of the same run and settings when there is one. `report_rows` computes them for a Dataset the
+Python API selected (`mapray.api.select`). No model runs.
 """
 
 from __future__ import annotations
@@ -17,31 +18,70 @@ import time
 import fsspec
 import numpy as np
 
-from mapray.config import ConfigError, RayConfig
+from mapray.config import RayConfig
+from mapray.errors import ConfigError
 from mapray.report.settings import ReportSettings
 from mapray.uris import absolute
 
-__all__ = ["ReportSettings", "report", "summary"]
+__all__ = ["ReportSettings", "report", "report_rows", "summary"]
 RUN_KEYS = ("run_id", "finished_at", "reselected_at", "config", "models", "libraries", "tokenization", "counts",
             "selection", "pool_moments", "warnings", "timings")  # what report.json repeats from the manifest
 
 
 def report(uri: str, settings: ReportSettings | None = None) -> dict:
-    """Writes OUT/report/{index.html, report.json, *.png}; returns the numbers."""
+    """Writes OUT/report/{index.html, report.json, *.png} for the published output at `uri`; returns the
+    numbers."""
     settings = settings or ReportSettings()
-    if importlib.util.find_spec("matplotlib") is None:  # an optional extra: say so before Ray starts
-        raise ConfigError("mapray report draws its figures with matplotlib: pip install 'mapray[report]'")
+    _check_figures()
     uri = absolute(uri).rstrip("/")
     started = time.time()
     numbers, sample = _compute(uri, settings)
+    write(numbers, sample, f"{uri}/report", started)
+    return numbers
+
+
+def report_rows(rows, selection, settings: ReportSettings | None = None, out: str | None = None) -> dict:
+    """The report of a selected Dataset (`mapray.api.select`'s rows and decision: scored rows, and rows set
+    aside with their reasons); written to the folder `out` (index.html, report.json, the figures) when given."""
+    from mapray import columns as C
+    from mapray.public_rows import good, reject_rows
+    from mapray.report.compute import check_by, compute_rows, needed
+
+    settings = settings or ReportSettings()
+    settings.check()
+    if out is not None:
+        _check_figures()
+    started = time.time()
+    check_by(rows.schema().base_schema, settings.by)
+    rejects = None
+    if C.REJECT_REASON in rows.schema().names:
+        rejects = rows.map_batches(reject_rows, batch_format="pyarrow").select_columns(["reason", "stage", "source"])
+        rows = rows.map_batches(good, batch_format="pyarrow")
+    numbers, sample = compute_rows(rows.select_columns(needed(settings)), rejects, selection.config,
+                                   selection.alpha, selection.count, settings)
+    numbers["run"] = {"selection": selection.summary(), "pool_moments": None}
+    numbers["output"] = out or ""
+    if out is not None:
+        write(numbers, sample, out, started)
+    return numbers
+
+
+def _check_figures() -> None:
+    if importlib.util.find_spec("matplotlib") is None:  # an optional extra: say so before Ray starts
+        raise ConfigError("mapray report draws its figures with matplotlib: pip install 'mapray[report]'")
+
+
+def write(numbers: dict, sample, folder: str, started: float) -> None:
+    """The figures, then index.html and report.json into `folder` (emptied first: an earlier report's figures,
+    a --by chart, must not outlive it)."""
     computed_at = time.time()
     from mapray.report import figures, page
 
     images = figures.render(numbers, sample)
     numbers["timings"] = {"compute_s": round(computed_at - started, 3),
                           "figures_s": round(time.time() - computed_at, 3)}
-    fs, root = fsspec.core.url_to_fs(f"{uri}/report")
-    if fs.exists(root):  # an earlier report's figures (a --by chart) must not outlive it
+    fs, root = fsspec.core.url_to_fs(folder)
+    if fs.exists(root):
         fs.rm(root, recursive=True)
     fs.makedirs(root, exist_ok=True)
     for name, png in images.items():
@@ -51,7 +91,6 @@ def report(uri: str, settings: ReportSettings | None = None) -> dict:
         json.dump(plain(numbers), f, indent=1)
     with fs.open(f"{root}/index.html", "w") as f:
         f.write(page.render(plain(numbers), images))
-    return numbers
 
 
 def summary(uri: str, settings: ReportSettings | None = None) -> dict:

@@ -25,17 +25,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mapray import metrics
-from mapray.config import ConfigError, SelectionConfig, from_dict
+from mapray import columns as C
+from mapray import histograms, metrics
+from mapray.config import SelectionConfig
+from mapray.errors import ConfigError
+from mapray.reductions import BATCH_ROWS, reduce
 from mapray.report import passes as P
 from mapray.report import stats
 from mapray.report.settings import ReportSettings
-from mapray.report.variants import M_EX, M_IM, PAIR_ID, SELECTED, plan, score
+from mapray.report.variants import plan, score
 from mapray.selection import Selection
+from mapray.typed_config import from_dict
 
-NEEDED = [PAIR_ID, M_EX, M_IM, SELECTED, *P.TOKENS]
+NEEDED = [C.PAIR_ID, C.EXPLICIT_MARGIN, C.IMPLICIT_MARGIN, C.SELECTED, *P.TOKENS]
 PLOT_BINS = 60
-COLLECT_LIMIT = 200_000  # rows of one cut-off bin the driver sorts itself; more go through Ray's sort
 
 
 def scored_schema(uri: str) -> pa.Schema:
@@ -74,28 +77,44 @@ def run_selection(manifest: dict) -> tuple[SelectionConfig, float]:
 
 
 def compute(uri: str, manifest: dict, settings: ReportSettings) -> tuple[dict, pa.Table | None]:
-    """The numbers of report.json (without the run's own manifest entries) and the figures' sample."""
+    """The numbers of report.json (without the run's own manifest entries) and the figures' sample, for the
+    published output at `uri`."""
     import ray.data
 
     run, alpha = run_selection(manifest)
-    columns = NEEDED + ([settings.by] if settings.by and settings.by not in NEEDED else [])
-    rows = ray.data.read_parquet(f"{uri}/scored", columns=columns).map_batches(
+    rows = ray.data.read_parquet(f"{uri}/scored", columns=needed(settings))
+    fs, path = fsspec.core.url_to_fs(f"{uri}/rejects")
+    rejects = None
+    if fs.exists(path) and any(p.endswith(".parquet") for p in fs.find(path)):
+        rejects = ray.data.read_parquet(f"{uri}/rejects", columns=["reason", "stage", "source"])
+    return compute_rows(rows, rejects, run, alpha, manifest["counts"]["selected"], settings)
+
+
+def needed(settings: ReportSettings) -> list[str]:
+    return NEEDED + ([settings.by] if settings.by and settings.by not in NEEDED else [])
+
+
+def compute_rows(rows, rejects, run: SelectionConfig, alpha: float, selected: int,
+                 settings: ReportSettings) -> tuple[dict, pa.Table | None]:
+    """The report's numbers over scored rows (`rows`: a Dataset with `needed` columns, `selected` as `run` with
+    `alpha` chose it) and the rows set aside (`rejects`: reason, stage, source; None for none)."""
+    rows = rows.map_batches(
         partial(P.add_uniforms, seed=run.seed, noise_seed=settings.noise_seed, fraction=settings.noise_fraction),
-        batch_format="pyarrow", batch_size=P.BATCH_ROWS).materialize()
-    n, rejects = rows.count(), _rejects(uri)
+        batch_format="pyarrow", batch_size=BATCH_ROWS).materialize()
+    n, rejects = rows.count(), _rejects(rejects)
     if n == 0:
         return {"scored": 0, "selected": 0, "rejects": rejects, "settings": asdict(settings)}, None
-    variants = plan(run, alpha, manifest["counts"]["selected"], settings.alphas)
+    variants = plan(run, alpha, selected, settings.alphas)
     ctx = P.Context(variants, by=settings.by,
                     run_variant=next(i for i, v in enumerate(variants) if v.metric == run.metric))
-    first = P.reduce(rows, P.summary, sample_fraction=min(1.0, settings.sample_rows / n))
+    first = reduce(rows, P.summary, sample_fraction=min(1.0, settings.sample_rows / n))
     ctx.pools = dict(zip((False, True), first["pools"]))
     sample = P.columns(first["sample"])
-    ctx.rank_edges = [stats.rank_edges(score(v, sample, ctx.pools), settings.rank_bins) for v in variants]
+    ctx.rank_edges = [histograms.rank_edges(score(v, sample, ctx.pools), settings.rank_bins) for v in variants]
     ctx.plot_edges = {name: _plot_edges(values) for name, values in P.plot_values(sample, ctx).items()}
-    hists = P.reduce(rows, P.histograms, ctx=ctx)
+    hists = reduce(rows, P.histograms, ctx=ctx)
     ctx.selections = _selections(rows, ctx, hists["ranked"], n, run.seed)
-    gram = P.reduce(rows, P.gram, ctx=ctx)
+    gram = reduce(rows, P.gram, ctx=ctx)
     return _numbers(ctx, hists, gram, rejects, n, settings, run, alpha), first["sample"]
 
 
@@ -108,7 +127,7 @@ def _selections(rows, ctx: P.Context, ranked: list[stats.Hist], n: int, seed: in
     """Every variant's Selection: a threshold needs nothing more; a ranking's cut-off row is found in its bin."""
     found: dict[int, tuple[float, str] | None] = {}
     small: dict[int, tuple[float, float]] = {}
-    tops: dict[int, stats.TopBin] = {}
+    tops: dict[int, histograms.TopBin] = {}
     for i, v in enumerate(ctx.variants):
         if v.rule[0] == "threshold":
             continue
@@ -116,35 +135,29 @@ def _selections(rows, ctx: P.Context, ranked: list[stats.Hist], n: int, seed: in
         if k == 0:
             found[i] = None
             continue
-        tops[i] = stats.top_bin(ranked[i].counts.sum(axis=0), k)
-        bounds = stats.bin_bounds(ctx.rank_edges[i], tops[i].bin)
-        if tops[i].size <= COLLECT_LIMIT:
+        tops[i] = histograms.top_bin(ranked[i].counts.sum(axis=0), k)
+        bounds = histograms.bin_bounds(ctx.rank_edges[i], tops[i].bin)
+        if tops[i].size <= histograms.COLLECT_LIMIT:
             small[i] = bounds
         else:
             found[i] = P.sort_bin(rows, ctx, i, *bounds, keep=tops[i].keep)
     if small:
         batches = rows.map_batches(partial(P.candidates, ctx=ctx, bounds=small), batch_format="pyarrow",
-                                   batch_size=P.BATCH_ROWS).iter_batches(batch_format="pyarrow", batch_size=None)
+                                   batch_size=BATCH_ROWS).iter_batches(batch_format="pyarrow", batch_size=None)
         table = pa.concat_tables([b for b in batches if b.num_rows])
         for i in small:
             mine = table.filter(pc.equal(table.column("variant"), i))
-            ranked_rows = mine.sort_by([("score", "descending"), (PAIR_ID, "ascending")])
+            ranked_rows = mine.sort_by([("score", "descending"), (C.PAIR_ID, "ascending")])
             last = ranked_rows.slice(tops[i].keep - 1, 1).to_pylist()[0]
-            found[i] = (last["score"], last[PAIR_ID])
+            found[i] = (last["score"], last[C.PAIR_ID])
     return [Selection(v.config(seed), v.alpha, ctx.pools[v.flipped],
                       metrics.selection_count(n, *v.rule) if v.rule[0] != "threshold" else 0, found.get(i))
             for i, v in enumerate(ctx.variants)]
 
 
-def _rejects(uri: str) -> dict:
+def _rejects(rejects) -> dict:
     """rejects/ by reason and stage, and by input file (JSONL input only: Parquet rows carry no source)."""
-    import ray.data
-
-    fs, path = fsspec.core.url_to_fs(f"{uri}/rejects")
-    counts = None
-    if fs.exists(path) and any(p.endswith(".parquet") for p in fs.find(path)):
-        counts = P.reduce(ray.data.read_parquet(f"{uri}/rejects", columns=["reason", "stage", "source"]),
-                          P.reject_counts)
+    counts = reduce(rejects, P.reject_counts) if rejects is not None else None
     counts = counts or {"reasons": {}, "files": {}}
     return {"by_reason": [{"reason": r, "stage": s, "count": c}
                           for (r, s), c in sorted(counts["reasons"].items(), key=lambda kv: (-kv[1], kv[0][0]))],
@@ -188,11 +201,11 @@ def _numbers(ctx: P.Context, hists: dict, gram: np.ndarray, rejects: dict, n: in
 def _cutoff(run: SelectionConfig, alpha: float, sel: Selection) -> dict:
     """The run's cut-off: its threshold, or the score and pair_id of its last kept row."""
     rule, value = run.rule
-    out = {"metric": run.metric, "alpha": alpha, "rule": rule, "value": value, "score": None, PAIR_ID: None}
+    out = {"metric": run.metric, "alpha": alpha, "rule": rule, "value": value, "score": None, C.PAIR_ID: None}
     if rule == "threshold":
         out["score"] = value
     elif sel.cutoff is not None:
-        out["score"], out[PAIR_ID] = sel.cutoff
+        out["score"], out[C.PAIR_ID] = sel.cutoff
     return out
 
 

@@ -14,8 +14,10 @@ import io
 import numpy as np
 from matplotlib.figure import Figure
 
+from mapray import columns as C
+
 POOL, SELECTED, MARK = "#9aa5b1", "#1f6feb", "#d1242f"
-LABELS = {"map_z": "map_z", "map": "map (paper form)", "map_unreg": "map_unreg"}
+LABELS = {C.MAP_Z: "map_z", C.MAP: "map (paper form)", C.MAP_UNREG: "map_unreg"}
 
 
 def render(numbers: dict, sample) -> dict[str, bytes]:
@@ -71,9 +73,9 @@ def margins(numbers: dict, units: dict) -> bytes:
 def scatter(numbers: dict, sample, units: dict) -> bytes:
     fig = Figure(figsize=(6, 4.6), layout="constrained")
     ax = fig.subplots()
-    m_ex = sample.column("explicit_margin").to_numpy(zero_copy_only=False)
-    m_im = sample.column("implicit_margin").to_numpy(zero_copy_only=False)
-    chosen = sample.column("selected").to_numpy(zero_copy_only=False).astype(bool)
+    m_ex = sample.column(C.EXPLICIT_MARGIN).to_numpy(zero_copy_only=False)
+    m_im = sample.column(C.IMPLICIT_MARGIN).to_numpy(zero_copy_only=False)
+    chosen = sample.column(C.SELECTED).to_numpy(zero_copy_only=False).astype(bool)
     size = float(np.clip(4000 / max(len(m_ex), 1), 3, 30))  # visible dots for a small pool, no blot for a large
     ax.scatter(m_ex[~chosen], m_im[~chosen], s=size, color=POOL, alpha=0.6, label="not selected", linewidths=0)
     ax.scatter(m_ex[chosen], m_im[chosen], s=size, color=SELECTED, alpha=0.8, label="selected", linewidths=0)

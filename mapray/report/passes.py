@@ -1,5 +1,5 @@
 """The report's Ray Data passes over scored/: each maps batches to a small partial result (moments, histograms,
-counts) that the driver merges exactly (`merge`), so nothing pool-sized ever comes to the driver.
+counts) that the driver merges exactly (`mapray.reductions`), so nothing pool-sized ever comes to the driver.
 
 `Context` is what every batch function needs: the variants, the pool moments, the bin edges and the selections
 found so far; it is small (edges are a few thousand floats per variant) and travels with each task.
@@ -7,7 +7,6 @@ found so far; it is small (edges are a few thousand floats per variant) and trav
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -15,13 +14,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mapray import columns as C
 from mapray import metrics
+from mapray.reductions import BATCH_ROWS, kth_best
 from mapray.report import stats
-from mapray.report.variants import FLIP, M_EX, M_IM, PAIR_ID, RANDOM, SAMPLE, SELECTED, Variant, report_uniforms, score
+from mapray.report.variants import FLIP, RANDOM, SAMPLE, Variant, report_uniforms, score
 from mapray.selection import Selection
 
-TOKENS = ("chosen_tokens", "rejected_tokens")
-BATCH_ROWS = 262_144  # rows a batch function sees at once: a few MB per score column
+TOKENS = (C.CHOSEN_TOKENS, C.REJECTED_TOKENS)
 GRAM_CHUNK = 65_536  # rows per membership product (a float32 0/1 matrix of this many rows)
 
 
@@ -36,47 +36,21 @@ class Context:
     selections: list[Selection] = field(default_factory=list)  # per variant, once the cut-offs are known
 
 
-def merge(a, b):
-    """Merges two partial results of the same shape: numbers and arrays add, dicts merge by key, histograms and
-    moments merge as they define, tables concatenate."""
-    if isinstance(a, dict):
-        return {k: merge(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k)) for k in [*a, *b.keys() - a.keys()]}
-    if isinstance(a, list):
-        return [merge(x, y) for x, y in zip(a, b)]
-    if isinstance(a, pa.Table):
-        return pa.concat_tables([a, b])
-    if hasattr(a, "merge"):
-        return a.merge(b)
-    return a + b
-
-
-def reduce(ds, fn, **kwargs):
-    """`fn` over every batch, each partial result merged into one as it arrives."""
-    def wrapped(table: pa.Table) -> pa.Table:
-        return pa.table({"blob": pa.array([pickle.dumps(fn(table, **kwargs))], pa.binary())})
-
-    total = None
-    for row in ds.map_batches(wrapped, batch_format="pyarrow", batch_size=BATCH_ROWS).iter_rows():
-        part = pickle.loads(row["blob"])
-        total = part if total is None else merge(total, part)
-    return total
-
-
 def columns(table: pa.Table, with_ids: bool = False) -> dict[str, np.ndarray]:
     cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in
-            (M_EX, M_IM, SELECTED, FLIP, RANDOM, SAMPLE, *TOKENS)}
-    for name in (M_EX, M_IM):
+            (C.EXPLICIT_MARGIN, C.IMPLICIT_MARGIN, C.SELECTED, FLIP, RANDOM, SAMPLE, *TOKENS)}
+    for name in (C.EXPLICIT_MARGIN, C.IMPLICIT_MARGIN):
         cols[name] = cols[name].astype(np.float64)
-    for name in (SELECTED, FLIP):
+    for name in (C.SELECTED, FLIP):
         cols[name] = cols[name].astype(bool)
     if with_ids:
-        cols[PAIR_ID] = np.array(table.column(PAIR_ID).to_pylist(), dtype=object)
+        cols[C.PAIR_ID] = np.array(table.column(C.PAIR_ID).to_pylist(), dtype=object)
     return cols
 
 
 def add_uniforms(table: pa.Table, seed: int, noise_seed: int, fraction: float) -> pa.Table:
     """The per-row values seeded by pair_id: the random metric's score, the noise audit's swap, the sample."""
-    ids = table.column(PAIR_ID).to_pylist()
+    ids = table.column(C.PAIR_ID).to_pylist()
     flip, sample = report_uniforms(ids, noise_seed)
     return (table.append_column(RANDOM, pa.array(metrics.seeded_uniform(ids, seed)))
             .append_column(FLIP, pa.array(flip < fraction)).append_column(SAMPLE, pa.array(sample)))
@@ -85,22 +59,23 @@ def add_uniforms(table: pa.Table, seed: int, noise_seed: int, fraction: float) -
 def summary(table: pa.Table, sample_fraction: float) -> dict:
     """Pool moments as scored and as swapped, and the rows of the bounded sample."""
     cols = columns(table)
-    swapped_ex = np.where(cols[FLIP], -cols[M_EX], cols[M_EX])
-    return {"pools": [metrics.PoolMoments.of(cols[M_EX], cols[M_IM]), metrics.PoolMoments.of(swapped_ex, cols[M_IM])],
+    m_ex, m_im = cols[C.EXPLICIT_MARGIN], cols[C.IMPLICIT_MARGIN]
+    swapped_ex = np.where(cols[FLIP], -m_ex, m_ex)
+    return {"pools": [metrics.PoolMoments.of(m_ex, m_im), metrics.PoolMoments.of(swapped_ex, m_im)],
             "sample": table.filter(pa.array(cols[SAMPLE] < sample_fraction))}
 
 
 def plot_values(cols: dict[str, np.ndarray], ctx: Context) -> dict[str, np.ndarray]:
     """What the figures' histograms show: both margins, the run's selection score, the response lengths."""
     chosen, rejected = (cols[t].astype(np.float64) for t in TOKENS)
-    return {"explicit_margin": cols[M_EX], "abs_implicit_margin": np.abs(cols[M_IM]),
+    return {"explicit_margin": cols[C.EXPLICIT_MARGIN], "abs_implicit_margin": np.abs(cols[C.IMPLICIT_MARGIN]),
             "selection_score": score(ctx.variants[ctx.run_variant], cols, ctx.pools),
             "chosen_tokens": chosen, "rejected_tokens": rejected, "length_difference": chosen - rejected}
 
 
 def histograms(table: pa.Table, ctx: Context) -> dict:
     cols = columns(table)
-    flip, selected = cols[FLIP], cols[SELECTED]
+    flip, selected = cols[FLIP], cols[C.SELECTED]
     ranked = [stats.Hist.of(score(v, cols, ctx.pools), flip, edges) for v, edges in zip(ctx.variants, ctx.rank_edges)]
     plots, sums = {}, {}
     for name, values in plot_values(cols, ctx).items():
@@ -117,7 +92,7 @@ def histograms(table: pa.Table, ctx: Context) -> dict:
 def groups(table: pa.Table, cols: dict[str, np.ndarray], by: str) -> dict[str, np.ndarray]:
     """Per value of an input column: rows, selected, sum of m_ex, of |m_im|, of the two response lengths."""
     keys = pc.cast(table.column(by), pa.string()).fill_null("(null)").to_pylist()
-    values = np.stack([np.ones(len(keys)), cols[SELECTED], cols[M_EX], np.abs(cols[M_IM]),
+    values = np.stack([np.ones(len(keys)), cols[C.SELECTED], cols[C.EXPLICIT_MARGIN], np.abs(cols[C.IMPLICIT_MARGIN]),
                        *(cols[t].astype(np.float64) for t in TOKENS)], axis=1)
     uniq, inverse = np.unique(np.array(keys, dtype=object), return_inverse=True)
     sums = np.zeros((len(uniq), values.shape[1]))
@@ -133,7 +108,7 @@ def candidates(table: pa.Table, ctx: Context, bounds: dict[int, tuple[float, flo
         s = score(ctx.variants[i], cols, ctx.pools)
         where = np.flatnonzero((s >= lo) & (s < hi))
         parts.append(pa.table({"variant": pa.array(np.full(where.size, i), pa.int64()), "score": s[where],
-                               PAIR_ID: table.column(PAIR_ID).take(pa.array(where))}))
+                               C.PAIR_ID: table.column(C.PAIR_ID).take(pa.array(where))}))
     return pa.concat_tables(parts) if parts else pa.table({"variant": pa.array([], pa.int64())})
 
 
@@ -142,15 +117,15 @@ def one_bin(table: pa.Table, ctx: Context, i: int, lo: float, hi: float) -> pa.T
     collect (a heavy tie)."""
     s = score(ctx.variants[i], columns(table), ctx.pools)
     where = pa.array(np.flatnonzero((s >= lo) & (s < hi)))
-    return pa.table({"score": pa.array(s).take(where), PAIR_ID: table.column(PAIR_ID).take(where)})
+    return pa.table({"score": pa.array(s).take(where), C.PAIR_ID: table.column(C.PAIR_ID).take(where)})
 
 
 def gram(table: pa.Table, ctx: Context) -> np.ndarray:
     """Intersection counts of every pair of sets: each variant's selection, the run's `selected`, the swapped
     rows. One 0/1 matrix M per chunk of rows; M^T M holds them all."""
     cols = columns(table, with_ids=True)
-    keeps = [sel.keeps(score(v, cols, ctx.pools), cols[PAIR_ID]) for v, sel in zip(ctx.variants, ctx.selections)]
-    member = np.column_stack([*keeps, cols[SELECTED], cols[FLIP]]).astype(np.float32)
+    keeps = [sel.keeps(score(v, cols, ctx.pools), cols[C.PAIR_ID]) for v, sel in zip(ctx.variants, ctx.selections)]
+    member = np.column_stack([*keeps, cols[C.SELECTED], cols[FLIP]]).astype(np.float32)
     total = np.zeros((member.shape[1], member.shape[1]), dtype=np.int64)
     for start in range(0, len(member), GRAM_CHUNK):  # float32 counts exactly up to 2^24 rows per chunk
         chunk = member[start:start + GRAM_CHUNK]
@@ -170,10 +145,7 @@ def reject_counts(table: pa.Table) -> dict:
 def sort_bin(ds, ctx: Context, i: int, lo: float, hi: float, keep: int) -> tuple[float, str]:
     """The keep-th best row of one bin by Ray's distributed sort (score descending, pair_id ascending), as the
     global pass finds its cut-off."""
-    ranked = (ds.map_batches(partial(one_bin, ctx=ctx, i=i, lo=lo, hi=hi), batch_format="pyarrow",
-                             batch_size=BATCH_ROWS)
-              .sort(["score", PAIR_ID], descending=[True, False]).limit(keep))
-    last = None
-    for batch in ranked.iter_batches(batch_format="pyarrow", batch_size=65536):
-        last = batch.slice(batch.num_rows - 1).to_pylist()[0] if batch.num_rows else last
-    return last["score"], last[PAIR_ID]
+    ranked = ds.map_batches(partial(one_bin, ctx=ctx, i=i, lo=lo, hi=hi), batch_format="pyarrow",
+                            batch_size=BATCH_ROWS)
+    last = kth_best(ranked, ["score", C.PAIR_ID], keep)
+    return last["score"], last[C.PAIR_ID]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mapray.config import ConfigError
+from mapray.errors import ConfigError
 
 
 @dataclass(frozen=True)

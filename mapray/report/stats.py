@@ -1,7 +1,6 @@
 """The report's arithmetic on histograms and counts: pure numpy, no Ray, each merged exactly across blocks.
 
-A ranked score is binned on edges at quantiles of a bounded sample (every distinct value when the sample has few),
-so a bin holds about n / bins rows whatever the score's scale. Per bin the blocks report a count per group
+A ranked score is binned as the selection bins it (`mapray.histograms`). Per bin the blocks report a count per group
 (unflipped, flipped) and the smallest and largest value seen; counts add and extremes take min / max, so the merge
 is exact and independent of how the pool is split.
 """
@@ -12,20 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-def rank_edges(sample: np.ndarray, bins: int) -> np.ndarray:
-    """Sorted bin edges: every distinct finite value of the sample when there are at most `bins`, else `bins`
-    quantiles of it (duplicates merged, so a heavy tie is one bin)."""
-    values = np.sort(np.asarray(sample, dtype=np.float64)[np.isfinite(sample)])
-    distinct = np.unique(values)
-    if distinct.size <= bins:
-        return distinct
-    return np.unique(values[np.linspace(0, values.size - 1, bins).round().astype(np.int64)])
-
-
-def bin_index(scores: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """0 for scores below edges[0], i for [edges[i-1], edges[i]), len(edges) for edges[-1] and above."""
-    return np.searchsorted(edges, scores, side="right")
+from mapray.histograms import bin_index
 
 
 @dataclass
@@ -48,30 +34,6 @@ class Hist:
 
     def merge(self, other: Hist) -> Hist:
         return Hist(self.counts + other.counts, np.minimum(self.lo, other.lo), np.maximum(self.hi, other.hi))
-
-
-@dataclass(frozen=True)
-class TopBin:
-    """Where the k-th best row lies: its bin, how many rows of that bin are kept, and the bin's size."""
-
-    bin: int
-    keep: int
-    size: int
-
-
-def top_bin(counts: np.ndarray, k: int) -> TopBin:
-    """The bin holding the k-th highest score (1 <= k <= total), counting bins from the top."""
-    from_top = np.cumsum(counts[::-1])
-    j = int(np.searchsorted(from_top, k))  # the first bin from the top whose running total reaches k
-    b = counts.size - 1 - j
-    return TopBin(b, k - int(from_top[j] - counts[b]), int(counts[b]))
-
-
-def bin_bounds(edges: np.ndarray, b: int) -> tuple[float, float]:
-    """[lo, hi) of bin b (infinite at the ends)."""
-    lo = -np.inf if b == 0 else float(edges[b - 1])
-    hi = np.inf if b == edges.size else float(edges[b])
-    return lo, hi
 
 
 def auc_flipped_below(hist: Hist) -> tuple[float | None, float | None]:

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mapray import columns as C
 from mapray import metrics
 from mapray.config import SelectionConfig, SelectionMetric
 
 METRICS: tuple[str, ...] = typing.get_args(SelectionMetric)
-ALPHA_METRICS = ("map_z", "map", "map_unreg")  # the metrics alpha reaches
-M_EX, M_IM, PAIR_ID, SELECTED = "explicit_margin", "implicit_margin", "pair_id", "selected"
+ALPHA_METRICS = C.MAP_FORMS  # the metrics alpha reaches
 FLIP, RANDOM, SAMPLE = "_r_flip", "_r_random", "_r_sample"  # per-row values the report adds once
 
 
@@ -43,14 +43,14 @@ def plan(run: SelectionConfig, alpha: float, selected: int, alphas: tuple[float,
     rule to the run's metric, or to map_z when alpha does not reach the run's metric."""
     rule = run.rule
     same_size = rule if rule[0] != "threshold" else ("top_k", selected)
-    swept = run.metric if run.metric in ALPHA_METRICS else "map_z"
+    swept = run.metric if run.metric in ALPHA_METRICS else C.MAP_Z
     return ([Variant("overlap", m, alpha, same_size) for m in METRICS]
             + [Variant("alpha", swept, a, rule) for a in alphas]
             + [Variant("noise", m, alpha, same_size, flipped=True) for m in METRICS])
 
 
 def margins(cols: dict[str, np.ndarray], flipped: bool) -> tuple[np.ndarray, np.ndarray]:
-    m_ex, m_im = cols[M_EX], cols[M_IM]
+    m_ex, m_im = cols[C.EXPLICIT_MARGIN], cols[C.IMPLICIT_MARGIN]
     if not flipped:
         return m_ex, m_im
     return np.where(cols[FLIP], -m_ex, m_ex), np.where(cols[FLIP], -m_im, m_im)
@@ -62,7 +62,7 @@ def score(v: Variant, cols: dict[str, np.ndarray], pools: dict[bool, metrics.Poo
         return cols[RANDOM]
     m_ex, m_im = margins(cols, v.flipped)
     forms = metrics.map_forms(m_ex, m_im, v.alpha, pools[v.flipped])
-    return metrics.selection_score(v.metric, {**forms, M_EX: m_ex, M_IM: m_im})
+    return metrics.selection_score(v.metric, {**forms, C.EXPLICIT_MARGIN: m_ex, C.IMPLICIT_MARGIN: m_im})
 
 
 def report_uniforms(pair_ids: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:

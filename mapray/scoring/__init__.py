@@ -23,21 +23,16 @@ class RewardEngine(Protocol):
     def rewards(self, sequences: list[list[int]]) -> list[float]: ...
 
 
-def check_max_length(cfg: ModelConfig, local_path: str) -> None:
-    """max_length beyond the model's positions would score garbage (RoPE) or crash (vLLM): refuse it."""
-    import json
-    from pathlib import Path
+def check_max_length(cfg: ModelConfig, local_path: str, key: str) -> None:
+    """The preflight's rule (`mapray.preflight.check_positions`) where the model loads: a second line of defence
+    for engines built without a run's preflight."""
+    from mapray.preflight import check_positions, read_model_files
 
-    config = json.loads((Path(local_path) / "config.json").read_text())
-    positions = config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
-    # the vLLM engine asks for one generated token after the scored sequence
-    if positions is not None and cfg.max_length + (cfg.engine == "vllm") > positions:
-        raise ValueError(f"max_length {cfg.max_length} exceeds what {local_path} supports ({positions} positions"
-                         f"{', one kept for the vLLM engine' if cfg.engine == 'vllm' else ''})")
+    check_positions(key, cfg, read_model_files(local_path, f"{key}.path"))
 
 
-def load_logprob_engine(cfg: ModelConfig, local_path: str) -> LogprobEngine:
-    check_max_length(cfg, local_path)
+def load_logprob_engine(cfg: ModelConfig, local_path: str, key: str = "policy") -> LogprobEngine:
+    check_max_length(cfg, local_path, key)
     if cfg.engine == "vllm":
         from mapray.scoring.vllm_engine import VllmLogprobEngine
 
@@ -47,8 +42,8 @@ def load_logprob_engine(cfg: ModelConfig, local_path: str) -> LogprobEngine:
     return TorchLogprobEngine(cfg, local_path)
 
 
-def load_reward_engine(cfg: ModelConfig, local_path: str) -> RewardEngine:
-    check_max_length(cfg, local_path)
+def load_reward_engine(cfg: ModelConfig, local_path: str, key: str = "reward.model") -> RewardEngine:
+    check_max_length(cfg, local_path, key)
     if cfg.engine == "vllm":
         from mapray.scoring.vllm_engine import load_vllm_reward_engine
 

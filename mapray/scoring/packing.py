@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mapray.templates import common_prefix_length
+
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -77,7 +79,7 @@ def group_by_common_prefix(sequences: list[list[int]], min_shared: int = 1) -> l
     """
     order = sorted(range(len(sequences)), key=lambda i: sequences[i])
     # lcp[k]: tokens sequence k (in sorted order) shares with k + 1; zeros past the end
-    lcp = [_common_prefix(sequences[a], sequences[b]) for a, b in zip(order, order[1:])] + [0, 0]
+    lcp = [common_prefix_length(sequences[a], sequences[b]) for a, b in zip(order, order[1:])] + [0, 0]
     rows: list[SharedPromptRow] = []
     start = 0
     while start < len(order):
@@ -92,15 +94,6 @@ def group_by_common_prefix(sequences: list[list[int]], min_shared: int = 1) -> l
         rows.append(SharedPromptRow(sequences[members[0]][:cut], [(i, sequences[i][cut:]) for i in members]))
         start = end
     return rows
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def split_long(rows: list[SharedPromptRow], max_tokens: int) -> list[SharedPromptRow]:

@@ -22,7 +22,7 @@ from mapray.config import ModelConfig
 log = logging.getLogger(__name__)
 
 
-def _engine_kwargs(cfg: ModelConfig, local_path: str, max_model_len: int) -> dict:
+def engine_kwargs(cfg: ModelConfig, local_path: str, max_model_len: int) -> dict:
     kwargs = {
         "model": local_path, "dtype": cfg.dtype, "tensor_parallel_size": cfg.tensor_parallel_size,
         "max_model_len": max_model_len, "enable_prefix_caching": False, "seed": 0,
@@ -39,7 +39,7 @@ def _engine_kwargs(cfg: ModelConfig, local_path: str, max_model_len: int) -> dic
     return kwargs
 
 
-def _start(kwargs: dict, what: str):
+def start_engine(kwargs: dict, what: str):
     from vllm import LLM
 
     try:
@@ -57,7 +57,7 @@ def _reason(e: Exception) -> str:
 
 class VllmLogprobEngine:
     def __init__(self, cfg: ModelConfig, local_path: str):
-        self.llm = _start(_engine_kwargs(cfg, local_path, cfg.max_length + 1), "log-prob")
+        self.llm = start_engine(engine_kwargs(cfg, local_path, cfg.max_length + 1), "log-prob")
 
     def logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[float]:
         from vllm import SamplingParams
@@ -76,8 +76,8 @@ class VllmLogprobEngine:
 
 class VllmRewardEngine:
     def __init__(self, cfg: ModelConfig, local_path: str):
-        kwargs = _engine_kwargs(cfg, local_path, cfg.max_length)
-        self.llm = _start({**kwargs, "runner": "pooling"}, "reward")
+        kwargs = engine_kwargs(cfg, local_path, cfg.max_length)
+        self.llm = start_engine({**kwargs, "runner": "pooling"}, "reward")
 
     def rewards(self, sequences: list[list[int]]) -> list[float]:
         from vllm import PoolingParams
