@@ -291,7 +291,7 @@ def phase_row(n: int, phase: str, rc: int, seconds: float, sampler: TreeSampler,
     logged = [int(m) for m in SPILLED.findall(log.read_text(errors="replace"))]
     return {"pairs": n, "phase": phase, "rc": rc, "seconds": round(seconds, 2),
             "pairs_per_s": round(n / seconds, 2), "counts": {k: v for k, v in manifest.get("counts", {}).items()
-                                                             if k != "rejected_by_reason"},
+                                                             if k != "rejected_by_code"},
             "timings": manifest.get("timings", {}), "driver_rss_mib": driver["rss_mib"],
             "driver_private_mib": driver["private_mib"], "tree_rss_peak_mib": round(sampler.tree_peak / 2**20, 1),
             "processes": kinds, "spill_peak_bytes": sampler.spill_peak, "spilled_mib_logged": max(logged, default=0),

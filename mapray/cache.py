@@ -10,13 +10,14 @@ Layout under the cache URI:
     <kind>-<dtype>/<model sha256>/_loads/...               one marker per time the model was actually loaded
     <kind>-<dtype>/<model sha256>/<settings>/gen-<run>/    one generation per run: Parquet, `key`, `value`
 
-No process ever holds the cache. Hits are found by Ray Data joins in a pass of their own before the model pass
-(`attach_hits`): the pool's keys (a narrow table) joined with each namespace's generations on the key, then the
-values joined back onto the rows on their row id; the rows are written with their cached values, and each stage
-scores only the rows without one. The join's shuffle tasks ask a whole CPU each, which is why the lookup is not in
-the model pass: beside the model actors on a small machine they would never run. After the model pass, each
-namespace gets one generation holding what this run scored (`write_generation`: one Ray Data write, files of at
-least `GENERATION_ROWS_PER_FILE` rows), and `compact` merges a namespace's generations into one.
+No process ever holds the cache. Hits are found in a pass of their own before the model pass (`attach_hits`),
+without a shuffle: the pool's keys (a narrow table, in Ray's object store) filter each namespace's stored
+generations down to the pool's hits, and the hits are attached to the rows by key; the rows are written with their
+cached values, and each stage scores only the rows without one. (Ray Data joins did this before: two shuffles per
+namespace, ~10 s of fixed cost on 40 pairs, more than a warm rescore saved.) After the model pass, each
+namespace gets one generation holding what this run scored (`write_generations`: one Ray Data write for all
+namespaces, files of at least `GENERATION_ROWS_PER_FILE` rows), and `compact` merges a namespace's generations
+into one.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from functools import partial
 import fsspec
 import numpy as np
 import pyarrow as pa
+from ray.data import Datasink
 
 from mapray import columns as C
 from mapray.config import ModelConfig
@@ -40,7 +42,7 @@ from mapray.uris import move_folder
 COMPLETE = "_complete"  # written into a generation once all of its files are in place
 FORMAT = 2  # the cache layout and key scheme; part of every namespace, so an older layout is never read
 GENERATION_ROWS_PER_FILE = 500_000
-ROWS_PER_JOIN_PARTITION = 250_000  # a join partition is held in memory by one aggregator: ~1 GB of wide rows
+ROWS_PER_PARTITION = 250_000  # compaction: a partition of (key, value) rows is held in memory by one task
 
 
 @dataclass(frozen=True)
@@ -136,27 +138,32 @@ def _key(*parts: str) -> str:
 
 # --- finding hits: Ray Data joins, before the model pass ---
 
-def attach_hits(rows, lookups: list[tuple[Namespace, str | None, list[str]]], num_rows: int, schema: pa.Schema):
+def attach_hits(rows, lookups: list[tuple[Namespace, str | None, list[str]]], schema: pa.Schema):
     """`rows` (of `schema`) with each namespace's cached values in its value column (null where there is none).
 
-    `lookups`: each namespace with stored values, its `pick` (see `row_keys`) and its `stored_files()`."""
+    `lookups`: each namespace with stored values, its `pick` (see `row_keys`) and its `stored_files()`. No shuffle:
+    the pool's keys (a narrow table) are computed once and stay in Ray's object store; the tasks that read the
+    stored generations keep the values of those keys only (the hits: at most one per row and namespace); the
+    tasks that read the rows take their values from the hits by key (each task holds the hits: a key and a few
+    floats per row of the pool)."""
     import ray.data
 
-    partitions = max(1, -(-num_rows // ROWS_PER_JOIN_PARTITION))
-    key_columns = {ns.role: f"_m_cache_key_{ns.role}" for ns, _, _ in lookups}
     picks = [(ns, pick) for ns, pick, _ in lookups]
-    narrow = rows.map_batches(partial(_key_table, lookups=picks, names=key_columns), batch_format="pyarrow")
-    for ns, _, files in lookups:
-        cached = ray.data.read_parquet(files).rename_columns({"key": key_columns[ns.role],
-                                                              "value": ns.value_column})
-        narrow = narrow.join(cached, "left_outer", num_partitions=partitions, on=(key_columns[ns.role],))
-        # a key stored twice (two runs that overlapped) would repeat the row: keep one
-        narrow = narrow.map_batches(_first_per, fn_args=(C.ROW,), batch_format="pyarrow", batch_size=None)
-    values = narrow.select_columns([C.ROW] + [ns.value_column for ns, _, _ in lookups])
-    joined = rows.join(values, "left_outer", num_partitions=partitions, on=(C.ROW,))
-    # the join reorders columns and widens strings to large_string: scored/ must not depend on a cache hit
-    target = pa.schema([*schema, *(pa.field(ns.value_column, pa.list_(pa.float64())) for ns, _, _ in lookups)])
-    return joined.map_batches(lambda table: table.select(target.names).cast(target), batch_format="pyarrow")
+    key_columns = {ns.role: _key_column(ns) for ns, _ in picks}
+    keys = rows.map_batches(partial(_key_table, lookups=picks, names=key_columns), batch_format="pyarrow")
+    key_refs = keys.materialize().to_arrow_refs()  # in the object store: the driver never holds them
+    # every namespace's stored generations in one execution, each keeping the hits of its own keys
+    found = [ray.data.read_parquet(files).map_batches(partial(_hits, key_refs=key_refs, role=ns.role,
+                                                              column=key_columns[ns.role]), batch_format="pyarrow")
+             for ns, _, files in lookups]
+    hits = (found[0].union(*found[1:]) if len(found) > 1 else found[0]).materialize()
+    target = pa.schema([*schema, *(pa.field(ns.value_column, pa.list_(pa.float64())) for ns, _ in picks)])
+    return rows.map_batches(partial(_with_hits, hit_refs=hits.to_arrow_refs(), lookups=picks, target=target),
+                            batch_format="pyarrow")
+
+
+def _key_column(ns: Namespace) -> str:
+    return f"_m_cache_key_{ns.role}"
 
 
 def _key_table(table: pa.Table, lookups, names: dict) -> pa.Table:
@@ -164,6 +171,53 @@ def _key_table(table: pa.Table, lookups, names: dict) -> pa.Table:
     for ns, pick in lookups:
         out[names[ns.role]] = pa.array(row_keys(table, ns, pick), pa.string())
     return pa.table(out)
+
+
+_FETCHED: dict = {}  # per worker process: the tables behind object refs a task fetched (every batch needs them)
+
+
+def _fetched(refs: list) -> pa.Table | None:
+    import ray
+
+    token = tuple(ref.hex() for ref in refs)
+    if token not in _FETCHED:
+        _FETCHED.clear()  # one run's tables at a time
+        tables = [t for t in ray.get(refs) if t.num_rows]
+        _FETCHED[token] = pa.concat_tables(tables, promote_options="default") if tables else None
+    return _FETCHED[token]
+
+
+HITS = pa.schema([("role", pa.string()), ("key", pa.string()), ("value", pa.list_(pa.float64()))])
+
+
+def _hits(table: pa.Table, key_refs: list, role: str, column: str) -> pa.Table:
+    """The stored (key, value) rows of namespace `role` whose key a row of the pool has (`column` of the keys)."""
+    import pyarrow.compute as pc
+
+    keys = _fetched(key_refs)
+    if keys is None:
+        return HITS.empty_table()
+    table = table.filter(pc.is_in(table.column("key"), value_set=keys.column(column).drop_null()))
+    return pa.table({"role": pa.array([role] * table.num_rows, pa.string()),
+                     "key": table.column("key").cast(pa.string()),
+                     "value": table.column("value").cast(pa.list_(pa.float64()))}, schema=HITS)
+
+
+def _with_hits(table: pa.Table, hit_refs: list, lookups, target: pa.Schema) -> pa.Table:
+    """A block of rows with each namespace's value found by its key (the first stored, where two runs stored one
+    key), null where none was."""
+    import pyarrow.compute as pc
+
+    hits = _fetched(hit_refs)
+    for ns, pick in lookups:
+        mine = hits.filter(pc.equal(hits.column("role"), ns.role)) if hits is not None else None
+        keys = pa.array(row_keys(table, ns, pick), pa.string())
+        if mine is None or mine.num_rows == 0:
+            values = pa.nulls(table.num_rows, pa.list_(pa.float64()))
+        else:
+            values = mine.column("value").take(pc.index_in(keys, value_set=mine.column("key")))
+        table = C.set_column(table, ns.value_column, values, pa.list_(pa.float64()))
+    return table.select(target.names).cast(target)
 
 
 def _first_per(table: pa.Table, column: str) -> pa.Table:
@@ -191,7 +245,7 @@ def cached_values(table: pa.Table, ns: Namespace | None) -> list[list[float] | N
 
 
 def with_values(table: pa.Table, ns: Namespace | None, values: list, new_keys: list) -> pa.Table:
-    """Records each row's value, and the key of every value computed here (what `write_generation` stores)."""
+    """Records each row's value, and the key of every value computed here (what `write_generations` stores)."""
     if ns is None:
         return table
     table = C.set_column(table, ns.value_column, values, pa.list_(pa.float64()))
@@ -200,23 +254,61 @@ def with_values(table: pa.Table, ns: Namespace | None, values: list, new_keys: l
 
 # --- storing: one generation per run, compaction of many into one ---
 
-def write_generation(rows, ns: Namespace, name: str) -> None:
-    """What the run computed in `ns` (rows with a new key), as the generation `gen-<name>`. Written beside it
-    and renamed: a lookup lists only finished generations. Rewriting an existing generation is a no-op, so a
-    resumed run can call it again."""
-    final = f"{ns.data_dir}/gen-{name}"
-    fs, path = fsspec.core.url_to_fs(final)
-    if fs.exists(f"{path}/{COMPLETE}"):
+def write_generations(rows, namespaces: list[Namespace], name: str) -> None:
+    """What the run computed in each namespace (rows with a new key), as that namespace's generation
+    `gen-<name>`, all in one pass over `rows` (`GenerationSink`). Each is written beside its place and renamed: a
+    lookup lists only finished generations. A generation that exists already is left as it is, so a resumed run
+    can call this again."""
+    todo = {}
+    for ns in namespaces:
+        fs, path = fsspec.core.url_to_fs(f"{ns.data_dir}/gen-{name}")
+        if fs.exists(f"{path}/{COMPLETE}"):
+            continue
+        if fs.exists(path):  # a move cut short
+            fs.rm(path, recursive=True)
+        todo[ns.role] = (ns, fs, path, f"{path.rsplit('/', 1)[0]}/.tmp-{uuid.uuid4().hex}")
+    if not todo:
         return
-    if fs.exists(path):  # a move cut short
-        fs.rm(path, recursive=True)
-    from ray.data.expressions import col
+    columns = [c for ns, *_ in todo.values() for c in (ns.new_key_column, ns.value_column)]
+    sink = GenerationSink({role: (ns.new_key_column, ns.value_column, fs.unstrip_protocol(tmp))
+                           for role, (ns, fs, _, tmp) in todo.items()})
+    rows.select_columns(columns).write_datasink(sink)
+    for _, fs, path, tmp in todo.values():
+        if fs.exists(tmp):  # nothing computed: no file, and no generation is needed
+            move_folder(fs, tmp, path)
+            fs.touch(f"{path}/{COMPLETE}")
 
-    fresh = rows.select_columns([ns.new_key_column, ns.value_column]) \
-        .filter(expr=col(ns.new_key_column).is_not_null()) \
-        .rename_columns({ns.new_key_column: "key", ns.value_column: "value"}) \
-        .map_batches(_first_per, fn_args=("key",), batch_format="pyarrow", batch_size=None)
-    _write_renamed(fresh, final)
+
+class GenerationSink(Datasink):
+    """Ray Data datasink: per namespace, the rows of a write's blocks with a new key as (`key`, `value`), each
+    key once per write, one Parquet file per namespace and write task (named by the task: a retried task
+    overwrites its own). Ray Data gathers at least `GENERATION_ROWS_PER_FILE` rows into a write."""
+
+    def __init__(self, targets: dict[str, tuple[str, str, str]]):
+        self.targets = targets  # role -> (new key column, value column, folder)
+        self.prefix = uuid.uuid4().hex[:12]
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return GENERATION_ROWS_PER_FILE
+
+    def write(self, blocks, ctx) -> None:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+        from ray.data.block import BlockAccessor
+
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        if not tables:
+            return
+        table = pa.concat_tables(tables)
+        for key, value, folder in self.targets.values():
+            fresh = table.filter(pc.is_valid(table.column(key))).select([key, value]).rename_columns(["key", "value"])
+            fresh = _first_per(fresh, "key")
+            if fresh.num_rows:
+                fs, path = fsspec.core.url_to_fs(folder)
+                fs.makedirs(path, exist_ok=True)
+                with fs.open(f"{path}/{self.prefix}_{ctx.task_idx:06d}.parquet", "wb") as f:
+                    pq.write_table(fresh, f)
 
 
 def compact(ns: Namespace) -> int:
@@ -231,7 +323,7 @@ def compact(ns: Namespace) -> int:
 
     with hash_shuffled():  # the merge repartitions by key
         ds = ray.data.read_parquet([f for g in old for f in _parquet_files(g)])
-    partitions = max(1, -(-ds.count() // ROWS_PER_JOIN_PARTITION))
+    partitions = max(1, -(-ds.count() // ROWS_PER_PARTITION))
     merged = ds.repartition(partitions, keys=["key"]).map_batches(_first_per, fn_args=("key",),
                                                                     batch_format="pyarrow", batch_size=None)
     _write_renamed(merged, f"{ns.data_dir}/gen-compact-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}")

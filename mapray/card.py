@@ -82,7 +82,8 @@ def _counts(counts: dict | None) -> str:
     if not counts:
         return ""
     rows = [f"| {name} | {counts[name]} |" for name in ("input", "scored", "rejected", "selected") if name in counts]
-    rows += [f"| rejected: {reason} | {n} |" for reason, n in counts.get("rejected_by_reason", {}).items()]
+    rows += [f"| rejected, {code} (e.g. {entry['example']}) | {entry['count']} |"
+             for code, entry in counts.get("rejected_by_code", {}).items()]
     return "\n".join(["## Counts", "", "| | rows |", "|---|---|", *rows])
 
 

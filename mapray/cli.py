@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 import typing
 from importlib import resources
@@ -27,6 +26,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mapray", description=__doc__)
     parser.add_argument("--version", action="version", version=f"mapray {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also print Ray's own logs (cluster start, every Ray Data execution's plan)")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     score = verbs.add_parser("score", help="score preference pairs and select by MAP")
@@ -65,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--alpha", type=float, metavar="A",
                         help="weight of the implicit term (default: the scoring run's)")
     select.add_argument("--seed", type=int, help=f"seed for --metric random (default {default.seed})")
+
+    estimate = verbs.add_parser("estimate", help="what a run will cost: tokens per model from a sample of its input, "
+                                "FLOPs, and wall time and device-hours on N devices of a measured kind; no model runs")
+    estimate.add_argument("--config", required=True, help="YAML run config")
+    estimate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    estimate.add_argument("--devices", type=int, default=1, metavar="N", help="devices the run gets (default 1)")
+    estimate.add_argument("--kind", default="h200", metavar="KIND",
+                          help="device kind with measured figures: h200 (bf16), cpu (bf16, fp32) (default h200); "
+                               "another kind gets tokens and FLOPs only")
+    estimate.add_argument("--sample-rows", type=int, default=256, metavar="N",
+                          help="input rows tokenized to estimate from (default 256)")
 
     compact = verbs.add_parser("compact-cache", help="merge each model's cached scores (one generation per run) "
                                "into one; run it while no scoring run uses the cache")
@@ -122,12 +134,21 @@ def _report(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from mapray import console  # imports Ray: after the arguments are checked
+
+    # the process's own stderr is filtered only when this is its command line (not a call from Python)
+    console.setup(verbose=args.verbose, whole_process=argv is None)
     try:
         if args.verb in ("report", "show"):
             return _report(args)
         if args.verb == "compact-cache":
             return _compact(args.cache)
+        if args.verb == "estimate":
+            from mapray.estimate import estimate, render
+
+            print(render(estimate(load_config(args.config, args.set), args.kind.lower(), args.devices,
+                                  args.sample_rows)))
+            return 0
         if args.verb == "select":
             output, manifest = args.output, _select(args)
         elif args.verb in ("selfplay", "evolve"):
@@ -208,8 +229,8 @@ def summary(manifest: dict, output: str) -> str:
         lines.insert(1, f"  generated: {g['samples']} samples ({g['generated_tokens']} tokens) for {g['prompts']} "
                         f"prompts in {g['timings']['generation_s']:.1f} s ({g['sampled_this_attempt']} sampled by "
                         f"this run), {output}/generated; round {manifest['lineage']['round']}")
-    for reason, n in list(c.get("rejected_by_reason", {}).items())[:5]:
-        lines.append(f"  rejected {n:>6}  {reason}")
+    for code, entry in list(c.get("rejected_by_code", {}).items())[:5]:
+        lines.append(f"  rejected {entry['count']:>6}  {code}: {entry['example']}")
     lines += [f"  warning: {w}" for w in manifest.get("warnings", [])]
     return "\n".join(lines)
 

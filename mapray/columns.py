@@ -79,9 +79,10 @@ SELECTION_COLUMNS = (*MAP_FORMS, SELECTED)  # what the selection adds; the rest 
 
 # rejects/: why a row was set aside, at which step, where it came from (file:line) and the input row as JSON
 REASON, STAGE, SOURCE_OUT, RAW_OUT = "reason", "stage", "source", "raw"
+REASON_CODE = "reason_code"  # the reason's stable code (`mapray.reasons`)
 REJECTS_SCHEMA = pa.schema([
-    (PAIR_ID, pa.string()), (REASON, pa.string()), (STAGE, pa.string()), (SOURCE_OUT, pa.string()),
-    (RAW_OUT, pa.string()),
+    (PAIR_ID, pa.string()), (REASON_CODE, pa.string()), (REASON, pa.string()), (STAGE, pa.string()),
+    (SOURCE_OUT, pa.string()), (RAW_OUT, pa.string()),
 ])
 # the same, as the Python API's scored rows carry them (null on a good row): `mapray.api.split_rejects` turns a
 # scored Dataset's rejected rows into rejects/ rows

@@ -66,21 +66,34 @@ class Normalizer:
         else:
             records, reasons = table_rows(table)
             sources = [None] * len(records)
-            base = table.drop_columns([c for c in (*C.INTERNAL, *C.SCORED) if c in table.column_names])
+            dropped = (*C.INTERNAL, *C.SCORED, *([EARLIER_KEY] if self.spec.columns.error is not None else []))
+            base = table.drop_columns([c for c in dropped if c in table.column_names])
         pairs: list[Pair | None] = [None] * len(records)
         for i, rec in enumerate(records):
             if reasons[i] is None:
                 pairs[i], reasons[i] = self._pair(rec, lines[i] if lines is not None else None)
         if lines is not None:
             base = self._own_columns(records, reasons)
-        ids = [p.pair_id if p is not None else _raw_id(rec, self.spec.columns.id) for p, rec in zip(pairs, records)]
+        ids = [p.pair_id if p is not None else raw_id(rec, self.spec.columns.id) for p, rec in zip(pairs, records)]
         stages = [None if r is None else "generate" if self._set_aside_before(rec) else "normalize"
                   for rec, r in zip(records, reasons)]
         out = _with_canonical(base, pairs, ids, reasons, stages, records, sources)
         if lines is not None:  # a JSONL reject keeps its line as it was, escapes and all
             out = C.set_column(out, C.RAW, [None if r is None else raw_json(line) for line, r in zip(lines, reasons)],
                                pa.string())
+        elif self.spec.columns.error is not None:
+            out = self._earlier_origin(out, records)
         return out
+
+    def _earlier_origin(self, out: pa.Table, records: list) -> pa.Table:
+        """Rows an earlier step read from the user's input (self-play's generated/, `columns.error` set) keep
+        where that input row came from: its file:line (`source`) and its line as read (`input_raw`), so a row set
+        aside here or in any later stage is traced to the prompt file, not to mapray's intermediate row."""
+        def carried(name: str) -> list:
+            return [rec.get(name) if isinstance(rec, dict) else None for rec in records]
+
+        out = C.set_column(out, C.SOURCE, carried(EARLIER_SOURCE), pa.string())
+        return C.set_column(out, C.RAW, carried(EARLIER_RAW), pa.string())
 
     def _pair(self, rec: dict, line: bytes | None) -> tuple[Pair | None, str | None]:
         """The row's pair, or the reason it has none. `line`: the JSONL line (None: an Arrow row, storable)."""
@@ -135,7 +148,12 @@ class Normalizer:
         return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _raw_id(rec, id_column: str | None) -> str | None:
+# where an earlier step's rows (`columns.error` set: self-play's generated/) keep their input row's origin, and
+# that step's own key per row (bookkeeping of generated/, not carried into scored/)
+EARLIER_SOURCE, EARLIER_RAW, EARLIER_KEY = "source", "input_raw", "row_id"
+
+
+def raw_id(rec, id_column: str | None) -> str | None:
     """A rejected row keeps its own id where it has one, so rejects/ can be joined back to the input."""
     if id_column is None or not isinstance(rec, dict) or not isinstance(rec.get(id_column), (str, int, float)):
         return None  # a list or an object is no id to join on

@@ -20,10 +20,12 @@ from collections.abc import Callable
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from ray.data import Datasink
 
-from mapray import card
+from mapray import card, reasons
 from mapray import columns as C
 from mapray.errors import ConfigError
+from mapray.public_rows import reject_rows, scored_rows
 from mapray.uris import absolute, filesystem, move_folder, reachable
 
 FOLDERS = ("scored", "selected", "rejects")
@@ -163,50 +165,73 @@ def read_manifest(uri: str) -> dict:
 
 def write_results(rows, marked: Callable[[pa.Table], pa.Table], selection, layout: OutputLayout,
                   rejects: bool = True) -> dict:
-    """The global pass's writes into the staging folder: each block of `rows` made public rows with the decision
-    applied (`marked`) -> scored/ (the pool's rows), selected/ (the kept ones) and, with `rejects`, rejects/
-    (every row set aside, the copies of duplicated pair_ids included). Returns the counts the manifest records."""
-    import ray.data
-
-    from mapray.public_rows import reject_rows, scored_rows
-    from mapray.selection import only_selected
-
-    public = rows.map_batches(marked, batch_format="pyarrow")
-    for name in FOLDERS if rejects else FOLDERS[:2]:  # a global pass cut short earlier left partial folders
+    """The global pass's writes into the staging folder, in one pass over `rows`: each block made public rows with
+    the decision applied (`marked`) -> scored/ (the pool's rows), selected/ (the kept ones) and, with `rejects`,
+    rejects/ (every row set aside, the copies of duplicated pair_ids included). Returns the counts the manifest
+    records."""
+    folders = FOLDERS if rejects else FOLDERS[:2]
+    for name in folders:  # a global pass cut short earlier left partial folders
         layout.remove(layout.staged(name))
         layout.ensure(layout.staged(name))
-    public.map_batches(scored_rows, batch_format="pyarrow").write_parquet(layout.staged("scored"))
-    if selection.count:
-        ray.data.read_parquet(layout.staged("scored")).map_batches(only_selected, batch_format="pyarrow") \
-            .write_parquet(layout.staged("selected"))
-    by_reason: dict[str, int] = {}
-    if rejects:
-        set_aside = public.map_batches(reject_rows, batch_format="pyarrow").materialize()
-        if set_aside.count():
-            set_aside.write_parquet(layout.staged("rejects"))
-            by_reason = dict(Counter(r["reason"] for r in set_aside.select_columns(["reason"]).iter_rows())
-                             .most_common())
-    n_rejected = sum(by_reason.values())
+    sink = ResultsSink({name: layout.staged(name) for name in folders})
+    rows.map_batches(marked, batch_format="pyarrow").write_datasink(sink)
+    written = sink.written
+    by_code = reasons.by_code(written["rejected_by_reason"])
+    n_rejected = sum(entry["count"] for entry in by_code.values())
     counts = {"input": selection.scored + n_rejected, "scored": selection.scored, "rejected": n_rejected,
-              "selected": selection.count, "rejected_by_reason": by_reason}
+              "selected": selection.count, "rejected_by_code": by_code}
+    if (written["scored"], written["selected"]) != (selection.scored, selection.count):
+        raise RuntimeError(f"the global pass wrote {written['scored']} scored and {written['selected']} selected "
+                           f"rows where the selection decided {selection.scored} and {selection.count}")
     # built by the same steps as the real rows
-    _keep_schemas(layout, counts, lambda: scored_rows(marked(rows.schema().base_schema.empty_table())).schema,
-                  rejects)
+    empty_scored = written["schema"] or scored_rows(marked(rows.schema().base_schema.empty_table())).schema
+    if rejects and not n_rejected:
+        layout.write_empty("rejects", C.REJECTS_SCHEMA)
+    if not counts["scored"]:
+        layout.write_empty("scored", empty_scored)
+    if not counts["selected"]:  # selected/ takes the exact schema scored/ was written with
+        layout.write_empty("selected", empty_scored)
     return counts
 
 
-def _keep_schemas(layout: OutputLayout, counts: dict, empty_scored: Callable[[], pa.Schema], rejects: bool) -> None:
-    """An empty folder gets one 0-row file with its columns: Ray writes no file for no rows, and a reader
-    (pyarrow, Ray, pandas, `datasets` streaming) needs one to give a 0-row table instead of an error."""
-    if rejects and not counts["rejected"]:
-        layout.write_empty("rejects", C.REJECTS_SCHEMA)
-    if counts["selected"]:
-        return
-    import ray.data
+class ResultsSink(Datasink):
+    """Ray Data datasink (`Dataset.write_datasink`) for blocks of marked public rows: each write task splits its
+    blocks into scored/, selected/ and rejects/ rows and writes one Parquet file per folder (named by the task, so
+    a retried task overwrites its own files), returning its counts; `written` holds their sum once the write ends.
+    An empty folder gets no file here (`write_results` gives it a 0-row file with its columns: Ray writes no file
+    for no rows, and a reader needs one)."""
 
-    if counts["scored"]:  # selected/ takes the exact schema scored/ was written with
-        schema = ray.data.read_parquet(layout.staged("scored")).schema().base_schema
-    else:
-        schema = empty_scored()
-        layout.write_empty("scored", schema)
-    layout.write_empty("selected", schema)
+    def __init__(self, folders: dict[str, str]):
+        self.folders = folders
+        self.prefix = uuid.uuid4().hex[:12]
+        self.written: dict = {}
+
+    def write(self, blocks, ctx) -> dict:
+        from ray.data.block import BlockAccessor
+
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        public = pa.concat_tables(tables, promote_options="default") if tables else None
+        out = {"scored": 0, "selected": 0, "rejected_by_reason": Counter(), "schema": None}
+        if public is None or public.num_rows == 0:
+            return out
+        scored = scored_rows(public)
+        parts = {"scored": scored, "selected": scored.filter(scored.column(C.SELECTED))}
+        if "rejects" in self.folders:
+            parts["rejects"] = reject_rows(public)
+            out["rejected_by_reason"] = Counter(parts["rejects"].column("reason").to_pylist())
+        for name, table in parts.items():
+            if table.num_rows:
+                fs, folder = fsspec.core.url_to_fs(self.folders[name])
+                with fs.open(f"{folder}/{self.prefix}_{ctx.task_idx:06d}.parquet", "wb") as f:
+                    pq.write_table(table, f)
+        out.update(scored=scored.num_rows, selected=parts["selected"].num_rows, schema=scored.schema)
+        return out
+
+    def on_write_complete(self, result) -> None:
+        total = {"scored": 0, "selected": 0, "rejected_by_reason": Counter(), "schema": None}
+        for part in result.write_returns:
+            total["scored"] += part["scored"]
+            total["selected"] += part["selected"]
+            total["rejected_by_reason"] += part["rejected_by_reason"]
+            total["schema"] = total["schema"] or part["schema"]
+        self.written = total

@@ -16,18 +16,22 @@ import time
 from dataclasses import dataclass, replace
 from functools import partial
 
+import fsspec
+
 from mapray import __version__
 from mapray import columns as C
 from mapray.api import InputShape, Scorer
-from mapray.cache import Namespace, attach_hits, namespace, write_generation
+from mapray.cache import Namespace, attach_hits, namespace, write_generations
 from mapray.config import RayConfig, RunConfig, SelectionConfig, configured_models, to_dict
+from mapray.console import stage
+from mapray.duplicates import set_aside
 from mapray.inputs import InputFiles, discover, read_dataset, read_staged, sample_records
 from mapray.manifest import build_manifest, identify_models
 from mapray.normalize import infer_own_schema
 from mapray.outputs import OutputLayout, read_manifest, write_results
 from mapray.public_rows import public_rows
 from mapray.runtime import LIGHT_TASK_CPUS, checkpointed, checkpointed_rows, init_ray, watched
-from mapray.selection import decide, mark, set_aside
+from mapray.selection import decide, mark
 from mapray.stages import LogprobStage, RewardStage
 from mapray.uris import absolute, reachable
 
@@ -105,38 +109,50 @@ def score(cfg: RunConfig, extra: dict | None = None) -> dict:
     layout = p.layout
     resumed = layout.exists(layout.staged("rows"))
     timings = {"start_s": time.time() - started}  # config checks, Ray start, model identities
-    layout.stage("normalized", lambda path: p.scorer.normalize(
-        read_dataset(p.files, cfg.input.limit, num_cpus=LIGHT_TASK_CPUS), p.shape).write_parquet(path))
+    with stage("normalize"):
+        layout.stage("normalized", lambda path: p.scorer.normalize(
+            read_dataset(p.files, cfg.input.limit, num_cpus=LIGHT_TASK_CPUS), p.shape).write_parquet(path))
     timings["normalize_s"] = time.time() - started - timings["start_s"]
     caches = cache_namespaces(cfg, p.models)
-    model_input = look_up_cached(layout, caches)
+    with stage("cache lookup", quiet=not caches):
+        model_input = look_up_cached(layout, caches)
     timings["cache_lookup_s"] = time.time() - started - timings["start_s"] - timings["normalize_s"]
     done_before = checkpointed_rows(layout.staged("checkpoint"))
     model_pass_at = time.time()
-    rows_path = layout.stage("rows", lambda path: model_pass(p, model_input, caches, path), resumable=True)
+    with stage("model pass", total=staged_dataset(model_input).count_rows() - done_before):
+        rows_path = layout.stage("rows", lambda path: model_pass(p, model_input, caches, path), resumable=True)
     scored_at = time.time()
     timings["model_pass_s"] = scored_at - model_pass_at  # model stages + row metrics + staged write
     import ray.data
 
     rows = ray.data.read_parquet(rows_path)
-    if caches and layout.has_parquet(rows_path):
-        for ns, _ in caches.values():  # what this run computed: one generation per namespace
-            write_generation(rows, ns, layout.run_id)
+    with stage("cache store", quiet=not caches):
+        if caches and layout.has_parquet(rows_path):  # what this run computed: one generation per namespace
+            write_generations(rows, [ns for ns, _ in caches.values()], layout.run_id)
     timings["cache_store_s"] = time.time() - scored_at
     scored_at = time.time()
-    narrow = ray.data.read_parquet(rows_path, columns=NARROW).map_batches(
-        lambda t: t.rename_columns([C.REJECT_REASON if c == C.REJECT else c for c in t.column_names]),
-        batch_format="pyarrow")
-    selection = decide(narrow, cfg.selection, cfg.metric.alpha, key=C.ROW, full=rows)
-    counts = write_results(rows, partial(made_public, trl=p.shape.trl, selection=selection), selection, layout)
+    with stage("selection and outputs"):
+        narrow = ray.data.read_parquet(rows_path, columns=NARROW)
+        selection = decide(narrow, cfg.selection, cfg.metric.alpha, key=C.ROW, full=rows)
+        counts = write_results(rows, partial(made_public, trl=p.shape.trl, selection=selection), selection, layout)
     timings.update(global_pass_s=time.time() - scored_at, total_s=time.time() - started)
     manifest = build_manifest(cfg, p.models, counts, moments(selection), p.scorer.warnings,
                               {k: round(v, 3) for k, v in timings.items()}, layout.run_id, p.shape.format)
     manifest["resumed"], manifest["selection"] = resumed, selection.summary()
-    manifest["counts"]["scored_this_attempt"] = checkpointed_rows(layout.staged("checkpoint")) - done_before
+    # rows the model pass wrote in this attempt, scored and set aside alike (a resumed run's earlier rows are not)
+    manifest["counts"]["model_pass_rows_this_attempt"] = checkpointed_rows(layout.staged("checkpoint")) - done_before
     manifest.update(extra or {})
     layout.publish(manifest)
     return manifest
+
+
+def staged_dataset(path: str):
+    """A staged Parquet folder as pyarrow sees it (its schema, its rows from the files' footers), read here on the
+    driver: no Ray Data execution for what the footers say."""
+    import pyarrow.dataset
+
+    fs, local = fsspec.core.url_to_fs(path)
+    return pyarrow.dataset.dataset(local, format="parquet", filesystem=fs)
 
 
 def model_pass(p: Plan, model_input: str, caches: dict, path: str) -> None:
@@ -148,7 +164,8 @@ def model_pass(p: Plan, model_input: str, caches: dict, path: str) -> None:
         p.scorer.score(normalized, caches).write_parquet(path, ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
 
 
-# what the selection's passes read of the staged rows (the rest only for the copies of a duplicated pair_id)
+# what the selection's passes read of the staged rows (the rest only for the copies of a duplicated pair_id);
+# `_m_reject` is where an internal row keeps its reason (`mapray.public_rows.reason_column`)
 NARROW = [C.PAIR_ID, C.EXPLICIT_MARGIN, C.IMPLICIT_MARGIN, C.REJECT, C.ROW]
 
 
@@ -157,6 +174,11 @@ def made_public(table, trl, selection):
     if selection.duplicates:
         table = set_aside(table, selection.duplicates, C.ROW)
     return mark(public_rows(table, trl), selection)
+
+
+def remarked(table, selection):
+    """A block of scored/ with the decision of a reselection in place of the one it was published with."""
+    return mark(table.drop_columns([c for c in C.SELECTION_COLUMNS if c in table.column_names]), selection)
 
 
 def look_up_cached(layout: OutputLayout, caches: dict) -> str:
@@ -168,11 +190,9 @@ def look_up_cached(layout: OutputLayout, caches: dict) -> str:
         return layout.staged("normalized")
 
     def attach(path: str) -> None:
-        import ray.data
 
         normalized = read_staged(layout.staged("normalized"), num_cpus=LIGHT_TASK_CPUS)
-        footers = ray.data.read_parquet(layout.staged("normalized"))  # count and schema from the files' footers
-        attach_hits(normalized, lookups, footers.count(), footers.schema().base_schema).write_parquet(path)
+        attach_hits(normalized, lookups, staged_dataset(layout.staged("normalized")).schema).write_parquet(path)
 
     return layout.stage("looked_up", attach)
 
@@ -192,14 +212,14 @@ def reselect(uri: str, sel: SelectionConfig, alpha: float | None = None) -> dict
 
     layout = OutputLayout(uri)
     started = time.time()
+    scored = layout.final("scored")
+    selection = decide(ray.data.read_parquet(scored, columns=[C.PAIR_ID, C.EXPLICIT_MARGIN, C.IMPLICIT_MARGIN]),
+                       sel, alpha)
     # the MAP forms and `selected` are computed again, with this alpha
-    rows = ray.data.read_parquet(layout.final("scored")).map_batches(
-        lambda table: table.drop_columns([c for c in C.SELECTION_COLUMNS if c in table.column_names]),
-        batch_format="pyarrow").materialize()
-    selection = decide(rows, sel, alpha)
-    counts = write_results(rows, partial(mark, selection=selection), selection, layout, rejects=False)
+    counts = write_results(ray.data.read_parquet(scored), partial(remarked, selection=selection), selection, layout,
+                           rejects=False)
     counts.update(input=previous["counts"]["input"], rejected=previous["counts"]["rejected"],
-                  rejected_by_reason=previous["counts"].get("rejected_by_reason", {}))
+                  rejected_by_code=previous["counts"].get("rejected_by_code", {}))
     config = dict(previous["config"], selection=to_dict(sel))
     config["metric"] = dict(config["metric"], alpha=alpha)
     manifest = dict(previous, config=config, counts=counts, selection=selection.summary(),

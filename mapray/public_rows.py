@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 from mapray import columns as C
 from mapray.config import ColumnNames
 from mapray.normalize import raw_json
+from mapray.reasons import code_of
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,9 @@ def scored_rows(table: pa.Table) -> pa.Table:
 def reject_rows(table: pa.Table) -> pa.Table:
     """Public rows set aside -> rejects/ rows (`mapray.columns.REJECTS_SCHEMA`)."""
     table = rejected(table)
+    reasons = table.column(C.REJECT_REASON)
+    own = [C.REASON, C.STAGE, C.SOURCE_OUT, C.RAW_OUT]
     return pa.table({C.PAIR_ID: table.column(C.PAIR_ID).cast(pa.string()),
-                     **{name: table.column(C.REJECT_PREFIX + name) for name in C.REJECTS_SCHEMA.names[1:]}},
+                     C.REASON_CODE: pa.array([code_of(r) for r in reasons.to_pylist()], pa.string()),
+                     **{name: table.column(C.REJECT_PREFIX + name) for name in own}},
                     schema=C.REJECTS_SCHEMA)

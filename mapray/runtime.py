@@ -6,6 +6,7 @@ pool, Ray Data's job checkpointing around the staged write, and a watchdog that 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from functools import partial
@@ -82,8 +83,12 @@ def _start_ray(cfg: RayConfig, models: list[ModelConfig]) -> None:
     # vLLM reads its settings from the environment: the driver's VLLM_* variables reach every worker
     env_vars = {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}
     env_vars.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # unset, vLLM's CPU backend sized it to 17 GiB here
+    # transformers' weight-loading bars, one per actor and model, interleaved on the driver's terminal
+    env_vars.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     env_vars.update(cfg.env_vars)
-    kwargs = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
+    # Ray's own logging at the level this process gave its logger (the command line turns it down: mapray.console)
+    kwargs = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True,
+              "logging_level": logging.getLogger("ray").level or logging.INFO}
     if address:
         ray.init(address=address, **kwargs)
         return

@@ -1,24 +1,33 @@
-"""The selection decision over a whole scored pool of public rows: duplicates, pool moments, the MAP forms, the
-cut-off; then each row marked. No files: the API (`mapray.api.select`) and the runs (`mapray.pipeline`) both
-call `decide` and `mark`.
+"""The selection decision over a whole scored pool: duplicates, pool moments, the MAP forms, the cut-off; then each
+row marked. No files: the API (`mapray.api.select`) and the runs (`mapray.pipeline`) both call `decide` and `mark`.
 
-z-scoring is affine, so the pool needs only count / mean / M2 of m_ex and |m_im| from every block (merged
-exactly). map, map_unreg and map_z are all computed here, from the margins and this decision's alpha, so
-reselecting with another alpha changes all three. A ratio or top_k rule finds the k-th best row with Ray's
-distributed sort; a row is selected when its score beats that row's (score, pair_id), so ties at the boundary are
-broken by pair_id and exactly k rows are kept. A threshold rule keeps every row whose score exceeds it.
+In as few passes over the rows as the pool allows (each a Ray Data execution whose result is small):
+1. one pass: each block's moments of m_ex and |m_im| (count / mean / M2, merged exactly: z-scoring is affine, so
+   that is all map_z needs), a sample of its rows (bottom-k by a hash of pair_id), and the hashes of its pair_ids,
+   merged by one task on a worker that reports only the hashes seen twice. When the pool is no larger than the
+   sample (`SAMPLE_ROWS`), the sample is the pool and the cut-off is found right there: one pass in all.
+2. a larger pool: its scores counted on `RANK_BINS` bins at quantiles of the sample's scores;
+3. the rows of the bin that holds the k-th best row (about pool / RANK_BINS of them) come to the driver and are
+   sorted; a bin too large for that (a heavy tie) goes through Ray's distributed sort.
+A row is selected when its score beats the k-th row's (score, pair_id), so ties at the boundary are broken by
+pair_id and exactly k rows are kept. A threshold rule keeps every row whose score exceeds it (counted in pass 2,
+or on the sample). map, map_unreg and map_z are all computed from the margins and this decision's alpha, so
+reselecting with another alpha changes all three.
 
 A pair_id more than one good row carries: when every copy holds the same input row (the pair and the input's
 own columns), one copy stays in the pool and the others are set aside as duplicates; when the copies differ, the
 id is ambiguous and all of them are set aside (stage "dedupe"). Telling copies apart needs a unique key per row
-(`key`: the runs' row key, or one `mapray.api.select` adds).
+(`key`: the runs' row key, or one `mapray.api.select` adds). The pool's moments are then taken again without the
+copies (one more pass, only when there are any).
 
-The passes read public column names (`pair_id`, the margins, `reject_reason`, the key): a run hands `decide` a
-narrow projection of its staged rows and the full rows (`full`) only to compare the copies of a duplicated id.
+The passes read public column names (`pair_id`, the margins, the reason a row was set aside, the key): a run hands
+`decide` a narrow projection of its staged rows and the full rows (`full`) only to compare the copies of a
+duplicated id.
 """
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -27,16 +36,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mapray import columns as C
-from mapray import metrics
+from mapray import histograms, metrics
 from mapray.config import SelectionConfig
-from mapray.normalize import raw_json
+from mapray.duplicates import duplicate_rejects, hashes, set_aside
 from mapray.public_rows import good
+from mapray.reductions import BATCH_ROWS, kth_best, reduce
 
 SCORE = "_m_selection_score"
-DEDUPE = "dedupe"
-COMPUTED = {*C.SCORED, C.CANDIDATE_REWARDS_OUT, *C.REJECT_COLUMNS} - {C.PAIR_ID}  # not part of a row's content
-# the internal columns that are a row's content (its canonical pair); the others are bookkeeping
-CONTENT = {C.PROMPT, C.CHOSEN, C.REJECTED, C.CANDIDATES, C.SCORE_CHOSEN, C.SCORE_REJECTED}
+HASH = "_m_hash"  # a sample row's hash of pair_id (`mapray.duplicates.hashes`)
+SAMPLE_ROWS = 32_768  # pool rows the first pass brings to the driver: the whole pool when it is this small
+RANK_BINS = 2048  # a cut-off bin holds about pool / RANK_BINS rows
 
 
 @dataclass(frozen=True)
@@ -76,29 +85,154 @@ class Selection:
         return self.pool.explicit.count
 
 
-def decide(rows, sel: SelectionConfig, alpha: float, key: str | None = None, full=None) -> Selection:
-    """The whole decision over `rows` (a Dataset read several times: files or materialized); `key`: the column
+def decide(rows, sel: SelectionConfig, alpha: float, key: str | None = None, full=None,
+           sample_rows: int = SAMPLE_ROWS, bins: int = RANK_BINS) -> Selection:
+    """The whole decision over `rows` (a Dataset read a few times: files or materialized); `key`: the column
     telling rows apart, None when pair_ids are known to be unique (a reselection); `full`: the same rows with
-    every column, where `rows` is a narrow projection (module docstring)."""
-    duplicates = duplicate_rejects(rows, key, full) if key else {}
-    pool_rows = rows.map_batches(partial(_pool, duplicates=duplicates, key=key), batch_format="pyarrow")
-    pool = pool_moments(pool_rows)
+    every column, where `rows` is a narrow projection; `sample_rows`, `bins`: the first pass's sample and the
+    histogram's bins (module docstring)."""
+    first = _first_pass(rows, key, sample_rows)
+    duplicates = {}
+    if first.repeated.size:
+        duplicates = duplicate_rejects(full or rows, key, first.repeated)
+    pool, sample = first.pool, first.sample
+    if duplicates:  # the copies set aside leave the pool: its moments again, without them
+        sample = sample.filter(pc.invert(pc.is_in(sample.column(key), value_set=_keys(duplicates))))
+        pool = reduce(rows, _moments, duplicates=duplicates, key=key) or _empty_moments()
     rule, value = sel.rule
-    score = partial(add_scores, pool=pool, alpha=alpha, sel=sel)
-    if rule == "threshold":
-        counts = pool_rows.map_batches(partial(_count_above, score=score, threshold=value), batch_format="pyarrow")
-        return Selection(sel, alpha, pool, sum(int(r["n"]) for r in counts.take_all()), duplicates=duplicates)
-    k = metrics.selection_count(pool.explicit.count, rule, value)
+    k = metrics.selection_count(pool.explicit.count, rule, value) if rule != "threshold" else None
     if k == 0:
         return Selection(sel, alpha, pool, 0, duplicates=duplicates)
-    ranked = (pool_rows.map_batches(score, batch_format="pyarrow")
-              .select_columns([SCORE, C.PAIR_ID])
-              .sort([SCORE, C.PAIR_ID], descending=[True, False])
-              .limit(k))
-    last = None
-    for batch in ranked.iter_batches(batch_format="pyarrow", batch_size=65536):
-        last = batch.slice(batch.num_rows - 1).to_pylist()[0] if batch.num_rows else last
-    return Selection(sel, alpha, pool, k, (last[SCORE], last[C.PAIR_ID]), duplicates)
+    scores = _score(sample, pool, alpha, sel)
+    if first.whole_pool:  # every pool row is in the sample: decided here, exactly
+        if rule == "threshold":
+            return Selection(sel, alpha, pool, int((scores > value).sum()), duplicates=duplicates)
+        return Selection(sel, alpha, pool, k, _kth(scores, sample.column(C.PAIR_ID), k), duplicates)
+    scoring = {"pool": pool, "alpha": alpha, "sel": sel, "duplicates": duplicates, "key": key}
+    if rule == "threshold":
+        above = reduce(rows, _count_above, threshold=value, **scoring) or 0
+        return Selection(sel, alpha, pool, above, duplicates=duplicates)
+    edges = histograms.rank_edges(scores, bins)
+    top = histograms.top_bin(reduce(rows, _bin_counts, edges=edges, **scoring), k)
+    lo, hi = histograms.bin_bounds(edges, top.bin)
+    if top.size <= histograms.COLLECT_LIMIT:
+        in_bin = reduce(rows, _in_bin, lo=lo, hi=hi, **scoring)
+        cutoff = _kth(_numpy(in_bin, SCORE), in_bin.column(C.PAIR_ID), top.keep)
+    else:  # a heavy tie: the bin's rows through Ray's sort
+        last = kth_best(rows.map_batches(partial(_in_bin, lo=lo, hi=hi, **scoring), batch_format="pyarrow"),
+                        [SCORE, C.PAIR_ID], top.keep)
+        cutoff = (last[SCORE], last[C.PAIR_ID])
+    return Selection(sel, alpha, pool, k, cutoff, duplicates)
+
+
+@dataclass(frozen=True)
+class FirstPass:
+    """What one pass over the rows tells: the pool's moments (copies of duplicated ids included), a sample of its
+    rows (bottom-k by a hash of pair_id: uniform, the same however the pool is split), whether the sample is the
+    whole pool, and the pair_id hashes more than one good row carries."""
+
+    pool: metrics.PoolMoments
+    sample: pa.Table
+    whole_pool: bool
+    repeated: np.ndarray
+
+
+def _first_pass(rows, key: str | None, sample_rows: int) -> FirstPass:
+    """One Ray Data execution: each block's moments, its bottom-k sample and (with a key) its pair_id hashes, merged
+    by one task on a worker, so the hashes (8 bytes a row) never come to the driver."""
+    summaries = rows.map_batches(partial(_summarize, key=key, sample_rows=sample_rows), batch_format="pyarrow",
+                                 batch_size=BATCH_ROWS)
+    merged = summaries.repartition(1).map_batches(partial(_merge_summaries, sample_rows=sample_rows),
+                                                  batch_format="pyarrow", batch_size=None)
+    blobs = [row["blob"] for row in merged.iter_rows()]
+    if not blobs:  # no rows at all
+        return FirstPass(_empty_moments(), _sample_schema(key).empty_table(), True, np.zeros(0, np.uint64))
+    return pickle.loads(blobs[0])
+
+
+def _summarize(table: pa.Table, key: str | None, sample_rows: int) -> pa.Table:
+    rows = good(table)
+    ids = hashes(rows.column(C.PAIR_ID))
+    sample = _bottom(rows.select(_sample_columns(key)).append_column(HASH, pa.array(ids)), sample_rows)
+    part = {"pool": metrics.PoolMoments.of(_numpy(rows, C.EXPLICIT_MARGIN), _numpy(rows, C.IMPLICIT_MARGIN)),
+            "sample": sample, "rows": rows.num_rows}
+    return pa.table({"blob": [pickle.dumps(part)],
+                     "hashes": [np.sort(ids).tobytes() if key is not None else b""]},
+                    schema=pa.schema([("blob", pa.binary()), ("hashes", pa.large_binary())]))
+
+
+def _merge_summaries(table: pa.Table, sample_rows: int) -> pa.Table:
+    if table.num_rows == 0:
+        return pa.table({"blob": pa.array([], pa.binary())})
+    parts = [pickle.loads(b) for b in table.column("blob").to_pylist()]
+    pool = _empty_moments()
+    for part in parts:
+        pool = pool.merge(part["pool"])
+    sample = _bottom(pa.concat_tables([p["sample"] for p in parts]), sample_rows)
+    ids = np.concatenate([np.frombuffer(b, dtype=np.uint64) for b in table.column("hashes").to_pylist()])
+    values, counts = np.unique(ids, return_counts=True)
+    whole = sum(p["rows"] for p in parts) <= sample_rows
+    first = FirstPass(pool, sample.drop_columns([HASH]), whole, values[counts > 1])
+    return pa.table({"blob": [pickle.dumps(first)]})
+
+
+def _bottom(table: pa.Table, k: int) -> pa.Table:
+    """The k rows with the smallest hashes (ties by pair_id), sorted."""
+    table = table.sort_by([(HASH, "ascending"), (C.PAIR_ID, "ascending")])
+    return table.slice(0, k)
+
+
+def _sample_columns(key: str | None) -> list[str]:
+    return [C.PAIR_ID, C.EXPLICIT_MARGIN, C.IMPLICIT_MARGIN] + ([key] if key is not None else [])
+
+
+def _sample_schema(key: str | None) -> pa.Schema:
+    return pa.schema([(c, pa.float64() if c in (C.EXPLICIT_MARGIN, C.IMPLICIT_MARGIN) else pa.string())
+                      for c in _sample_columns(key)])
+
+
+def _empty_moments() -> metrics.PoolMoments:
+    return metrics.PoolMoments(metrics.Moments(), metrics.Moments())
+
+
+def _keys(duplicates: dict[str, str]) -> pa.Array:
+    return pa.array(list(duplicates), pa.string())
+
+
+def _score(table: pa.Table, pool, alpha: float, sel: SelectionConfig) -> np.ndarray:
+    return _numpy(add_scores(table, pool, alpha, sel), SCORE)
+
+
+def _kth(scores: np.ndarray, pair_ids, k: int) -> tuple[float, str]:
+    """(score, pair_id) of the k-th best row: score descending, ties by the smaller pair_id."""
+    ranked = pa.table({SCORE: scores, C.PAIR_ID: pair_ids}).sort_by([(SCORE, "descending"), (C.PAIR_ID, "ascending")])
+    last = ranked.slice(k - 1, 1).to_pylist()[0]
+    return last[SCORE], last[C.PAIR_ID]
+
+
+def _pool_scores(table: pa.Table, pool, alpha, sel, duplicates, key) -> tuple[pa.Table, np.ndarray]:
+    rows = _pool(table, duplicates, key)
+    return rows, _score(rows, pool, alpha, sel)
+
+
+def _moments(table: pa.Table, duplicates: dict[str, str], key: str) -> metrics.PoolMoments:
+    rows = _pool(table, duplicates, key)
+    return metrics.PoolMoments.of(_numpy(rows, C.EXPLICIT_MARGIN), _numpy(rows, C.IMPLICIT_MARGIN))
+
+
+def _count_above(table: pa.Table, threshold: float, **scoring) -> int:
+    return int((_pool_scores(table, **scoring)[1] > threshold).sum())
+
+
+def _bin_counts(table: pa.Table, edges: np.ndarray, **scoring) -> np.ndarray:
+    return histograms.bin_counts(_pool_scores(table, **scoring)[1], edges)
+
+
+def _in_bin(table: pa.Table, lo: float, hi: float, **scoring) -> pa.Table:
+    """The pool rows whose score lies in [lo, hi): (score, pair_id)."""
+    rows, scores = _pool_scores(table, **scoring)
+    where = np.flatnonzero((scores >= lo) & (scores < hi))
+    return pa.table({SCORE: scores[where], C.PAIR_ID: rows.column(C.PAIR_ID).take(pa.array(where, pa.int64()))})
 
 
 def mark(table: pa.Table, selection: Selection, key: str | None = None) -> pa.Table:
@@ -117,88 +251,12 @@ def mark(table: pa.Table, selection: Selection, key: str | None = None) -> pa.Ta
     return C.set_column(table, C.SELECTED, keep, pa.bool_()).drop_columns([SCORE])
 
 
-def duplicate_rejects(rows, key: str, full=None) -> dict[str, str]:
-    """{row key: reason} for the copies of pair_ids that more than one good row carries (module docstring)."""
-    from ray.data.expressions import col
-
-    # Ray's default is 200 hash partitions (an aggregator each): ~25 s of fixed cost on a small pool. One
-    # partition per ~250k rows keeps large pools parallel and small ones cheap.
-    partitions = max(1, min(200, rows.count() // 250_000 + 1))
-    counts = rows.map_batches(good, batch_format="pyarrow").select_columns([C.PAIR_ID]).groupby(
-        C.PAIR_ID, num_partitions=partitions).count()
-    dups = {r[C.PAIR_ID] for r in counts.filter(expr=col("count()") > 1).iter_rows()}
-    if not dups:
-        return {}
-    copies: dict[str, list[dict]] = {}
-    for row in (full or rows).map_batches(partial(_with_ids, ids=dups), batch_format="pyarrow").iter_rows():
-        copies.setdefault(row[C.PAIR_ID], []).append(row)
-    reasons = {}
-    for group in copies.values():
-        group.sort(key=lambda r: r[key])
-        content = content_columns(group[0], key)
-        if all([r[c] for c in content] == [group[0][c] for c in content] for r in group):
-            reasons.update({r[key]: "duplicate pair_id: an identical copy of a scored row" for r in group[1:]})
-        else:
-            reasons.update({r[key]: f"duplicate pair_id: {len(group)} rows with different content share it"
-                            for r in group})
-    return reasons
-
-
-def content_columns(names, key: str | None) -> list[str]:
-    """The columns that make a row what it is: the pair and the input's own columns (public or internal rows),
-    not what mapray computed or keeps for its own bookkeeping."""
-    return [c for c in names if c not in COMPUTED and c != key
-            and (not c.startswith(C.INTERNAL_PREFIX) or c in CONTENT)]
-
-
-def _with_ids(table: pa.Table, ids: set[str]) -> pa.Table:
-    rows = good(table)
-    return rows.filter(pc.is_in(rows.column(C.PAIR_ID), value_set=pa.array(sorted(ids), pa.string())))
-
-
-def set_aside(table: pa.Table, reasons: dict[str, str], key: str) -> pa.Table:
-    """The copies of duplicated pair_ids in a block set aside (stage "dedupe"), public or internal rows. A public
-    row keeps the row it was given as its raw (an internal row gets the input row's when it becomes public)."""
-    keys = table.column(key).to_pylist()
-    internal = C.REJECT in table.column_names
-    reason_col, stage_col = (C.REJECT, C.REJECT_STAGE) if internal else (C.REJECT_REASON, C.REJECT_PREFIX + C.STAGE)
-    reason, stage = table.column(reason_col).to_pylist(), table.column(stage_col).to_pylist()
-    hit = [i for i, k in enumerate(keys) if k in reasons and reason[i] is None]
-    if not hit:
-        return table
-    for i in hit:
-        reason[i], stage[i] = reasons[keys[i]], DEDUPE
-    table = C.set_column(C.set_column(table, reason_col, reason, pa.string()), stage_col, stage, pa.string())
-    if internal:
-        return table
-    raw_col = C.REJECT_PREFIX + C.RAW_OUT
-    raw = table.column(raw_col).to_pylist()
-    content = table.select(content_columns(table.column_names, key))
-    for i in hit:
-        raw[i] = raw_json(content.slice(i, 1).to_pylist()[0])
-    return C.set_column(table, raw_col, raw, pa.string())
-
-
 def _pool(table: pa.Table, duplicates: dict[str, str], key: str | None) -> pa.Table:
+    """A block's rows in the pool: good, and not a copy of a duplicated pair_id set aside."""
     rows = good(table)
     if duplicates:
-        rows = rows.filter(pc.invert(pc.is_in(rows.column(key), value_set=pa.array(list(duplicates), pa.string()))))
+        rows = rows.filter(pc.invert(pc.is_in(rows.column(key), value_set=_keys(duplicates))))
     return rows
-
-
-def _block_moments(table: pa.Table) -> pa.Table:
-    m = metrics.PoolMoments.of(_numpy(table, C.EXPLICIT_MARGIN), _numpy(table, C.IMPLICIT_MARGIN))
-    return pa.table({"n": [m.explicit.count], "ex_mean": [m.explicit.mean], "ex_m2": [m.explicit.m2],
-                     "im_mean": [m.implicit_abs.mean], "im_m2": [m.implicit_abs.m2]})
-
-
-def pool_moments(pool_rows) -> metrics.PoolMoments:
-    pool = metrics.PoolMoments(metrics.Moments(), metrics.Moments())
-    for row in pool_rows.map_batches(_block_moments, batch_format="pyarrow").take_all():
-        n = int(row["n"])
-        pool = pool.merge(metrics.PoolMoments(metrics.Moments(n, row["ex_mean"], row["ex_m2"]),
-                                              metrics.Moments(n, row["im_mean"], row["im_m2"])))
-    return pool
 
 
 def add_scores(table: pa.Table, pool: metrics.PoolMoments, alpha: float, sel: SelectionConfig,
@@ -212,14 +270,6 @@ def add_scores(table: pa.Table, pool: metrics.PoolMoments, alpha: float, sel: Se
         table = C.set_column(table, name, pa.array(values, pa.float64(), mask=mask), pa.float64())
     cols.update({C.EXPLICIT_MARGIN: m_ex, C.IMPLICIT_MARGIN: m_im, C.PAIR_ID: table.column(C.PAIR_ID).to_pylist()})
     return C.set_column(table, SCORE, metrics.selection_score(sel.metric, cols, sel.seed), pa.float64())
-
-
-def _count_above(table: pa.Table, score, threshold: float) -> pa.Table:
-    return pa.table({"n": [int((_numpy(score(table), SCORE) > threshold).sum())]})
-
-
-def only_selected(table: pa.Table) -> pa.Table:
-    return table.filter(table.column(C.SELECTED))
 
 
 def _numpy(table: pa.Table, name: str) -> np.ndarray:

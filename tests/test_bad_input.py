@@ -14,6 +14,7 @@ from mapray.config import ColumnNames, load_config
 from mapray.inputs import InputFiles, sample_records
 from mapray.normalize import Normalizer, NormalizeSpec, infer_own_schema, raw_json
 from mapray.pipeline import score
+from mapray.reasons import code_of
 
 
 def m(role, content):
@@ -149,6 +150,8 @@ def test_malformed_rows_are_set_aside_with_their_reason(fmt, tmp_path, tiny, loc
     assert counts["input"] == len(lines) == counts["scored"] + counts["rejected"]
     assert counts["scored"] == len(good) and counts["rejected"] == len(bad)
     rejects = pq.read_table(tmp_path / "out" / "rejects").to_pylist()
+    # every reason has a code of its own (`mapray.reasons`): none falls through to "other"
+    assert all(r["reason_code"] == code_of(r["reason"]) != "other" for r in rejects), rejects
     reasons = sorted(r["reason"] for r in rejects)
     for _, expected in bad:
         match = next((r for r in reasons if expected in r), None)
@@ -276,6 +279,7 @@ def test_generated_bad_values_never_stop_a_run(tmp_path, tiny, local_ray):
     assert sorted(rejects) == bad_numbers
     for number, (line, reason) in zip(bad_numbers, bads):
         assert reason in rejects[number]["reason"], (number, rejects[number]["reason"])
+        assert rejects[number]["reason_code"] != "other", rejects[number]["reason"]
         assert rejects[number]["raw"] == line.decode("utf-8", errors="backslashreplace")
     scored = {r["pair_id"]: r for r in pq.read_table(tmp_path / "out" / "scored").to_pylist()}
     for row in goods:

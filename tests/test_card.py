@@ -16,7 +16,7 @@ MANIFEST = {
                           "sha256": "ab" * 32}},
     "libraries": {"mapray": "0.1.0"},
     "counts": {"input": 12, "scored": 10, "rejected": 2, "selected": 4,
-               "rejected_by_reason": {"empty chosen response": 2}},
+               "rejected_by_code": {"empty_response": {"count": 2, "example": "empty chosen response"}}},
     "selection": {"metric": "map_unreg", "alpha": 0.5, "rule": "top_k", "top_k": 4, "selected": 4,
                   "cutoff": {"score": 1.5, "pair_id": "p02"}},
     "pool_moments": {"explicit_margin": {"count": 10, "mean": 0.9, "std": 2.4}},
@@ -40,7 +40,7 @@ def test_card_front_matter_and_text():
     assert "- metric: `map_unreg`, alpha 0.5" in text
     assert "- rule: top_k (the top 4 rows): 4 rows selected" in text
     assert "- cut-off: score 1.5 (pair_id `p02`)" in text
-    assert "| rejected: empty chosen response | 2 |" in text and "| selected | 4 |" in text
+    assert "| rejected, empty_response (e.g. empty chosen response) | 2 |" in text and "| selected | 4 |" in text
     assert f"| policy | `s3://ckpt/policy-v8` | torch | bfloat16 | `{'ab' * 32}` |" in text
     config_block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
     assert yaml.safe_load(config_block) == MANIFEST["config"]  # the run's config, complete

@@ -142,3 +142,19 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out == f"mapray {__version__}\n"
+
+
+def test_the_console_drops_only_the_known_lines_of_rays_making():
+    from mapray import console
+
+    known = (b"[2026-12-05 07:16:08,858 E 15649 15649] core_worker.cc:2465: Actor with class name: "
+             b"'MapWorker(MapBatches(LogprobStage))' and ID: 'fa5e' has constructor arguments in the object store "
+             b"and max_restarts > 0. If the arguments in the object store go out of scope or are lost, the actor "
+             b"restart will fail.")
+    assert console._noise(known)
+    for kept in (b"mapray: error: policy.path: model path does not exist: /x",
+                 b"Traceback (most recent call last):", b"core_worker.cc:1: Actor with class name: 'A' died"):
+        assert not console._noise(kept)
+    progress = {"name": "model pass", "total": 100, "rows": 25, "started": 0.0}
+    assert console.progress_line(progress, 10.0) == "mapray: model pass: 25/100 rows, 2.5 rows/s, ETA 30 s"
+    assert console.progress_line({**progress, "total": None}, 10.0) == "mapray: model pass: 25 rows, 2.5 rows/s"

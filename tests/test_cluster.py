@@ -203,7 +203,7 @@ def test_a_worker_node_lost_while_the_model_stages_run(cluster, job, clean, tmp_
     # survived in the run itself: Ray restarts the lost actors on the other node, Ray Data resubmits their batches
     assert _wait(attempt) == 0, _log_tail(attempt.out)
     manifest = json.loads((attempt.out / "manifest.json").read_text())
-    assert manifest["resumed"] is False and manifest["counts"]["scored_this_attempt"] == N
+    assert manifest["resumed"] is False and manifest["counts"]["model_pass_rows_this_attempt"] == N
     # the batches its actors had in hand failed with it; those actors came back on the other node
     tasks = cluster.tasks(attempt.job_id)
     in_hand = {t.actor_id for t in _on(victim, tasks) if t.state == "FAILED" and _is_batch(t.name)}

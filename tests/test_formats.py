@@ -7,6 +7,7 @@ from mapray import columns as C
 from mapray.config import ColumnNames
 from mapray.formats import RejectRow, detect_format, normalize_record, pick_pair, split_transcript
 from mapray.normalize import Normalizer, NormalizeSpec, infer_own_schema
+from mapray.reasons import code_of
 from tests.conftest import HH, UF
 
 COLS = ColumnNames()
@@ -154,6 +155,7 @@ def test_reject_reasons(fmt, rec, reason):
     with pytest.raises(RejectRow) as info:
         normalize_record(rec, fmt, COLS)
     assert reason in str(info.value)
+    assert code_of(str(info.value)) != "other"  # each reason has its stable code (mapray.reasons)
 
 
 def test_missing_configured_id():

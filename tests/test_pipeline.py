@@ -30,11 +30,14 @@ def test_outputs_schema_and_counts(dpo_run):
         assert scored.schema.field(name).type == type_, name
     assert sorted(scored.column("pair_id").to_pylist()) == sorted(r["prompt_id"] for r in records)
     counts = manifest["counts"]
-    assert counts == {"input": N_GOOD + 3, "scored": N_GOOD, "rejected": 3, "selected": 12, "scored_this_attempt": 33,
-                      "rejected_by_reason": counts["rejected_by_reason"]}
+    assert counts == {"input": N_GOOD + 3, "scored": N_GOOD, "rejected": 3, "selected": 12,
+                      "model_pass_rows_this_attempt": 33, "rejected_by_code": counts["rejected_by_code"]}
+    assert {code: entry["count"] for code, entry in counts["rejected_by_code"].items()} == {
+        "empty_response": 1, "non_finite_score": 1, "invalid_json": 1}
     rejects = pq.read_table(out / "rejects").to_pylist()
     by_id = {r["pair_id"]: r for r in rejects}
     assert by_id["empty"]["reason"] == "empty chosen response" and by_id["empty"]["stage"] == "normalize"
+    assert by_id["empty"]["reason_code"] == "empty_response"
     assert by_id["nan"]["reason"] == "score_chosen is NaN"
     assert json.loads(by_id["empty"]["raw"])["prompt_id"] == "empty"
     bad_json = next(r for r in rejects if r["pair_id"] is None)
@@ -194,7 +197,8 @@ def hh_run(tmp_path_factory, tiny, local_ray) -> tuple:
 def test_hh_transcripts_with_real_defects(hh_run):
     home, manifest = hh_run
     assert manifest["counts"]["input"] == 20 and manifest["counts"]["rejected"] == 1
-    assert manifest["counts"]["rejected_by_reason"] == {"empty chosen response": 1}
+    assert manifest["counts"]["rejected_by_code"] == {"empty_response": {"count": 1,
+                                                                         "example": "empty chosen response"}}
     scored = pq.read_table(home / "out" / "rel" / "scored")
     assert scored.num_rows == 19 and scored.column("ref_chosen_logps").null_count == 19
     # simpo: beta / |y| * logp with the default beta 2.0

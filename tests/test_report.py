@@ -145,8 +145,10 @@ def write_output(out, n: int = N) -> pd.DataFrame:
     for part, rows in enumerate((frame.iloc[: n // 2], frame.iloc[n // 2:])):
         pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), out / "scored" / f"part-{part}.parquet")
     (out / "rejects").mkdir()
-    rejects = [("r1", "empty chosen response", "normalize", "a.jsonl:3"), ("r2", "empty chosen response",
-               "normalize", "b.jsonl:7"), ("r3", "prompt fills max_length", "policy", "b.jsonl:9")]
+    rejects = [("r1", "empty_response", "empty chosen response", "normalize", "a.jsonl:3"),
+               ("r2", "empty_response", "empty chosen response", "normalize", "b.jsonl:7"),
+               ("r3", "prompt_fills_max_length", "the prompt alone fills max_length (900 >= 512 tokens)", "policy",
+                "b.jsonl:9")]
     table = dict(zip(C.REJECTS_SCHEMA.names, [*map(list, zip(*rejects)), [None] * 3]))
     pq.write_table(pa.table(table, schema=C.REJECTS_SCHEMA), out / "rejects" / "r.parquet")
     cfg = RunConfig(input=InputConfig(uri=["a.jsonl", "b.jsonl"]), output=str(out), policy=ModelConfig(path="pol"),
@@ -220,8 +222,10 @@ def test_report_breakdowns_match_a_direct_computation(output):
         assert (groups[name]["scored"], groups[name]["selected"]) == (len(rows), int(rows["selected"].sum()))
         assert groups[name]["mean_abs_implicit_margin"] == pytest.approx(rows["implicit_margin"].abs().mean())
     rejects = numbers["rejects"]
-    assert rejects["by_reason"] == [{"reason": "empty chosen response", "stage": "normalize", "count": 2},
-                                    {"reason": "prompt fills max_length", "stage": "policy", "count": 1}]
+    assert rejects["by_code"] == [
+        {"code": "empty_response", "stage": "normalize", "count": 2, "example": "empty chosen response"},
+        {"code": "prompt_fills_max_length", "stage": "policy", "count": 1,
+         "example": "the prompt alone fills max_length (900 >= 512 tokens)"}]
     assert rejects["by_file"] == [{"file": "a.jsonl", "count": 1}, {"file": "b.jsonl", "count": 2}]
     dist = numbers["distributions"]["explicit_margin"]
     assert sum(dist["pool"]) == N and sum(dist["selected"]) == int(N * RATIO)
@@ -230,7 +234,7 @@ def test_report_breakdowns_match_a_direct_computation(output):
 def test_coarse_bins_give_the_same_selections_and_a_bounded_auc(output, monkeypatch):
     """Few bins from a small sample, and a bin past the collect limit sorted by Ray: the cut-offs stay exact (they
     come from the rows of the bin), the AUC moves by at most its reported bound."""
-    from mapray.report import compute, passes, summary
+    from mapray.report import passes, summary
 
     out, _, _ = output
     exact = json.loads((out / "report" / "report.json").read_text())
@@ -243,7 +247,7 @@ def test_coarse_bins_give_the_same_selections_and_a_bounded_auc(output, monkeypa
     real_sort_bin = passes.sort_bin
     monkeypatch.setattr(passes, "sort_bin", sort_bin)
     # bins of about 40 rows, but rank_disagreement's two values are two bins of about 150
-    monkeypatch.setattr(compute, "COLLECT_LIMIT", 100)
+    monkeypatch.setattr(histograms, "COLLECT_LIMIT", 100)
     coarse = summary(str(out), ReportSettings(rank_bins=8, sample_rows=60))
     assert sorted_by_ray == ["rank_disagreement", "rank_disagreement"]  # the run's pool, then the swapped one
     for group in ("overlap", "alpha_sweep"):
@@ -287,7 +291,7 @@ def test_an_output_with_nothing_scored_still_reports_its_rejects(local_ray, tmp_
     assert main(["report", str(out)]) == 0
     numbers = json.loads((out / "report" / "report.json").read_text())
     assert (numbers["scored"], numbers["selected"]) == (0, 0)
-    assert [r["count"] for r in numbers["rejects"]["by_reason"]] == [2, 1]
+    assert [r["count"] for r in numbers["rejects"]["by_code"]] == [2, 1]
     assert not list((out / "report").glob("*.png"))
     assert "Nothing was scored." in (out / "report" / "index.html").read_text()
     assert "3 input pairs -> 0 scored, 3 rejected, 0 selected" in capsys.readouterr().out

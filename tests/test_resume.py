@@ -149,7 +149,7 @@ def test_driver_killed_mid_run_resumes_with_every_model_stage(tmp_path, tiny, dp
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["resumed"] is True
     # every row the kill left unwritten, and only those, was scored again (cut-short writes included)
-    assert manifest["counts"]["scored_this_attempt"] == n - done_before
+    assert manifest["counts"]["model_pass_rows_this_attempt"] == n - done_before
     assert not list((out / "_staging").glob("run-*"))  # staging removed once published
 
     clean, fresh_out = dpo_run.manifest, dpo_run.out

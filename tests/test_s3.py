@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -210,6 +211,7 @@ def story(s3, tiny, tmp_path_factory):
         _upload(fs, step["new_policy"], f"{BUCKET}/models/policy")  # the same URI, new weights
         rescored = mapray("rescore", "--config", str(config), env=s3.env)
         assert rescored.returncode == 0, rescored.stderr[-3000:]
+        step["console"] = (rescored.stdout, rescored.stderr)
     step["second"] = read_output(fs, out)
     step["second_view"] = frozenset(fs.find(out))
     step["views"] = poller.views
@@ -224,7 +226,7 @@ def test_a_killed_driver_resumes_from_its_checkpoint_on_s3(story):
     first = story["first"]
     manifest = first["manifest"]
     assert manifest["resumed"] is True
-    assert manifest["counts"]["scored_this_attempt"] == n - done_before  # only what the kill left unwritten
+    assert manifest["counts"]["model_pass_rows_this_attempt"] == n - done_before  # only what the kill left unwritten
     assert manifest["counts"]["input"] == n and manifest["counts"]["rejected"] >= len(BAD_LINES)
     # every input line comes out exactly once, scored or rejected (a cut-short write on s3 recovered, not doubled)
     ids = first["scored"]["pair_id"].to_pylist() + first["rejects"]["pair_id"].to_pylist()
@@ -244,6 +246,21 @@ def test_the_rescore_reads_the_reference_log_probs_from_the_cache_on_s3(story):
     manifest = story["second"]["manifest"]
     assert manifest["resumed"] is False
     assert manifest["counts"]["scored"] == story["first"]["manifest"]["counts"]["scored"]
+
+
+def test_a_successful_run_prints_its_stages_and_summary_and_nothing_of_rays(story):
+    """What the terminal shows of a successful run (the rescore: three model pools, the cache on S3): one line per
+    stage, the summary last on stdout; no warning or error line, no weight-loading bar, no Ray Data log."""
+    stdout, stderr = story["console"]
+    noise = [line for line in stderr.splitlines()
+             if re.search(r"\b(WARNING|ERROR|Warning)\b|^\[\S+ \S+ [EW] \d+|Loading weights|core_worker|"
+                          r"Starting execution|logging_progress|Token authentication", line)]
+    assert not noise, "\n".join(noise)
+    stages = [line.split(":")[1].strip() for line in stderr.splitlines()
+              if line.startswith("mapray: ") and "rows/s" not in line]  # each stage's last line
+    assert stages == ["normalize", "cache lookup", "model pass", "cache store", "selection and outputs"], stderr
+    assert stdout.splitlines()[0].startswith("mapray: ") and "rejected" in stdout, stdout
+    assert "invalid_json: invalid JSON" in stdout  # the reasons by code, with an example each
 
 
 def test_publishing_on_s3_is_manifest_last_and_removes_staging(story):

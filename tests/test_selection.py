@@ -97,6 +97,51 @@ def test_global_pass_values_and_selection_by_hand(local_ray, tmp_path, metric, r
                               "map_z", "selected"]  # the documented order (columns.SCORED)
 
 
+@pytest.mark.parametrize("metric,rule,value,collect_limit", [
+    ("map_z", "ratio", 0.3, 200_000),  # the cut-off bin's rows sorted on the driver
+    ("map_unreg", "top_k", 37, 200_000),
+    ("rank_disagreement", "top_k", 150, 5),  # two values: a heavy tie, through Ray's sort
+    ("map", "threshold", 0.75, 200_000),  # counted in the histogram pass
+])
+def test_a_pool_larger_than_the_sample_is_ranked_by_bins(local_ray, monkeypatch, metric, rule, value, collect_limit):
+    """The passes a large pool takes (a sample of 40 rows, 8 bins, the cut-off bin collected or sorted by Ray) keep
+    exactly the rows a sort of the whole pool keeps, ties at the boundary by pair_id; copies of a duplicated
+    pair_id are found across blocks."""
+    from mapray import histograms
+
+    monkeypatch.setattr(histograms, "COLLECT_LIMIT", collect_limit)
+    rng = np.random.default_rng(5)
+    n = 400
+    m_ex = np.round(rng.normal(size=n), 1)  # rounded: many ties
+    m_im = np.round(rng.normal(size=n), 1)
+    table = staged_rows(m_ex, m_im)
+    # two identical copies of p07 and two different rows both called p11, in other blocks
+    copies = table.take([7, 11]).to_pylist()
+    copies[0][C.ROW], copies[1][C.ROW], copies[1]["prompt"] = "row7-copy", "row11-copy", "something else"
+    table = pa.concat_tables([table, pa.Table.from_pylist(copies, schema=table.schema)])
+    rows = local_ray.data.from_arrow([table.slice(i, 50) for i in range(0, table.num_rows, 50)])
+    sel = SelectionConfig(metric=metric, **{rule: value})
+    selection = decide(rows, sel, 0.5, key=C.ROW, sample_rows=40, bins=8)
+    assert selection.duplicates == {"row7-copy": "duplicate pair_id: an identical copy of a scored row",
+                                    "row11": "duplicate pair_id: 2 rows with different content share it",
+                                    "row11-copy": "duplicate pair_id: 2 rows with different content share it"}
+    pool = np.array([i for i in range(n) if i != 11])
+    ids = [f"p{i:02d}" for i in pool]
+    assert selection.pool.explicit.count == n - 1
+    assert selection.pool.explicit.std == pytest.approx(m_ex[pool].std(), abs=1e-12)
+    z = lambda x: (x - x.mean()) / x.std()  # noqa: E731
+    scores = {"map_z": z(m_ex[pool]) - 0.5 * z(np.abs(m_im[pool])), "map_unreg": m_ex[pool] - 0.5 * m_im[pool],
+              "map": np.abs(m_ex[pool]) - 0.5 * np.abs(m_im[pool]),
+              "rank_disagreement": (np.sign(m_im[pool]) != np.sign(m_ex[pool])).astype(float)}[metric]
+    marked = pa.concat_tables([mark(t, selection, key=C.ROW) for t in (table.slice(i, 50) for i in
+                                                                        range(0, table.num_rows, 50))])
+    kept = sorted(r[C.PAIR_ID] for r in marked.filter(marked.column(C.SELECTED)).to_pylist())
+    keep = scores > value if rule == "threshold" else metrics.top_k_mask(
+        scores, ids, metrics.selection_count(n - 1, rule, value))
+    assert kept == sorted(i for i, k in zip(ids, keep) if k)
+    assert selection.count == len(kept) and (rule == "threshold") == (selection.cutoff is None)
+
+
 def test_nothing_scored_still_writes_every_schema(local_ray, tmp_path):
     out, counts, chosen, _ = run_finish(local_ray, tmp_path, staged_rows([], [], n_rejected=2), 1.0,
                                         SelectionConfig())

@@ -25,6 +25,7 @@ from mapray.generation.prompts import SCHEMA, PromptReader, prompt_format, promp
 from mapray.generation.stage import with_samples
 from mapray.inputs import LINE
 from mapray.normalize import Normalizer, NormalizeSpec
+from mapray.public_rows import TrlColumns, public_rows, reject_rows
 from mapray.stages import policy_from_generation
 from tests.conftest import HH, UF
 from tests.test_input_properties import ANY_JSON, RUN
@@ -77,7 +78,7 @@ def test_the_prompt_reader_keeps_every_row_and_the_reason_a_row_has_no_prompt():
     assert rows[3]["evolve_round"] is None and rows[3]["generation_error"] is None  # a wrong-typed lineage value
     assert rows[4]["generation_error"] == "evolve: the rewrite is empty"  # the reason the writing step gave
     assert rows[5]["generation_error"].startswith("prompt: ")  # an int no Parquet column holds: set aside
-    assert len({r[C.ROW] for r in rows}) == 6 and [r["source"] for r in rows] == [f"f:{i}" for i in range(6)]
+    assert len({r["row_id"] for r in rows}) == 6 and [r["source"] for r in rows] == [f"f:{i}" for i in range(6)]
 
 
 @RUN
@@ -98,7 +99,7 @@ def test_no_json_value_in_any_field_stops_the_prompt_reader(rows, fmt):
 
 
 def _prompt_rows(n: int) -> pa.Table:
-    return pa.Table.from_pylist([{"prompt_id": f"p{i}", "prompt": USER, C.ROW: str(i)} for i in range(n)],
+    return pa.Table.from_pylist([{"prompt_id": f"p{i}", "prompt": USER, "row_id": str(i)} for i in range(n)],
                                 schema=SCHEMA)
 
 
@@ -138,6 +139,27 @@ def test_rows_an_earlier_step_set_aside_are_rejected_with_its_reason():
     out = Normalizer(spec)(table).to_pylist()
     assert out[0][C.REJECT] is None and out[0][C.PAIR_ID] == "p0"
     assert out[1][C.REJECT].startswith("1 of 2 samples are empty") and out[1][C.REJECT_STAGE] == "generate"
+
+
+def test_a_prompt_set_aside_is_traced_to_its_line_in_the_prompts_file():
+    """A blank prompt in a prompts file with ids, as a new user would try it: the scoring pass over generated/
+    sets it aside with the user's id, the prompts file's file:line and the line as it was (not mapray's generated
+    row); a row that a later stage sets aside is traced the same way."""
+    lines = [json.dumps(row).encode() for row in ({"id": "a", "prompt": "Name a prime."}, {"id": "b", "prompt": "  "})]
+    prompts = PromptReader("prompts", ColumnNames(id="id"))(
+        pa.table({LINE: pa.array(lines, pa.binary()), C.SOURCE: ["prompts.jsonl:1", "prompts.jsonl:2"]}))
+    generated = prompts.append_column("all_generated_responses", pa.array([["2", "3"], None], pa.list_(pa.string())))
+    spec = NormalizeSpec("candidates", ColumnNames(id="prompt_id", error="generation_error"), False, 10**6, None)
+    rows = Normalizer(spec)(generated)
+    assert "row_id" not in rows.column_names  # generated/'s bookkeeping stays out of scored/
+    rows = C.set_column(rows, C.REJECT, [r or "a later stage's reason" for r in rows.column(C.REJECT).to_pylist()],
+                        pa.string())  # the good row set aside later (in a model stage, say)
+    public = public_rows(rows, TrlColumns.of("candidates", ColumnNames(), {"prompt": USER}))
+    rejects = {r["pair_id"]: r for r in reject_rows(public).to_pylist()}
+    assert rejects["b"]["reason"] == "prompt: empty prompt" and rejects["b"]["reason_code"] == "empty_prompt"
+    for pid, line, number in (("b", lines[1], 2), ("a", lines[0], 1)):
+        assert rejects[pid]["source"] == f"prompts.jsonl:{number}"
+        assert json.loads(rejects[pid]["raw"]) == json.loads(line)
 
 
 def test_rewrites_are_set_aside_when_empty_too_long_or_beyond_the_reward_models_context():
@@ -312,7 +334,9 @@ def test_selfplay_resumes_a_killed_generation(tmp_path, tiny, smollm2, local_ray
     g = manifest["generation"]
     assert g["prompts"] == 8 and g["sampled_this_attempt"] == 8 - before  # written prompts not sampled again
     generated = _table(out / "generated")
-    assert len(generated) == 8 and len({r[C.ROW] for r in generated}) == 8
+    assert len(generated) == 8 and len({r["row_id"] for r in generated}) == 8
+    assert not [c for c in pq.read_schema(next((out / "generated").glob("*.parquet"))).names
+                if c.startswith("_m_")]  # nothing internal is published
     assert generate(cfg) == json.loads((out / "generated.json").read_text())  # current: returned, not resampled
 
     reasons = [(r["reason"], r["stage"]) for r in _table(out / "rejects")]  # rows without a prompt have no id

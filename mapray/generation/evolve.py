@@ -78,8 +78,10 @@ def evolve_prompts(cfg: RunConfig, source: str, source_run: str, settings: Evolv
     requests = best.map_batches(_rewrite_requests, fn_kwargs={"settings": settings, "round_": round_},
                                 batch_format="pyarrow")
     layout.stage("prompts", requests.write_parquet)
-    rewriting = GenerationConfig(n=1, temperature=settings.temperature, top_p=1.0,
-                                 max_tokens=settings.max_tokens, seed=(cfg.generation or GenerationConfig()).seed)
+    # one rewrite per request: `n=1` goes to the sampler, not into a GenerationConfig (whose n, samples to pair,
+    # is at least 2)
+    rewriting = GenerationConfig(temperature=settings.temperature, top_p=1.0, max_tokens=settings.max_tokens,
+                                 seed=(cfg.generation or GenerationConfig()).seed)
     layout.stage(GENERATED, lambda path: sample_prompts(layout, generator, rewriting, n=1), resumable=True)
     filtered = read_staged(layout.staged(GENERATED), num_cpus=LIGHT_TASK_CPUS).map_batches(
         RewriteFilter, fn_constructor_kwargs={"reward": cfg.reward.model, "settings": settings},
@@ -105,7 +107,7 @@ def _rewrite_requests(table: pa.Table, settings: EvolveConfig, round_: int) -> p
     """Each top prompt x strategy -> a prompt row (`mapray.generation.prompts.SCHEMA`) asking for the rewrite."""
     import uuid
 
-    from mapray.generation.prompts import SCHEMA
+    from mapray.generation.prompts import ROW_ID, SCHEMA
 
     rows = []
     for pid, messages in zip(table.column("prompt_id").to_pylist(), table.column("prompt").to_pylist()):
@@ -114,7 +116,7 @@ def _rewrite_requests(table: pa.Table, settings: EvolveConfig, round_: int) -> p
             rows.append({"prompt_id": f"{pid}:{strategy}", "prompt": R.rewrite_request(original, strategy,
                                                                                        settings.max_growth),
                          "input_raw": original, "evolved_from": pid, "evolve_strategy": strategy,
-                         "evolve_round": round_, C.ROW: uuid.uuid4().hex})
+                         "evolve_round": round_, ROW_ID: uuid.uuid4().hex})
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 

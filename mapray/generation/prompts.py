@@ -19,13 +19,15 @@ from mapray.config import ColumnNames
 from mapray.errors import ConfigError
 from mapray.formats import Messages, RejectRow, detect_format, message_prompt, normalize_record
 from mapray.inputs import LINE, parse_lines, table_rows
-from mapray.normalize import raw_json
+from mapray.normalize import EARLIER_KEY, raw_id, raw_json
 from mapray.own_columns import unstorable
 
 # columns of a prompts file that mapray's own evolve step writes, carried into generated/ and scored/
 LINEAGE = {"evolved_from": pa.string(), "evolve_strategy": pa.string(), "evolve_round": pa.int64()}
+# a key per prompt row, the sampling checkpoint's (a rerun samples only the rows it has not written)
+ROW_ID = EARLIER_KEY
 SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", C.MESSAGES), ("generation_error", pa.string()),
-                    ("source", pa.string()), ("input_raw", pa.string()), *LINEAGE.items(), (C.ROW, pa.string())])
+                    ("source", pa.string()), ("input_raw", pa.string()), *LINEAGE.items(), (ROW_ID, pa.string())])
 
 
 def prompt_format(fmt: str, sample: list[dict], cols: ColumnNames) -> str:
@@ -92,20 +94,24 @@ class PromptReader:
         return pa.Table.from_pylist(rows, schema=SCHEMA)
 
     def _row(self, rec, reason: str | None, source: str | None) -> dict:
-        row = {"source": source, C.ROW: uuid.uuid4().hex}
+        # every row keeps its input row as read: whatever sets it aside later names that, not a generated row
+        row = {"source": source, "input_raw": raw_json(rec), ROW_ID: uuid.uuid4().hex}
         if reason is not None:
-            return row | {"generation_error": f"prompt: {reason}", "input_raw": raw_json(rec)}
+            return row | {"generation_error": f"prompt: {reason}"}
+        own_id = raw_id(rec, self.cols.id)
+        if own_id is not None:  # a row set aside below keeps the id the user gave it
+            row["prompt_id"] = own_id
         row |= {k: v for k, v in rec.items() if k in LINEAGE and _fits(v, LINEAGE[k])}
         earlier = rec.get(self.cols.error) if self.cols.error else None
         if earlier is not None:  # set aside by the step that wrote this file (evolve), with its reason
-            return row | {"generation_error": str(earlier), "input_raw": raw_json(rec)}
+            return row | {"generation_error": str(earlier)}
         try:
             messages = prompt_messages(rec, self.fmt, self.cols)
         except RejectRow as e:
-            return row | {"generation_error": f"prompt: {e}", "input_raw": raw_json(rec)}
+            return row | {"generation_error": f"prompt: {e}"}
         except Exception as e:  # a reader's bug must cost its row, not the run (as in `mapray.normalize`)
             reason = f"internal error reading this row ({type(e).__name__}: {str(e)[:200]}); please report it"
-            return row | {"generation_error": f"prompt: {reason}", "input_raw": raw_json(rec)}
+            return row | {"generation_error": f"prompt: {reason}"}
         return row | {"prompt_id": prompt_id(rec, messages, self.cols), "prompt": messages}
 
 

@@ -23,10 +23,9 @@ import time
 
 import fsspec
 
-from mapray import columns as C
 from mapray.config import ColumnNames, GenerationConfig, InputConfig, RunConfig, configured_models, generator_config
 from mapray.errors import ConfigError
-from mapray.generation.prompts import PromptReader, prompt_format
+from mapray.generation.prompts import ROW_ID, PromptReader, prompt_format
 from mapray.generation.stage import GenerateStage
 from mapray.inputs import InputFiles, discover, read_dataset, read_staged, sample_records
 from mapray.models import check_model_path, identify_model
@@ -59,8 +58,11 @@ def selfplay(cfg: RunConfig) -> dict:
 
 
 def play_round(cfg: RunConfig, lineage: dict) -> dict:
-    """Sampling, then scoring and selection, of a config `check` has passed."""
-    return score(scoring_config(cfg), extra={"generation": generate(cfg), "lineage": lineage})
+    """Sampling, then scoring and selection, of a config `check` has passed. The manifest records the config as
+    given (its input: the prompts) and, as `scored_input`, the generated/ rows the scoring pass read."""
+    scoring = scoring_config(cfg)
+    return score(scoring, extra={"generation": generate(cfg), "lineage": lineage, "config": to_dict(cfg),
+                                 "scored_input": to_dict(scoring.input)})
 
 
 def check(cfg: RunConfig) -> None:
@@ -126,7 +128,7 @@ def generate(cfg: RunConfig) -> dict:
 
 def sample_prompts(layout: OutputLayout, generator, sampling: GenerationConfig, n: int | None = None) -> None:
     """The staged prompts -> staged generated rows, on the generator's actor pool, resumable by row."""
-    with checkpointed(layout.staged("checkpoint"), C.ROW) as unwritten, watched():
+    with checkpointed(layout.staged("checkpoint"), ROW_ID) as unwritten, watched():
         prompts = unwritten(read_staged(layout.staged("prompts"), num_cpus=LIGHT_TASK_CPUS))
         map_stage(prompts, GenerateStage, generator, sampling=sampling, n=n) \
             .write_parquet(layout.staged(GENERATED), ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})

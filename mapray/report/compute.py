@@ -29,6 +29,7 @@ from mapray import columns as C
 from mapray import histograms, metrics
 from mapray.config import SelectionConfig
 from mapray.errors import ConfigError
+from mapray.reasons import code_of
 from mapray.reductions import BATCH_ROWS, reduce
 from mapray.report import passes as P
 from mapray.report import stats
@@ -156,11 +157,17 @@ def _selections(rows, ctx: P.Context, ranked: list[stats.Hist], n: int, seed: in
 
 
 def _rejects(rejects) -> dict:
-    """rejects/ by reason and stage, and by input file (JSONL input only: Parquet rows carry no source)."""
+    """rejects/ by reason code and stage (with the commonest detail of each), and by input file (JSONL input only:
+    Parquet rows carry no source). The code is read off the reason (`mapray.reasons`), so an output published
+    before rejects/ had `reason_code` reads the same."""
     counts = reduce(rejects, P.reject_counts) if rejects is not None else None
     counts = counts or {"reasons": {}, "files": {}}
-    return {"by_reason": [{"reason": r, "stage": s, "count": c}
-                          for (r, s), c in sorted(counts["reasons"].items(), key=lambda kv: (-kv[1], kv[0][0]))],
+    grouped: dict[tuple[str, str], dict] = {}
+    for (reason, stage), n in sorted(counts["reasons"].items(), key=lambda kv: (-kv[1], kv[0][0])):
+        entry = grouped.setdefault((code_of(reason), stage), {"count": 0, "example": reason})
+        entry["count"] += n
+    return {"by_code": [{"code": code, "stage": stage, **entry} for (code, stage), entry in
+                        sorted(grouped.items(), key=lambda kv: (-kv[1]["count"], kv[0]))],
             "by_file": [{"file": f, "count": c} for f, c in sorted(counts["files"].items())]}
 
 

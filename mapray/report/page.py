@@ -77,10 +77,10 @@ def _overview(numbers: dict, run: dict) -> str:
             f"score {_num(cut.get('score'))}{_e(where)}.</p>") if cut else "<p>Nothing was scored.</p>"
     rejects = numbers.get("rejects", {})
     side = [text]
-    if rejects.get("by_reason"):
+    if rejects.get("by_code"):
         side += ["<b>Rejects by reason and stage</b>",
-                 _table(["reason", "stage", "rows"], [[r["reason"], r["stage"], r["count"]]
-                                                       for r in rejects["by_reason"]])]
+                 _table(["reason", "stage", "rows", "for example"], [[r["code"], r["stage"], r["count"], r["example"]]
+                                                                     for r in rejects["by_code"]])]
     if rejects.get("by_file"):
         side += ["<b>Rejects by input file</b>",
                  _table(["file", "rows"], [[r["file"], r["count"]] for r in rejects["by_file"]])]

@@ -9,8 +9,8 @@ def headline(numbers: dict) -> str:
     lines = [f"mapray report: {numbers.get('output')} (run {run.get('run_id')})",
              f"  {counts.get('input', 0):,} input pairs -> {numbers['scored']:,} scored, "
              f"{counts.get('rejected', 0):,} rejected, {numbers['selected']:,} selected"]
-    for r in numbers.get("rejects", {}).get("by_reason", [])[:5]:
-        lines.append(f"  rejected {r['count']:>8,}  {r['reason']} (stage {r['stage']})")
+    for r in numbers.get("rejects", {}).get("by_code", [])[:5]:
+        lines.append(f"  rejected {r['count']:>8,}  {r['code']} (stage {r['stage']}), e.g. {r['example']}")
     if not numbers["scored"]:
         return "\n".join(lines)
     where = f" (pair_id {cut['pair_id']})" if cut.get("pair_id") else ""
