@@ -219,8 +219,9 @@ def summary(manifest: dict, output: str) -> str:
     lines = [
         f"mapray: {c['input']} input pairs -> {c['scored']} scored, {c['rejected']} rejected, "
         f"{c['selected']} selected {_how_selected(manifest)}",
-        f"  {'scoring ' if manifest.get('generation') else ''}time {t.get('total_s', t.get('reselect_s', 0)):.1f} s"
-        + (f", {manifest['pairs_per_s']:.2f} pairs/s" if manifest.get("pairs_per_s") else ""),
+        (f"  reselection time {t['reselect_s']:.1f} s" if manifest.get("reselected_at") else
+         f"  {'scoring ' if manifest.get('generation') else ''}time {t.get('total_s', 0):.1f} s"
+         + (f", {manifest['pairs_per_s']:.2f} pairs/s" if manifest.get("pairs_per_s") else "")),
         f"  outputs: {output}/scored  {output}/selected  {output}/rejects  {output}/README.md  "
         f"{output}/manifest.json",
     ]

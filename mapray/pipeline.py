@@ -21,7 +21,8 @@ import fsspec
 from mapray import __version__
 from mapray import columns as C
 from mapray.api import InputShape, Scorer
-from mapray.cache import Namespace, attach_hits, namespace, write_generations
+from mapray.cache import Namespace, namespace, write_generations
+from mapray.cache_lookup import attach_hits
 from mapray.config import RayConfig, RunConfig, SelectionConfig, configured_models, to_dict
 from mapray.console import stage
 from mapray.duplicates import set_aside
@@ -132,7 +133,7 @@ def score(cfg: RunConfig, extra: dict | None = None) -> dict:
     timings["cache_store_s"] = time.time() - scored_at
     scored_at = time.time()
     with stage("selection and outputs"):
-        narrow = ray.data.read_parquet(rows_path, columns=NARROW)
+        narrow = ray.data.read_parquet(rows_path).select_columns(NARROW)  # projected into the read
         selection = decide(narrow, cfg.selection, cfg.metric.alpha, key=C.ROW, full=rows)
         counts = write_results(rows, partial(made_public, trl=p.shape.trl, selection=selection), selection, layout)
     timings.update(global_pass_s=time.time() - scored_at, total_s=time.time() - started)
@@ -213,8 +214,8 @@ def reselect(uri: str, sel: SelectionConfig, alpha: float | None = None) -> dict
     layout = OutputLayout(uri)
     started = time.time()
     scored = layout.final("scored")
-    selection = decide(ray.data.read_parquet(scored, columns=[C.PAIR_ID, C.EXPLICIT_MARGIN, C.IMPLICIT_MARGIN]),
-                       sel, alpha)
+    selection = decide(ray.data.read_parquet(scored).select_columns([C.PAIR_ID, C.EXPLICIT_MARGIN,
+                                                                      C.IMPLICIT_MARGIN]), sel, alpha)
     # the MAP forms and `selected` are computed again, with this alpha
     counts = write_results(ray.data.read_parquet(scored), partial(remarked, selection=selection), selection, layout,
                            rejects=False)

@@ -112,6 +112,9 @@ def decide(rows, sel: SelectionConfig, alpha: float, key: str | None = None, ful
     if rule == "threshold":
         above = reduce(rows, _count_above, threshold=value, **scoring) or 0
         return Selection(sel, alpha, pool, above, duplicates=duplicates)
+    cutoff = _cutoff_from_window(rows, scores, pool.explicit.count, k, scoring)
+    if cutoff is not None:
+        return Selection(sel, alpha, pool, k, cutoff, duplicates)
     edges = histograms.rank_edges(scores, bins)
     top = histograms.top_bin(reduce(rows, _bin_counts, edges=edges, **scoring), k)
     lo, hi = histograms.bin_bounds(edges, top.bin)
@@ -123,6 +126,45 @@ def decide(rows, sel: SelectionConfig, alpha: float, key: str | None = None, ful
                         [SCORE, C.PAIR_ID], top.keep)
         cutoff = (last[SCORE], last[C.PAIR_ID])
     return Selection(sel, alpha, pool, k, cutoff, duplicates)
+
+
+WINDOW_SIGMAS = 6.0  # how far around the sample's estimate of the cut-off's rank the window reaches
+
+
+def _cutoff_from_window(rows, sample_scores: np.ndarray, n: int, k: int, scoring: dict) -> tuple[float, str] | None:
+    """The k-th best row in one pass, where the sample predicts it well: the sample's scores around rank k (+-
+    `WINDOW_SIGMAS` standard errors of a sampled rank) give a score window [lo, hi]; the pass counts the pool's
+    rows above hi and brings the window's rows to the driver. When the k-th row lies in the window (the count above
+    is below k, the window reaches past it), it is exact; otherwise, or when the window would be too large to
+    collect (a heavy tie at the boundary shows in the sample), None: the histogram passes decide."""
+    s = sample_scores.size
+    ranked = np.sort(sample_scores)[::-1]
+    p = k / n
+    margin = WINDOW_SIGMAS * np.sqrt(s * p * (1 - p)) + 2
+    at = k / n * s
+    first, last = min(int(np.floor(at - margin)), s - 1), int(np.ceil(at + margin))
+    hi = float(ranked[first]) if first >= 0 else np.inf
+    lo = float(ranked[last]) if last < s else -np.inf
+    in_window = int(((sample_scores >= lo) & (sample_scores <= hi)).sum())
+    if in_window * n / s > histograms.COLLECT_LIMIT / 2:
+        return None
+    found = reduce(rows, _window, lo=lo, hi=hi, limit=histograms.COLLECT_LIMIT, **scoring)
+    if found is None or found["overflow"]:
+        return None
+    window = found["rows"]
+    if not found["above"] < k <= found["above"] + window.num_rows:
+        return None  # the sample misled (about one pool in 10^8 at 6 sigma): the histogram passes
+    return _kth(_numpy(window, SCORE), window.column(C.PAIR_ID), k - found["above"])
+
+
+def _window(table: pa.Table, lo: float, hi: float, limit: int, **scoring) -> dict:
+    """A block's rows scoring above `hi` (counted) and within [lo, hi] (as (score, pair_id), unless more than
+    `limit`: then only the overflow is reported)."""
+    rows, scores = _pool_scores(table, **scoring)
+    inside = np.flatnonzero((scores >= lo) & (scores <= hi))
+    part = pa.table({SCORE: scores[inside], C.PAIR_ID: rows.column(C.PAIR_ID).take(pa.array(inside, pa.int64()))})
+    overflow = inside.size > limit
+    return {"above": int((scores > hi).sum()), "overflow": overflow, "rows": part.slice(0, 0) if overflow else part}
 
 
 @dataclass(frozen=True)
@@ -178,8 +220,10 @@ def _merge_summaries(table: pa.Table, sample_rows: int) -> pa.Table:
 
 def _bottom(table: pa.Table, k: int) -> pa.Table:
     """The k rows with the smallest hashes (ties by pair_id), sorted."""
-    table = table.sort_by([(HASH, "ascending"), (C.PAIR_ID, "ascending")])
-    return table.slice(0, k)
+    if table.num_rows > 2 * k:  # only the candidates are sorted
+        ids = table.column(HASH).to_numpy()
+        table = table.take(pa.array(np.flatnonzero(ids <= np.partition(ids, k)[k]), pa.int64()))
+    return table.sort_by([(HASH, "ascending"), (C.PAIR_ID, "ascending")]).slice(0, k)
 
 
 def _sample_columns(key: str | None) -> list[str]:

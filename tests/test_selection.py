@@ -97,19 +97,28 @@ def test_global_pass_values_and_selection_by_hand(local_ray, tmp_path, metric, r
                               "map_z", "selected"]  # the documented order (columns.SCORED)
 
 
-@pytest.mark.parametrize("metric,rule,value,collect_limit", [
-    ("map_z", "ratio", 0.3, 200_000),  # the cut-off bin's rows sorted on the driver
-    ("map_unreg", "top_k", 37, 200_000),
-    ("rank_disagreement", "top_k", 150, 5),  # two values: a heavy tie, through Ray's sort
-    ("map", "threshold", 0.75, 200_000),  # counted in the histogram pass
+@pytest.mark.parametrize("metric,rule,value,collect_limit,window", [
+    ("map_z", "ratio", 0.3, 200_000, True),  # the window around the sample's estimate: one pass
+    ("map_z", "ratio", 0.3, 200_000, False),  # the histogram, then the cut-off bin's rows sorted on the driver
+    ("map_unreg", "top_k", 37, 200_000, True),
+    ("map_unreg", "top_k", 37, 200_000, False),
+    ("rank_disagreement", "top_k", 150, 5, True),  # two values: a heavy tie, through Ray's sort
+    ("map", "threshold", 0.75, 200_000, True),  # counted in one pass
 ])
-def test_a_pool_larger_than_the_sample_is_ranked_by_bins(local_ray, monkeypatch, metric, rule, value, collect_limit):
-    """The passes a large pool takes (a sample of 40 rows, 8 bins, the cut-off bin collected or sorted by Ray) keep
-    exactly the rows a sort of the whole pool keeps, ties at the boundary by pair_id; copies of a duplicated
-    pair_id are found across blocks."""
-    from mapray import histograms
+def test_a_pool_larger_than_the_sample_is_ranked_by_bins(local_ray, monkeypatch, metric, rule, value, collect_limit,
+                                                         window):
+    """The passes a large pool takes (a sample of 40 rows; the window the sample predicts, or 8 bins and the cut-off
+    bin collected or sorted by Ray) keep exactly the rows a sort of the whole pool keeps, ties at the boundary by
+    pair_id; copies of a duplicated pair_id are found across blocks."""
+    from mapray import histograms, selection
 
     monkeypatch.setattr(histograms, "COLLECT_LIMIT", collect_limit)
+    if not window:
+        monkeypatch.setattr(selection, "_cutoff_from_window", lambda *args: None)
+    passes = []  # the passes decide makes after its first one, by the function each maps over the blocks
+    real_reduce = selection.reduce
+    monkeypatch.setattr(selection, "reduce", lambda rows, fn, **kw: passes.append(fn.__name__) or real_reduce(
+        rows, fn, **kw))
     rng = np.random.default_rng(5)
     n = 400
     m_ex = np.round(rng.normal(size=n), 1)  # rounded: many ties
@@ -121,25 +130,29 @@ def test_a_pool_larger_than_the_sample_is_ranked_by_bins(local_ray, monkeypatch,
     table = pa.concat_tables([table, pa.Table.from_pylist(copies, schema=table.schema)])
     rows = local_ray.data.from_arrow([table.slice(i, 50) for i in range(0, table.num_rows, 50)])
     sel = SelectionConfig(metric=metric, **{rule: value})
-    selection = decide(rows, sel, 0.5, key=C.ROW, sample_rows=40, bins=8)
-    assert selection.duplicates == {"row7-copy": "duplicate pair_id: an identical copy of a scored row",
+    decision = decide(rows, sel, 0.5, key=C.ROW, sample_rows=40, bins=8)
+    assert decision.duplicates == {"row7-copy": "duplicate pair_id: an identical copy of a scored row",
                                     "row11": "duplicate pair_id: 2 rows with different content share it",
                                     "row11-copy": "duplicate pair_id: 2 rows with different content share it"}
     pool = np.array([i for i in range(n) if i != 11])
     ids = [f"p{i:02d}" for i in pool]
-    assert selection.pool.explicit.count == n - 1
-    assert selection.pool.explicit.std == pytest.approx(m_ex[pool].std(), abs=1e-12)
+    assert decision.pool.explicit.count == n - 1
+    assert decision.pool.explicit.std == pytest.approx(m_ex[pool].std(), abs=1e-12)
     z = lambda x: (x - x.mean()) / x.std()  # noqa: E731
     scores = {"map_z": z(m_ex[pool]) - 0.5 * z(np.abs(m_im[pool])), "map_unreg": m_ex[pool] - 0.5 * m_im[pool],
               "map": np.abs(m_ex[pool]) - 0.5 * np.abs(m_im[pool]),
               "rank_disagreement": (np.sign(m_im[pool]) != np.sign(m_ex[pool])).astype(float)}[metric]
-    marked = pa.concat_tables([mark(t, selection, key=C.ROW) for t in (table.slice(i, 50) for i in
+    marked = pa.concat_tables([mark(t, decision, key=C.ROW) for t in (table.slice(i, 50) for i in
                                                                         range(0, table.num_rows, 50))])
     kept = sorted(r[C.PAIR_ID] for r in marked.filter(marked.column(C.SELECTED)).to_pylist())
     keep = scores > value if rule == "threshold" else metrics.top_k_mask(
         scores, ids, metrics.selection_count(n - 1, rule, value))
     assert kept == sorted(i for i, k in zip(ids, keep) if k)
-    assert selection.count == len(kept) and (rule == "threshold") == (selection.cutoff is None)
+    assert decision.count == len(kept) and (rule == "threshold") == (decision.cutoff is None)
+    # the copies set aside: the pool's moments once more; then the cut-off
+    after = (["_count_above"] if rule == "threshold" else ["_window"] if window and collect_limit > 5
+             else ["_bin_counts"] if window else ["_bin_counts", "_in_bin"])
+    assert passes == ["_moments", *after]
 
 
 def test_nothing_scored_still_writes_every_schema(local_ray, tmp_path):

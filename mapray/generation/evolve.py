@@ -68,7 +68,7 @@ def evolve_prompts(cfg: RunConfig, source: str, source_run: str, settings: Evolv
     if current is not None and current["key"] == key:
         return current
     layout = OutputLayout(cfg.output, run_id=key)
-    ranked = ray.data.read_parquet(scored, columns=["prompt_id", "prompt", C.MAP]) \
+    ranked = ray.data.read_parquet(scored).select_columns(["prompt_id", "prompt", C.MAP]) \
         .groupby("prompt_id").map_groups(_mean_map, batch_format="pyarrow").materialize()  # counted, then sorted
     total = ranked.count()
     if not total:
@@ -87,7 +87,7 @@ def evolve_prompts(cfg: RunConfig, source: str, source_run: str, settings: Evolv
         RewriteFilter, fn_constructor_kwargs={"reward": cfg.reward.model, "settings": settings},
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=LIGHT_TASK_CPUS)
     evolved = layout.stage(EVOLVED, filtered.write_parquet)
-    errors = ray.data.read_parquet(evolved, columns=["evolve_error"]).to_pandas()["evolve_error"]
+    errors = ray.data.read_parquet(evolved).select_columns(["evolve_error"]).to_pandas()["evolve_error"]
     info = {"key": key, "prompts_ranked": total, "prompts_rewritten": top, "rewrites": len(errors),
             "rewrites_kept": int(errors.isna().sum()), "rewrites_set_aside": int(errors.notna().sum())}
     layout.publish_folder(EVOLVED, info)

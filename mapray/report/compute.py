@@ -83,11 +83,11 @@ def compute(uri: str, manifest: dict, settings: ReportSettings) -> tuple[dict, p
     import ray.data
 
     run, alpha = run_selection(manifest)
-    rows = ray.data.read_parquet(f"{uri}/scored", columns=needed(settings))
+    rows = ray.data.read_parquet(f"{uri}/scored").select_columns(needed(settings))
     fs, path = fsspec.core.url_to_fs(f"{uri}/rejects")
     rejects = None
     if fs.exists(path) and any(p.endswith(".parquet") for p in fs.find(path)):
-        rejects = ray.data.read_parquet(f"{uri}/rejects", columns=["reason", "stage", "source"])
+        rejects = ray.data.read_parquet(f"{uri}/rejects").select_columns(["reason", "stage", "source"])
     return compute_rows(rows, rejects, run, alpha, manifest["counts"]["selected"], settings)
 
 
