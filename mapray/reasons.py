@@ -14,7 +14,8 @@ import re
 
 CODES: tuple[tuple[str, str], ...] = (
     ("invalid_json", r"^invalid (JSON|UTF-8)|^row is a JSON "),
-    ("unreadable_value", r"cannot be read in Python|lone UTF-16 surrogate|UTF-8 cannot encode"),
+    ("unreadable_value", r"cannot be read in Python|lone UTF-16 surrogate|UTF-8 cannot encode|integer outside the "
+                         r"signed 64-bit range|nested deeper than"),
     ("missing_id", r"^missing id field"),
     ("missing_field", r"^missing field"),
     ("null_field", r"^null field"),
@@ -34,7 +35,10 @@ CODES: tuple[tuple[str, str], ...] = (
     ("prompt_fills_max_length", r"prompt alone fills max_length"),
     ("template_rewrites_content", r"chat template rewrites message contents"),
     ("duplicate_pair_id", r"^duplicate pair_id"),
-    ("generation_failed", r"^generation"),
+    ("no_room_to_sample", r"no room to sample"),
+    ("chat_template_failed", r"chat template cannot render"),
+    ("empty_samples", r"samples are empty"),
+    ("rewrite_rejected", r"^evolve: "),
     ("internal_error", r"internal error"),
 )
 OTHER = "other"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 from functools import partial
 
@@ -99,6 +100,10 @@ def _start_ray(cfg: RayConfig, models: list[ModelConfig]) -> None:
     footer_actors = os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(max(1, int(num_cpus))))
     env_vars.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", footer_actors)  # read where the listing runs
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)  # never a stray local head
+    if sys.platform.startswith("linux"):  # a driver killed outright must not leave Ray's agents behind
+        from mapray.reaper import watch_local_ray
+
+        watch_local_ray(ray.get_runtime_context().get_node_id())
 
 
 def cpus_asked(models: list[ModelConfig]) -> float:

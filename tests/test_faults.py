@@ -28,3 +28,42 @@ def test_actor_killed_mid_run_every_pair_exactly_once(tmp_path, tiny, local_ray)
     expected = [json.loads(x)["prompt_id"] for x in lines]
     assert collections.Counter(ids) == collections.Counter(expected)  # none missing, none twice
     assert manifest["counts"]["scored"] == 160
+
+
+DRIVER = """
+import time
+import ray
+from mapray.runtime import ensure_ray
+ensure_ray()
+print(ray.get_runtime_context().get_node_id(), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_driver_killed_outright_leaves_no_ray_process_behind(tmp_path):
+    """SIGKILL to the driver alone, as the OOM killer sends it: Ray's agents of its embedded local Ray would stay a
+    minute or more; the watcher (`mapray.reaper`) ends them within seconds."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mapray.reaper import processes_of
+
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True, cwd=tmp_path)
+    try:
+        node = driver.stdout.readline().strip()
+        assert node, "the driver did not start its Ray"
+        deadline = time.monotonic() + 90  # Ray starts its agents a moment after its raylet (long on a busy machine)
+        while not processes_of(node) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert processes_of(node), "no Ray process to watch: the test would prove nothing"
+    finally:
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    deadline = time.monotonic() + 20
+    while processes_of(node) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not processes_of(node)

@@ -340,6 +340,7 @@ def test_selfplay_resumes_a_killed_generation(tmp_path, tiny, smollm2, local_ray
     assert generate(cfg) == json.loads((out / "generated.json").read_text())  # current: returned, not resampled
 
     reasons = [(r["reason"], r["stage"]) for r in _table(out / "rejects")]  # rows without a prompt have no id
+    assert "other" not in {r["reason_code"] for r in _table(out / "rejects")}  # every reason has its code
     scored = _table(out / "scored")
     assert all(stage == "generate" or reason.startswith("fewer than 2") for reason, stage in reasons)
     assert any("tokens, the generator's max_length is 512: no room to sample" in r for r, _ in reasons)
