@@ -58,8 +58,9 @@ def pairs(n: int) -> list[dict]:
                 pair = normalize_record(rec, "conversational", ColumnNames())
             except RejectRow:
                 continue
-            if max(len(tokenizer.apply_chat_template(pair.prompt + side, tokenize=True))
-                   for side in (pair.chosen, pair.rejected)) > MAX_LENGTH:
+            texts = [tokenizer.apply_chat_template(pair.prompt + side, tokenize=False)
+                     for side in (pair.chosen, pair.rejected)]
+            if max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts) > MAX_LENGTH:
                 continue
             out.append({"id": rec["prompt_id"], "prompt": pair.prompt, "chosen": pair.chosen,
                         "rejected": pair.rejected})
@@ -77,6 +78,9 @@ def model_path() -> str:
 def run_mapray(rows: list[dict], engine: str) -> dict:
     import ray.data
 
+    # vLLM's CPU backend in this process (the model part alone) as mapray's runs set it in their workers
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from mapray import Scorer
     from mapray import columns as C
     from mapray.config import ColumnNames, InputConfig, ModelConfig, RunConfig
@@ -135,11 +139,16 @@ def run_ray_data_llm(rows: list[dict], timed_twice: bool = True) -> dict:
 
     config = vLLMEngineProcessorConfig(
         model_source=local, concurrency=1, batch_size=16,
+        # on vLLM's CPU backend the memory fraction is of the machine's RAM (0.92 by default: more than is free)
         engine_kwargs={"max_model_len": MAX_LENGTH + 16, "enable_prefix_caching": True, "dtype": "float32",
-                       "max_num_batched_tokens": 8192},
-        placement_group_config={"bundles": [{"CPU": 1}]}, accelerator_type=None)
+                       "max_num_batched_tokens": 8192, "gpu_memory_utilization": 0.2},
+        placement_group_config={"bundles": [{"CPU": 1}]}, accelerator_type=None,
+        chat_template_stage=False,  # the texts come with the template applied (the prompt's token count needs it)
+        log_engine_metrics=False)  # its Prometheus logger fails to import Ray's metrics with vllm-cpu 0.32 here
     processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    # vLLM's CPU backend as mapray's runs set it (`mapray.runtime`): a 1 GiB KV cache, the engine in its actor
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True,
+             runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
 
     def one(pairs_: list[dict]) -> tuple[float, list[dict]]:
         at = time.perf_counter()
@@ -210,6 +219,7 @@ def main() -> None:
     parser.add_argument("--tools", default=",".join(TOOLS), help="tools to run, each in its own process")
     parser.add_argument("--out", default="/tmp/bench-peers", help="folder for each tool's raw result")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per tool")
+    parser.add_argument("--reuse", action="store_true", help="keep a tool's result already in --out (not an error)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.tool:
@@ -218,6 +228,12 @@ def main() -> None:
     results = {}
     for tool in args.tools.split(","):
         path = os.path.join(args.out, f"{tool}.json")
+        if args.reuse and os.path.exists(path):
+            with open(path) as f:
+                kept = json.load(f)
+            if "error" not in kept:
+                results[tool] = kept
+                continue
         if os.path.exists(path):
             os.remove(path)
         try:

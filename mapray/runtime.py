@@ -84,8 +84,10 @@ def _start_ray(cfg: RayConfig, models: list[ModelConfig]) -> None:
     # vLLM reads its settings from the environment: the driver's VLLM_* variables reach every worker
     env_vars = {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}
     env_vars.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # unset, vLLM's CPU backend sized it to 17 GiB here
-    # transformers' weight-loading bars, one per actor and model, interleaved on the driver's terminal
+    # transformers' weight-loading bars, one per actor and model, interleaved on the driver's terminal, and vLLM's
+    # engine start-up report (dozens of INFO/WARNING lines per actor); a VLLM_LOGGING_LEVEL of the driver's wins
     env_vars.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    env_vars.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     env_vars.update(cfg.env_vars)
     # Ray's own logging at the level this process gave its logger (the command line turns it down: mapray.console)
     kwargs = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True,
