@@ -6,11 +6,13 @@ In as few passes over the rows as the pool allows (each a Ray Data execution who
    that is all map_z needs), a sample of its rows (bottom-k by a hash of pair_id), and the hashes of its pair_ids,
    merged by one task on a worker that reports only the hashes seen twice. When the pool is no larger than the
    sample (`SAMPLE_ROWS`), the sample is the pool and the cut-off is found right there: one pass in all.
-2. a larger pool: its scores counted on `RANK_BINS` bins at quantiles of the sample's scores;
-3. the rows of the bin that holds the k-th best row (about pool / RANK_BINS of them) come to the driver and are
-   sorted; a bin too large for that (a heavy tie) goes through Ray's distributed sort.
+2. a larger pool: one pass over the window of scores the sample predicts for the k-th best row (+-6 standard
+   errors of a sampled rank): the rows above it counted, the window's rows to the driver, sorted, exact. Where the
+   window would be too large (a heavy tie) or misses the k-th row: its scores counted on `RANK_BINS` bins at
+   quantiles of the sample's scores, then the rows of the bin that holds the k-th row (about pool / RANK_BINS)
+   sorted on the driver, or, a bin too large for that, by Ray's distributed sort.
 A row is selected when its score beats the k-th row's (score, pair_id), so ties at the boundary are broken by
-pair_id and exactly k rows are kept. A threshold rule keeps every row whose score exceeds it (counted in pass 2,
+pair_id and exactly k rows are kept. A threshold rule keeps every row whose score exceeds it (counted in one pass,
 or on the sample). map, map_unreg and map_z are all computed from the margins and this decision's alpha, so
 reselecting with another alpha changes all three.
 
@@ -23,6 +25,9 @@ copies (one more pass, only when there are any).
 The passes read public column names (`pair_id`, the margins, the reason a row was set aside, the key): a run hands
 `decide` a narrow projection of its staged rows and the full rows (`full`) only to compare the copies of a
 duplicated id.
+
+(Over 300 lines: the passes, the scores they rank and the marking that applies their decision are one algorithm,
+read together; the duplicates live in `mapray.duplicates`, the histogram arithmetic in `mapray.histograms`.)
 """
 
 from __future__ import annotations
