@@ -105,7 +105,7 @@ def _start_ray(cfg: RayConfig, models: list[ModelConfig]) -> None:
     if sys.platform.startswith("linux"):  # a driver killed outright must not leave Ray's agents behind
         from mapray.reaper import watch_local_ray
 
-        watch_local_ray(ray.get_runtime_context().get_node_id())
+        watch_local_ray()
 
 
 def cpus_asked(models: list[ModelConfig]) -> float:

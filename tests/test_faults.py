@@ -32,38 +32,48 @@ def test_actor_killed_mid_run_every_pair_exactly_once(tmp_path, tiny, local_ray)
 
 DRIVER = """
 import time
-import ray
 from mapray.runtime import ensure_ray
 ensure_ray()
-print(ray.get_runtime_context().get_node_id(), flush=True)
+print("started", flush=True)
 time.sleep(600)
 """
 
 
 def test_a_driver_killed_outright_leaves_no_ray_process_behind(tmp_path):
     """SIGKILL to the driver alone, as the OOM killer sends it: Ray's agents of its embedded local Ray would stay a
-    minute or more; the watcher (`mapray.reaper`) ends them within seconds."""
+    minute or more; the watcher (`mapray.reaper`) ends them within seconds. Run beside the suite's own Ray, with the
+    suite's environment: the second Ray on a machine, as a user's test would start it."""
     import os
     import signal
     import subprocess
     import sys
     import time
+    from pathlib import Path
 
-    from mapray.reaper import processes_of
+    from mapray.reaper import descendants, start_time
+
+    def ray_agents() -> dict[int, str]:
+        under_driver = descendants({driver.pid})
+        return {pid: started for pid, started in under_driver.items()
+                if b"Agent" in Path(f"/proc/{pid}/cmdline").read_bytes()}
 
     driver = subprocess.Popen([sys.executable, "-c", DRIVER], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               text=True, cwd=tmp_path)
     try:
-        node = driver.stdout.readline().strip()
-        assert node, "the driver did not start its Ray"
+        assert driver.stdout.readline().strip() == "started", "the driver did not start its Ray"
         deadline = time.monotonic() + 90  # Ray starts its agents a moment after its raylet (long on a busy machine)
-        while not processes_of(node) and time.monotonic() < deadline:
+        while len(agents := ray_agents()) < 2 and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert processes_of(node), "no Ray process to watch: the test would prove nothing"
+        assert len(agents) == 2, f"the DashboardAgent and RuntimeEnvAgent to watch, found {agents}"
+        time.sleep(2)  # the watcher notes them (every second at first)
     finally:
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
+
+    def left() -> list[int]:
+        return [pid for pid, started in agents.items() if start_time(pid) == started]
+
     deadline = time.monotonic() + 20
-    while processes_of(node) and time.monotonic() < deadline:
+    while left() and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not processes_of(node)
+    assert not left(), "Ray's agents outlived their driver"
