@@ -29,7 +29,7 @@ from mapray.models import check_model_path
 from mapray.normalize import Normalizer, NormalizeSpec
 from mapray.preflight import check_models
 from mapray.public_rows import TrlColumns, public_rows, reject_rows
-from mapray.runtime import LIGHT_TASK_CPUS, ensure_ray, map_stage, tune_shuffles, watched
+from mapray.runtime import LIGHT_TASK_CPUS, ensure_ray, map_stage, tune_ray_data, watched
 from mapray.selection import Selection, decide, mark
 from mapray.stages import LogprobStage, RewardStage, add_row_metrics, policy_from_generation
 
@@ -169,7 +169,7 @@ def select(ds, selection: SelectionConfig | None = None, *, alpha: float = 1.0, 
     keyed = ds.map_batches(_keyed, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
     with watched(ctx=keyed.context):  # a pipeline that cannot be scheduled stops with one line, not a hang
         pool = keyed.materialize()
-    tune_shuffles(pool.context)  # this pool's own context (a copy): the caller's Ray Data settings stay as they are
+    tune_ray_data(pool.context)  # this pool's own context (a copy): the caller's Ray Data settings stay as they are
     decision = decide(pool, sel, alpha, key=C.ROW)
     return pool.map_batches(partial(_marked, selection=decision), batch_format="pyarrow"), decision
 

@@ -46,29 +46,37 @@ def ensure_ray(cfg: RayConfig | None = None, models: list[ModelConfig] = ()) -> 
 
 
 def init_ray(cfg: RayConfig, models: list[ModelConfig]) -> None:
-    """A run's Ray: `ensure_ray`, with this process's Ray Data shuffles sized for it (`tune_shuffles`)."""
+    """A run's Ray: `ensure_ray`, with this process's Ray Data shuffles sized for it (`tune_ray_data`)."""
     ensure_ray(cfg, models)
-    tune_shuffles(ray.data.DataContext.get_current())
+    tune_ray_data(ray.data.DataContext.get_current())
 
 
-def tune_shuffles(ctx: ray.data.DataContext) -> None:
-    """Shuffles (the selection's sort, the duplicate count, the cache's joins) default to 200 partitions when
+def tune_ray_data(ctx: ray.data.DataContext) -> None:
+    """Ray Data's shuffles and Parquet reads sized for the Ray they run on.
+
+    Shuffles (the selection's sort, the duplicate count, the cache's joins) default to 200 partitions when
     Ray Data cannot tell the input's block count: a task and an output block each, seconds of fixed cost per run
     on a small machine. One per cluster CPU keeps every CPU busy.
 
     On one machine the sorts and group-bys use Ray Data's sort-based pull shuffle (plain tasks): its default
     (`SHUFFLE_V2`) starts a pool of aggregator actors per shuffle, measured at ~4.7 s of fixed cost per sort or
     group-by even on 10 rows (0.15 s pull-based), paid twice by every run's global pass. A cluster of several nodes
-    keeps Ray Data's default, built for pools spread over nodes."""
+    keeps Ray Data's default, built for pools spread over nodes.
+
+    On one machine Parquet is read by Ray Data's first datasource: its default (`use_datasource_v2`) starts a pool
+    of footer-reading actors for every `read_parquet`, measured at 1.3 s per read of a 30-row folder here (0.1 s
+    with the first), and a run reads Parquet five to seven times. A cluster keeps the actors, which spread the
+    footer reads of thousands of object-store files over its nodes."""
     cpus = int(ray.cluster_resources().get("CPU", 1))
     ctx.default_hash_shuffle_parallelism = max(2, cpus)
     if sum(node["Alive"] for node in ray.nodes()) == 1:
         ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+        ctx.use_datasource_v2 = False
 
 
 @contextlib.contextmanager
 def hash_shuffled():
-    """Datasets made inside use Ray Data's hash shuffle (`SHUFFLE_V2`) whatever `tune_shuffles` chose: key-based
+    """Datasets made inside use Ray Data's hash shuffle (`SHUFFLE_V2`) whatever `tune_ray_data` chose: key-based
     repartitioning exists only there. A dataset keeps the DataContext it was made with."""
     ctx = ray.data.DataContext.get_current()
     previous = ctx.shuffle_strategy
