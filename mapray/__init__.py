@@ -10,7 +10,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _API = {"Scorer": "mapray.api", "select": "mapray.api", "split_rejects": "mapray.api", "make_report": "mapray.api",
-        "load_config": "mapray.config", "ConfigError": "mapray.errors"}
+        "load_config": "mapray.config", "ConfigError": "mapray.errors", "Combination": "mapray.ensemble"}
 __all__ = [*_API, "__version__"]
 
 

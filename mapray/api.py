@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from functools import partial
 
 from mapray import columns as C
-from mapray.config import RunConfig, SelectionConfig, check_alpha, check_scoring, configured_models
+from mapray.config import RunConfig, SelectionConfig, check_alpha, check_scoring, configured_models, reward_models
+from mapray.ensemble import Combination, combine_rewards, combined_margins
 from mapray.errors import ConfigError
 from mapray.formats import RejectRow, detect_format
 from mapray.models import check_model_path
@@ -31,7 +32,7 @@ from mapray.preflight import check_models
 from mapray.public_rows import TrlColumns, public_rows, reject_rows
 from mapray.runtime import LIGHT_TASK_CPUS, ensure_ray, map_stage, tune_ray_data, watched
 from mapray.selection import Selection, decide, mark
-from mapray.stages import LogprobStage, RewardStage, add_row_metrics, policy_from_generation
+from mapray.stages import LogprobStage, RewardStage, add_row_metrics, policy_from_generation, reward_role
 
 log = logging.getLogger(__name__)
 __all__ = ["InputShape", "Scorer", "make_report", "select", "split_rejects"]
@@ -129,8 +130,13 @@ class Scorer:
             ns, pick = caches.get(role, (None, None))
             return {"cache": ns, "pick": pick}
 
-        if cfg.reward.source == "model":
-            ds = map_stage(ds, RewardStage, cfg.reward.model, **cache("reward"))
+        for _, name, model in reward_models(cfg):  # each its own actor pool; several are then combined
+            ds = map_stage(ds, RewardStage, model, name=name, **cache(reward_role(name)))
+        combination = Combination.of(cfg.reward)
+        if combination is not None:
+            ds = ds.map_batches(combine_rewards, fn_kwargs={
+                "combination": combination, "set_aside": cfg.reward.on_sign_disagreement == "set_aside"},
+                batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
         if self.reuses_generation_logps:
             ds = ds.map_batches(policy_from_generation, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
         else:
@@ -146,16 +152,21 @@ class Scorer:
         return ds.map_batches(public_rows, fn_kwargs={"trl": shape.trl}, batch_format="pyarrow",
                               num_cpus=LIGHT_TASK_CPUS)
 
-    def select(self, ds) -> tuple[object, Selection]:
-        """`select` with this config's selection and alpha."""
-        return select(ds, self.config.selection, alpha=self.config.metric.alpha)
+    def select(self, ds, combine: str | None = None) -> tuple[object, Selection]:
+        """`select` with this config's selection, alpha and (several reward models) combination; `combine` in
+        place of the configured `reward.combine`."""
+        return select(ds, self.config.selection, alpha=self.config.metric.alpha,
+                      combination=Combination.of(self.config.reward, combine))
 
 
-def select(ds, selection: SelectionConfig | None = None, *, alpha: float = 1.0, **rule) -> tuple[object, Selection]:
+def select(ds, selection: SelectionConfig | None = None, *, alpha: float = 1.0,
+           combination: Combination | None = None, **rule) -> tuple[object, Selection]:
     """Selects from a scored Dataset (a scorer's rows, or scored/ read back): pool moments, duplicates and the
     cut-off with Ray Data passes, then every row marked. `selection` or the rule as keywords (`metric`, `ratio`,
     `top_k`, `threshold`, `seed`: `mapray.config.SelectionConfig`, checked alike); `alpha` weighs the implicit
-    margin in the MAP forms.
+    margin in the MAP forms; `combination` (`mapray.ensemble.Combination`: the reward models' names, weights
+    and rule; `Scorer.select` passes its config's): rows of several reward models get their explicit margin
+    and `reward_margin_spread` from the pool first, as a run's global pass does.
 
     Returns (rows, decision): every row given, with `map`, `map_unreg`, `map_z` and `selected` (rows set aside,
     before or here as copies of a duplicated pair_id, have null forms and are not selected), and the decision
@@ -170,6 +181,10 @@ def select(ds, selection: SelectionConfig | None = None, *, alpha: float = 1.0, 
     with watched(ctx=keyed.context):  # a pipeline that cannot be scheduled stops with one line, not a hang
         pool = keyed.materialize()
     tune_ray_data(pool.context)  # this pool's own context (a copy): the caller's Ray Data settings stay as they are
+    if combination is not None:
+        pool, _ = combined_margins(pool, combination)
+        with watched(ctx=pool.context):
+            pool = pool.materialize()
     decision = decide(pool, sel, alpha, key=C.ROW)
     return pool.map_batches(partial(_marked, selection=decision), batch_format="pyarrow"), decision
 

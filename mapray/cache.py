@@ -117,7 +117,7 @@ def row_keys(table: pa.Table, ns: Namespace, pick: str | None) -> list[str | Non
     for i in range(table.num_rows):
         if reject[i] is not None:
             keys.append(None)
-        elif candidates[i] is not None and (ns.role == "reward" or pick is not None):
+        elif candidates[i] is not None and (ns.role.startswith("reward") or pick is not None):
             keys.append(_key(ns.id, "candidates", pick or "", prompts[i], candidates[i]))
         else:
             keys.append(_key(ns.id, "pair", prompts[i], chosen[i], rejected[i]))
@@ -172,8 +172,11 @@ def write_generations(rows, namespaces: list[Namespace], name: str) -> None:
     `gen-<name>`, all in one pass over `rows` (`GenerationSink`). Each is written beside its place and renamed: a
     lookup lists only finished generations. A generation that exists already is left as it is, so a resumed run
     can call this again."""
-    todo = {}
+    todo, places = {}, set()
     for ns in namespaces:
+        if ns.data_dir in places:  # one checkpoint twice (two reductions of one multi-label head): same values
+            continue
+        places.add(ns.data_dir)
         fs, path = fsspec.core.url_to_fs(f"{ns.data_dir}/gen-{name}")
         if fs.exists(f"{path}/{COMPLETE}"):
             continue

@@ -31,7 +31,8 @@ def render(manifest: dict) -> str:
     manifest = json.loads(json.dumps(manifest, default=str))  # plain JSON types, as manifest.json holds them
     front = yaml.safe_dump({"configs": configs(manifest.get("counts")), "tags": TAGS}, sort_keys=False).rstrip()
     parts = [f"---\n{front}\n---", _intro(manifest), _counts(manifest.get("counts")),
-             _selection(manifest.get("selection"), manifest.get("pool_moments")), _models(manifest.get("models")),
+             _selection(manifest.get("selection"), manifest.get("pool_moments"), manifest.get("reward_combination")),
+             _models(manifest.get("models")),
              _config(manifest.get("config"))]
     return "\n\n".join(p for p in parts if p) + "\n"
 
@@ -87,7 +88,7 @@ def _counts(counts: dict | None) -> str:
     return "\n".join(["## Counts", "", "| | rows |", "|---|---|", *rows])
 
 
-def _selection(sel: dict | None, moments: dict | None) -> str:
+def _selection(sel: dict | None, moments: dict | None, combination: dict | None = None) -> str:
     if not sel:
         return ""
     rule = sel["rule"]
@@ -102,6 +103,12 @@ def _selection(sel: dict | None, moments: dict | None) -> str:
         lines.append(f"- seed: {sel['seed']}")
     for name, m in (moments or {}).items():
         lines.append(f"- pool {name}: mean {m['mean']!r}, population std {m['std']!r} over {m['count']} rows")
+    if combination:
+        how = {"mean": "the weighted mean of their margins", "mean_z": "the weighted mean of their pool-z-scored "
+               "margins"}[combination["rule"]]
+        weights = ", ".join(f"`{n}` {m['weight']!r}" for n, m in combination["models"].items())
+        lines.append(f"- explicit margin: {how}, over {len(combination['models'])} reward models (weights: "
+                     f"{weights}); each model's rewards and margin are columns `reward_<name>_*`")
     return "\n".join(lines)
 
 

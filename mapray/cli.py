@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--alpha", type=float, metavar="A",
                         help="weight of the implicit term (default: the scoring run's)")
     select.add_argument("--seed", type=int, help=f"seed for --metric random (default {default.seed})")
+    select.add_argument("--combine", choices=["mean", "mean_z"],
+                        help="several reward models: how their margins make the explicit margin (default: the "
+                             "scoring run's reward.combine)")
 
     estimate = verbs.add_parser("estimate", help="what a run will cost: tokens per model from a sample of its input, "
                                 "FLOPs, and wall time and device-hours on N devices of a measured kind; no model runs")
@@ -104,6 +107,9 @@ def _add_report_verbs(verbs) -> None:
                          help=f"share of pairs the noise audit swaps (default {default.noise_fraction:g})")
         sub.add_argument("--noise-seed", type=int, metavar="N", help=f"its seed (default {default.noise_seed})")
         sub.add_argument("--by", metavar="COLUMN", help="break the pool down by this input column of scored/")
+        sub.add_argument("--bias-fractions", type=_floats, metavar="F,G,...",
+                         help="the reward-bias audit's strengths, as fractions of the margin's spread per unit of "
+                              f"the bias's (default {','.join(f'{f:g}' for f in default.bias_fractions)})")
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -119,7 +125,7 @@ def _report(args) -> int:
     from mapray.report.text import headline
 
     given = {"alphas": args.alphas, "noise_fraction": args.noise_fraction, "noise_seed": args.noise_seed,
-             "by": args.by}
+             "by": args.by, "bias_fractions": args.bias_fractions}
     given = {k: v for k, v in given.items() if v is not None}
     settings = ReportSettings(**given)  # checked before Ray starts
     if args.verb == "report":
@@ -211,7 +217,7 @@ def _select(args) -> dict:
         check_alpha(args.alpha, "--alpha")
     from mapray.pipeline import reselect
 
-    return reselect(args.output, sel, args.alpha)
+    return reselect(args.output, sel, args.alpha, args.combine)
 
 
 def summary(manifest: dict, output: str) -> str:

@@ -6,6 +6,8 @@ internal `_m_*` names, which carry the canonical pair between stages and are dro
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 
 PAIR_ID = "pair_id"
@@ -76,6 +78,60 @@ SCORED = {
     SELECTED: pa.bool_(),
 }
 SELECTION_COLUMNS = (*MAP_FORMS, SELECTED)  # what the selection adds; the rest of SCORED is the scorer's
+
+# Several reward models (`reward.models`, `mapray.ensemble`): each model's rewards and margin under its name, the
+# models' disagreement; a multi-label head's scores per label. Written after explicit_margin, only where present.
+REWARD_MARGIN_SPREAD = "reward_margin_spread"  # population std over the models of their pool-z-scored margins
+REWARD_SIGN_DISAGREE = "reward_sign_disagree"  # some model's margin is > 0 and another's < 0
+LABELS_SUFFIX = "_labels"  # reward_chosen_labels, reward_<name>_rejected_labels: one score per label of the head
+_REWARD_EXTRA = re.compile(r"reward_(?:[a-z][a-z0-9_]*_)?(?:chosen|rejected)_labels"
+                           r"|reward_[a-z][a-z0-9_]*_(?:chosen|rejected|margin)|reward_margin_spread"
+                           r"|reward_sign_disagree")
+
+
+def reward_model_columns(name: str | None) -> tuple[str, str, str]:
+    """(chosen, rejected, margin) column names of the reward model named `name` in a run of several; None: the
+    one reward model's own (its margin is the explicit margin)."""
+    if name is None:
+        return REWARD_CHOSEN, REWARD_REJECTED, EXPLICIT_MARGIN
+    return f"reward_{name}_chosen", f"reward_{name}_rejected", f"reward_{name}_margin"
+
+
+def is_reward_extra(name: str) -> bool:
+    """A column of several reward models or of a multi-label head (above): mapray's, not the input's."""
+    return _REWARD_EXTRA.fullmatch(name) is not None
+
+
+def is_mapray_column(name: str) -> bool:
+    """A public column mapray computes: an input column of such a name is not the input's own."""
+    return name in SCORED or is_reward_extra(name)
+
+
+_EXTRA_SUFFIXES = ("_chosen", "_rejected", "_margin", "_chosen_labels", "_rejected_labels")
+
+
+def _extra_rank(name: str, names: list[str]) -> tuple:
+    """The models' columns model by model (in the order their first column comes), each as _EXTRA_SUFFIXES;
+    the spread and the sign disagreement last."""
+    if name in (REWARD_MARGIN_SPREAD, REWARD_SIGN_DISAGREE):
+        return (len(names), name == REWARD_SIGN_DISAGREE)
+    suffix = next(s for s in sorted(_EXTRA_SUFFIXES, key=len, reverse=True) if name.endswith(s))
+    model = name[:-len(suffix)]
+    first = min(i for i, n in enumerate(names) if n.startswith(model + "_") and is_reward_extra(n))
+    return (first, _EXTRA_SUFFIXES.index(suffix))
+
+
+def mapray_order(names: list[str]) -> list[str]:
+    """mapray's columns among `names`, in their documented order: SCORED's, the reward models' after the
+    explicit margin (in the order given)."""
+    extra = sorted((n for n in names if is_reward_extra(n)), key=lambda n: _extra_rank(n, names))
+    out = []
+    for name in SCORED:
+        if name in names:
+            out.append(name)
+        if name == EXPLICIT_MARGIN:
+            out.extend(extra)
+    return out
 
 # rejects/: why a row was set aside, at which step, where it came from (file:line) and the input row as JSON
 REASON, STAGE, SOURCE_OUT, RAW_OUT = "reason", "stage", "source", "raw"

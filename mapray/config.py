@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
@@ -17,8 +18,8 @@ from mapray.errors import ConfigError
 from mapray.typed_config import Checked, Key, load, to_dict
 
 __all__ = ["ColumnNames", "ConfigError", "EvolveConfig", "GenerationConfig", "InputConfig", "MetricConfig",
-           "ModelConfig", "RayConfig", "RewardConfig", "RunConfig", "SelectionConfig", "configured_models",
-           "generator_config", "load_config", "to_dict"]
+           "ModelConfig", "RayConfig", "RewardConfig", "RewardModelConfig", "RunConfig", "SelectionConfig",
+           "configured_models", "generator_config", "load_config", "reward_models", "to_dict"]
 
 
 def _at_least(key: Key, values: dict[str, int | float | None], low: float) -> None:
@@ -115,13 +116,67 @@ class ModelConfig(Checked):
 
 
 @dataclass(frozen=True)
-class RewardConfig(Checked):
-    source: Literal["columns", "model"] = "columns"  # columns: scores from the input; model: a reward model
-    model: ModelConfig | None = None
+class RewardModelConfig(ModelConfig):
+    """A reward model: where and how it runs (`ModelConfig`), and how its scores make the run's reward."""
+
+    # names its columns in a run of several models (reward_<name>_chosen, ...); None: from the path's last part
+    name: str | None = None
+    weight: float = 1.0  # its weight in the combination of several models (`reward.combine`)
+    # a multi-objective head (several labels): reward = sum of weight x label score, one weight per label in the
+    # checkpoint's id2label order (checked against its config.json before Ray starts); None: a single-label head
+    label_weights: list[float] | None = None
 
     def check(self, key: Key) -> None:
-        if self.source == "model" and (self.model is None or not self.model.path):
-            raise ConfigError(f"{key('source')}=model needs {key('model')}.path")
+        super().check(key)
+        if self.name is not None and not re.fullmatch(NAME_PATTERN, self.name):
+            raise ConfigError(f"{key('name')}: {self.name!r} must match {NAME_PATTERN} (it names columns)")
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise ConfigError(f"{key('weight')}: must be a finite number > 0, got {self.weight}")
+        if self.label_weights is not None and (not self.label_weights
+                                               or not all(math.isfinite(w) for w in self.label_weights)):
+            raise ConfigError(f"{key('label_weights')}: must be a non-empty list of finite numbers, "
+                              f"got {self.label_weights}")
+
+    @property
+    def column_name(self) -> str:
+        """The name its columns carry: `name`, else the path's last part made a column-safe name."""
+        if self.name:
+            return self.name
+        stem = re.sub(r"\.gguf$", "", self.path.rstrip("/").rsplit("/", 1)[-1])
+        return re.sub(r"[^a-z0-9_]+", "_", stem.lower()).strip("_") or "model"
+
+
+NAME_PATTERN = r"[a-z][a-z0-9_]*"
+
+
+@dataclass(frozen=True)
+class RewardConfig(Checked):
+    source: Literal["columns", "model"] = "columns"  # columns: scores from the input; model: reward model(s)
+    model: RewardModelConfig | None = None  # one reward model: its margin is the explicit margin
+    # several reward models, each its own actor pool and cache namespace; the explicit margin combines theirs
+    models: list[RewardModelConfig] = field(default_factory=list)
+    # how several models' margins make the explicit margin (`mapray.ensemble`): mean: the weighted mean of the
+    # raw margins; mean_z: the weighted mean of each model's margin z-scored over the pool (models on different
+    # scales count alike)
+    combine: Literal["mean", "mean_z"] = "mean"
+    # a pair whose models' margins differ in sign: keep it (its `reward_sign_disagree` says so), or set it aside
+    # (rejects/, code reward_disagreement) before the selection
+    on_sign_disagreement: Literal["keep", "set_aside"] = "keep"
+
+    def check(self, key: Key) -> None:
+        if self.model is not None and self.models:
+            raise ConfigError(f"{key('model')} and {key('models')}: set one (a list of one model is allowed)")
+        if self.source == "model" and not self.models and (self.model is None or not self.model.path):
+            raise ConfigError(f"{key('source')}=model needs {key('model')}.path (or {key('models')})")
+        names = [m.column_name for m in self.models]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"{key('models')}: two models are named {repeated[0]!r}; give each a distinct name")
+
+    @property
+    def several(self) -> bool:
+        """A run of `models` (per-model columns and a combination), not of the one `model`."""
+        return self.source == "model" and bool(self.models)
 
 
 @dataclass(frozen=True)
@@ -296,9 +351,18 @@ def configured_models(cfg: RunConfig) -> list[tuple[str, ModelConfig]]:
     models = [("policy", cfg.policy)]
     if cfg.reference is not None:
         models.append(("reference", cfg.reference))
-    if cfg.reward.source == "model" and cfg.reward.model is not None:
-        models.append(("reward.model", cfg.reward.model))
+    models.extend((key, model) for key, _, model in reward_models(cfg))
     return models
+
+
+def reward_models(cfg: RunConfig) -> list[tuple[str, str | None, RewardModelConfig]]:
+    """(config key, column name, model) of each reward model; the column name is None for the one `reward.model`
+    (its columns are reward_chosen / reward_rejected)."""
+    if cfg.reward.source != "model":
+        return []
+    if cfg.reward.models:
+        return [(f"reward.models[{i}]", m.column_name, m) for i, m in enumerate(cfg.reward.models)]
+    return [("reward.model", None, cfg.reward.model)] if cfg.reward.model is not None else []
 
 
 def generator_config(cfg: RunConfig) -> ModelConfig:

@@ -51,7 +51,7 @@ def duplicate_rejects(rows, key: str, repeated: np.ndarray) -> dict[str, str]:
 def content_columns(names, key: str | None) -> list[str]:
     """The columns that make a row what it is: the pair and the input's own columns (public or internal rows),
     not what mapray computed or keeps for its own bookkeeping."""
-    return [c for c in names if c not in COMPUTED and c != key
+    return [c for c in names if c not in COMPUTED and not C.is_reward_extra(c) and c != key
             and (not c.startswith(C.INTERNAL_PREFIX) or c in CONTENT)]
 
 

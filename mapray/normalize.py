@@ -66,7 +66,8 @@ class Normalizer:
         else:
             records, reasons = table_rows(table)
             sources = [None] * len(records)
-            dropped = (*C.INTERNAL, *C.SCORED, *([EARLIER_KEY] if self.spec.columns.error is not None else []))
+            dropped = (*C.INTERNAL, *filter(C.is_mapray_column, table.column_names),
+                       *([EARLIER_KEY] if self.spec.columns.error is not None else []))
             base = table.drop_columns([c for c in dropped if c in table.column_names])
         pairs: list[Pair | None] = [None] * len(records)
         for i, rec in enumerate(records):

@@ -23,9 +23,19 @@ from mapray import columns as C
 from mapray.api import InputShape, Scorer
 from mapray.cache import Namespace, namespace, write_generations
 from mapray.cache_lookup import attach_hits
-from mapray.config import RayConfig, RunConfig, SelectionConfig, configured_models, to_dict
+from mapray.config import (
+    ConfigError,
+    RayConfig,
+    RewardConfig,
+    RunConfig,
+    SelectionConfig,
+    configured_models,
+    reward_models,
+    to_dict,
+)
 from mapray.console import stage
 from mapray.duplicates import set_aside
+from mapray.ensemble import Combination, combined_margins
 from mapray.inputs import InputFiles, discover, read_dataset, read_staged, sample_records
 from mapray.manifest import build_manifest, identify_models
 from mapray.normalize import infer_own_schema
@@ -33,7 +43,8 @@ from mapray.outputs import OutputLayout, read_manifest, write_results
 from mapray.public_rows import public_rows
 from mapray.runtime import LIGHT_TASK_CPUS, checkpointed, checkpointed_rows, init_ray, watched
 from mapray.selection import decide, mark
-from mapray.stages import LogprobStage, RewardStage
+from mapray.stages import LogprobStage, RewardStage, reward_role
+from mapray.typed_config import from_dict
 from mapray.uris import absolute, reachable
 
 log = logging.getLogger(__name__)
@@ -87,16 +98,29 @@ def cache_namespaces(cfg: RunConfig, models: dict) -> dict[str, tuple[Namespace,
         return {}
     uri = absolute(cfg.cache)  # resolved here: an actor's working directory is not the driver's
     out = {}
-    if cfg.reward.source == "model":
-        out["reward"] = (namespace(uri, "reward", RewardStage.KIND, cfg.reward.model,
-                                   models["reward.model"]["sha256"]), None)
-    pick = out["reward"][0].id if "reward" in out else None  # a reward model picks candidates rows' pairs
+    rewards = reward_models(cfg)
+    for key, name, model in rewards:  # each reward model cached on its own: adding one scores only that one
+        out[reward_role(name)] = (namespace(uri, reward_role(name), RewardStage.KIND, model,
+                                            models[key]["sha256"]), None)
+    pick = reward_pick(cfg, [out[reward_role(name)][0] for _, name, _ in rewards])
     if not (cfg.generation is not None and cfg.generation.reuse_logps):
         out["policy"] = (namespace(uri, "policy", LogprobStage.KIND, cfg.policy, models["policy"]["sha256"]), pick)
     if cfg.metric.needs_reference_model:
         out["reference"] = (namespace(uri, "reference", LogprobStage.KIND, cfg.reference,
                                       models["reference"]["sha256"]), pick)
     return out
+
+
+def reward_pick(cfg: RunConfig, namespaces: list[Namespace]) -> str | None:
+    """What picks candidates rows' pairs, for the keys of the log-prob stages' values (`mapray.cache.row_keys`):
+    the reward models' namespaces, and their weights where those decide the pick (several models, label weights);
+    None without a reward model."""
+    rewards = reward_models(cfg)
+    if not rewards:
+        return None
+    if len(rewards) == 1 and rewards[0][1] is None and rewards[0][2].label_weights is None:
+        return namespaces[0].id  # the one single-label model: as before several models were possible
+    return json.dumps([[ns.id, model.weight, model.label_weights] for ns, (_, _, model) in zip(namespaces, rewards)])
 
 
 def score(cfg: RunConfig, extra: dict | None = None) -> dict:
@@ -133,13 +157,20 @@ def score(cfg: RunConfig, extra: dict | None = None) -> dict:
     timings["cache_store_s"] = time.time() - scored_at
     scored_at = time.time()
     with stage("selection and outputs"):
-        narrow = ray.data.read_parquet(rows_path).select_columns(NARROW)  # projected into the read
+        combination = Combination.of(cfg.reward)
+        # projected into the read; several reward models: their margins z-scored over the pool first
+        narrow, combined = combined_margins(
+            ray.data.read_parquet(rows_path).select_columns(NARROW + (combination.columns if combination else [])),
+            combination)
         selection = decide(narrow, cfg.selection, cfg.metric.alpha, key=C.ROW, full=rows)
-        counts = write_results(rows, partial(made_public, trl=p.shape.trl, selection=selection), selection, layout)
+        counts = write_results(rows, partial(made_public, trl=p.shape.trl, selection=selection, combined=combined),
+                               selection, layout)
     timings.update(global_pass_s=time.time() - scored_at, total_s=time.time() - started)
     manifest = build_manifest(cfg, p.models, counts, moments(selection), p.scorer.warnings,
                               {k: round(v, 3) for k, v in timings.items()}, layout.run_id, p.shape.format)
     manifest["resumed"], manifest["selection"] = resumed, selection.summary()
+    if combined is not None:
+        manifest["reward_combination"] = combination.summary(combined[1])
     # rows the model pass wrote in this attempt, scored and set aside alike (a resumed run's earlier rows are not)
     manifest["counts"]["model_pass_rows_this_attempt"] = checkpointed_rows(layout.staged("checkpoint")) - done_before
     manifest.update(extra or {})
@@ -170,15 +201,20 @@ def model_pass(p: Plan, model_input: str, caches: dict, path: str) -> None:
 NARROW = [C.PAIR_ID, C.EXPLICIT_MARGIN, C.IMPLICIT_MARGIN, C.REJECT, C.ROW]
 
 
-def made_public(table, trl, selection):
-    """A block of staged rows as the outputs hold it: duplicates set aside, public rows, the decision applied."""
+def made_public(table, trl, selection, combined=None):
+    """A block of staged rows as the outputs hold it: duplicates set aside, the reward models' margins combined
+    over the pool (`combined`: see `combined_margins`), public rows, the decision applied."""
     if selection.duplicates:
         table = set_aside(table, selection.duplicates, C.ROW)
+    if combined is not None:
+        table = combined[0].apply(table, combined[1])
     return mark(public_rows(table, trl), selection)
 
 
-def remarked(table, selection):
+def remarked(table, selection, combined=None):
     """A block of scored/ with the decision of a reselection in place of the one it was published with."""
+    if combined is not None:
+        table = combined[0].apply(table, combined[1])
     return mark(table.drop_columns([c for c in C.SELECTION_COLUMNS if c in table.column_names]), selection)
 
 
@@ -204,25 +240,36 @@ def moments(selection) -> dict:
     return {C.EXPLICIT_MARGIN: pool.explicit.to_dict(), "abs_implicit_margin": pool.implicit_abs.to_dict()}
 
 
-def reselect(uri: str, sel: SelectionConfig, alpha: float | None = None) -> dict:
-    """Selects again from an existing scored/ with another metric, ratio or alpha; no model runs."""
+def reselect(uri: str, sel: SelectionConfig, alpha: float | None = None, combine: str | None = None) -> dict:
+    """Selects again from an existing scored/ with another metric, ratio, alpha or (several reward models)
+    combination rule; no model runs."""
     previous = read_manifest(uri)
     alpha = previous["config"]["metric"]["alpha"] if alpha is None else alpha
+    reward = from_dict(RewardConfig, previous["config"]["reward"], "reward")
+    combination = Combination.of(reward, combine)
+    if combine is not None and combination is None:
+        raise ConfigError(f"--combine: {uri} was scored with one reward model; a combination needs several")
     init_ray(RayConfig(), [])
     import ray.data
 
     layout = OutputLayout(uri)
     started = time.time()
     scored = layout.final("scored")
-    selection = decide(ray.data.read_parquet(scored).select_columns([C.PAIR_ID, C.EXPLICIT_MARGIN,
-                                                                      C.IMPLICIT_MARGIN]), sel, alpha)
+    narrow, combined = combined_margins(ray.data.read_parquet(scored).select_columns(
+        [C.PAIR_ID, C.EXPLICIT_MARGIN, C.IMPLICIT_MARGIN] + (combination.columns if combination else [])),
+        combination)
+    selection = decide(narrow, sel, alpha)
     # the MAP forms and `selected` are computed again, with this alpha
-    counts = write_results(ray.data.read_parquet(scored), partial(remarked, selection=selection), selection, layout,
-                           rejects=False)
+    counts = write_results(ray.data.read_parquet(scored), partial(remarked, selection=selection, combined=combined),
+                           selection, layout, rejects=False)
     counts.update(input=previous["counts"]["input"], rejected=previous["counts"]["rejected"],
                   rejected_by_code=previous["counts"].get("rejected_by_code", {}))
     config = dict(previous["config"], selection=to_dict(sel))
     config["metric"] = dict(config["metric"], alpha=alpha)
+    if combined is not None:
+        config["reward"] = dict(config["reward"], combine=combination.rule)
+    if combined is not None:
+        previous = dict(previous, reward_combination=combination.summary(combined[1]))
     manifest = dict(previous, config=config, counts=counts, selection=selection.summary(),
                     pool_moments=moments(selection), run_id=layout.run_id,
                     reselected_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -42,8 +42,8 @@ def check_models(cfg: RunConfig, needs_chat_template: bool) -> None:
     through a chat template (conversational rows), for every model that reads them."""
     for key, model in configured_models(cfg):
         files = read_model_files(model.path, f"{key}.path")
-        if key == "reward.model":
-            check_reward_head(key, files)
+        if key.startswith("reward."):
+            check_reward_head(key, model, files)
         else:
             check_causal_lm(key, files)
         check_positions(key, model, files)
@@ -80,16 +80,33 @@ def check_causal_lm(key: str, files: ModelFiles) -> None:
                           f"(*ForCausalLM): its log-probs would come from an untrained LM head")
 
 
-def check_reward_head(key: str, files: ModelFiles) -> None:
-    """A single-label *ForSequenceClassification: its one logit is the reward."""
+def check_reward_head(key: str, model, files: ModelFiles) -> None:
+    """A *ForSequenceClassification: a single-label head's logit is the reward; a head of several labels needs
+    one weight per label (`label_weights`), which reduce its scores to the reward."""
     archs = _architectures(files)
     if archs and not any(a.endswith(REWARD_SUFFIX) for a in archs):
         raise ConfigError(f"{key}.path: {files.where} is a {archs[0]} checkpoint; a reward model must be a "
-                          f"single-label *{REWARD_SUFFIX}")
+                          f"*{REWARD_SUFFIX}")
     labels, source = _num_labels(files.config)
-    if labels != 1:
-        raise ConfigError(f"{key}.path: {files.where} has {labels} labels ({source}); a reward model must have "
-                          "exactly one")
+    weights = getattr(model, "label_weights", None)
+    if weights is None and labels != 1:
+        names = label_names(files.config)
+        raise ConfigError(f"{key}.path: {files.where} has {labels} labels ({source}); a reward model has one, or "
+                          f"set {key}.label_weights: one weight per label{f' ({names})' if names else ''}")
+    if weights is not None and len(weights) != labels:
+        raise ConfigError(f"{key}.label_weights: {len(weights)} weights for the {labels} labels of {files.where} "
+                          f"({source})")
+
+
+def label_names(config: dict) -> str:
+    """The head's labels in order, as its config.json names them ("" when it names none)."""
+    id2label = config.get("id2label")
+    if not isinstance(id2label, dict):
+        return ""
+    try:
+        return ", ".join(str(id2label[k]) for k in sorted(id2label, key=int))
+    except ValueError:
+        return ""
 
 
 def check_positions(key: str, model: ModelConfig, files: ModelFiles, generated_token: bool | None = None) -> None:

@@ -46,7 +46,7 @@ class TrlColumns:
 
 def own_column_names(table: pa.Table) -> list[str]:
     """The input's own columns of an internal table: neither mapray's public columns nor its internal ones."""
-    return [c for c in table.column_names if c not in C.SCORED and not c.startswith(C.INTERNAL_PREFIX)]
+    return [c for c in table.column_names if not C.is_mapray_column(c) and not c.startswith(C.INTERNAL_PREFIX)]
 
 
 def public_rows(table: pa.Table, trl: TrlColumns) -> pa.Table:
@@ -59,7 +59,7 @@ def public_rows(table: pa.Table, trl: TrlColumns) -> pa.Table:
         if name in C.TRL_COLUMNS and name not in trl.originals:
             continue  # the same values, written once as TRL's column
         columns[C.ORIGINAL_PREFIX + name if name in trl.originals else name] = table.column(name)
-    columns.update({c: table.column(c) for c in C.SCORED if c in table.column_names})
+    columns.update({c: table.column(c) for c in C.mapray_order(table.column_names)})
     columns.update(_reject_columns(table))
     return pa.table(columns)
 

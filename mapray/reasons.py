@@ -39,6 +39,7 @@ CODES: tuple[tuple[str, str], ...] = (
     ("chat_template_failed", r"chat template cannot render"),
     ("empty_samples", r"samples are empty"),
     ("rewrite_rejected", r"^evolve: "),
+    ("reward_models_disagree", r"^reward models disagree in sign"),
     ("internal_error", r"internal error"),
 )
 OTHER = "other"

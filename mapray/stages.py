@@ -129,30 +129,46 @@ class LogprobStage(_ModelStage):
 
 
 class RewardStage(_ModelStage):
-    """Explicit rewards from a reward model: the raw logit of a single-label sequence classifier, on the prompt
-    and response through the reward model's own chat template.
+    """Explicit rewards from one reward model: the raw logit of a single-label sequence classifier (or a
+    multi-objective head's label scores reduced by `label_weights`), on the prompt and response through the
+    reward model's own chat template.
 
     In: `_m_prompt`, `_m_chosen`, `_m_rejected`, `_m_candidates`, `_m_candidate_rewards`, `_m_reject`.
-    Out: `reward_chosen`, `reward_rejected`; for N-candidates rows every candidate is scored (as an assistant
-    turn), `_m_candidate_rewards` holds the rewards aligned with the candidates, and `_m_chosen` / `_m_rejected`
-    are set to the argmax / argmin (ties: `mapray.formats.pick_pair`). A row's cached value holds the rewards of
-    the sequences it scores: chosen and rejected, or every candidate taking part.
+    Out, the run's one reward model (`name` None): `reward_chosen`, `reward_rejected`; for N-candidates rows every
+    candidate is scored (as an assistant turn), `_m_candidate_rewards` holds the rewards aligned with the
+    candidates, and `_m_chosen` / `_m_rejected` are set to the argmax / argmin (ties: `mapray.formats.pick_pair`).
+    Out, one of several models (`name`): `reward_<name>_chosen`, `reward_<name>_rejected` on pair rows, the
+    candidates' rewards in `_m_candidate_rewards_<name>`: the pair is picked once every model has scored
+    (`mapray.ensemble.combine_rewards`). A multi-label head also writes each side's label scores
+    (`..._chosen_labels`, `..._rejected_labels`). A row's cached value holds the label scores of the sequences it
+    scores, sequence after sequence: chosen and rejected, or every candidate taking part.
     """
 
     INPUTS = [C.PROMPT, C.CHOSEN, C.REJECTED, C.CANDIDATES, C.CANDIDATE_REWARDS, C.REJECT]
     KIND = "rewards"
+
+    def __init__(self, cfg: ModelConfig, cache: Namespace | None = None, pick: str | None = None,
+                 name: str | None = None):
+        self.name = name
+        self.label_weights = getattr(cfg, "label_weights", None)
+        self.labels = len(self.label_weights) if self.label_weights else 1
+        super().__init__(cfg, cache, pick)
 
     def _load_engine(self):
         from mapray.scoring import load_reward_engine
 
         return load_reward_engine(self.cfg, self.local)
 
+    def _reward(self, scores: list[float]) -> float:
+        if self.label_weights is None:
+            return scores[0]
+        return float(np.dot(self.label_weights, scores))
+
     def __call__(self, table: pa.Table) -> pa.Table:
         C.require(table, self.INPUTS, "rewards")
         prompts = table.column(C.PROMPT).to_pylist()
         chosen, rejected = table.column(C.CHOSEN).to_pylist(), table.column(C.REJECTED).to_pylist()
         candidates = table.column(C.CANDIDATES).to_pylist()
-        candidate_rewards = table.column(C.CANDIDATE_REWARDS).to_pylist()
         values, keys = self._cached(table)
         new_keys: list[str | None] = [None] * table.num_rows
         groups, owners, reasons = [], {}, {}
@@ -171,28 +187,63 @@ class RewardStage(_ModelStage):
             except RejectRow as e:
                 reasons[i] = str(e)
         if groups:
-            flat = iter(self.engine.rewards([seq for _, group in groups for seq in group]))
+            flat = iter(self.engine.label_scores([seq for _, group in groups for seq in group]))
             for i, group in groups:
-                values[i], new_keys[i] = [next(flat) for _ in group], keys[i]
-        reward_c, reward_r = [None] * table.num_rows, [None] * table.num_rows
+                values[i], new_keys[i] = [v for _ in group for v in next(flat)], keys[i]
+        out = {side: [None] * table.num_rows for side in ("chosen", "rejected")}
+        labels = {side: [None] * table.num_rows for side in ("chosen", "rejected")}
+        # the one reward model keeps what an earlier step left there on rows it does not score
+        candidate_rewards = (table.column(C.CANDIDATE_REWARDS).to_pylist() if self.name is None
+                             else [None] * table.num_rows)
+        candidate_labels = [None] * table.num_rows
         for i in C.good_rows(table):
             if values[i] is None:
                 continue
+            scores = [values[i][j:j + self.labels] for j in range(0, len(values[i]), self.labels)]
             if i not in owners:
-                reward_c[i], reward_r[i] = values[i]
+                for side, s in zip(("chosen", "rejected"), scores):
+                    out[side][i], labels[side][i] = self._reward(s), s
                 continue
             texts, scored = owners[i]
-            rewards = [None] * len(texts)
-            for k, value in zip(scored, values[i]):
-                rewards[k] = value
-            best, worst = pick_pair(texts, rewards)
-            chosen[i], rejected[i] = (json.dumps(assistant(texts[k]), ensure_ascii=False) for k in (best, worst))
-            reward_c[i], reward_r[i], candidate_rewards[i] = rewards[best], rewards[worst], rewards
-        for name, values_ in ((C.CHOSEN, chosen), (C.REJECTED, rejected), (C.REWARD_CHOSEN, reward_c),
-                              (C.REWARD_REJECTED, reward_r), (C.CANDIDATE_REWARDS, candidate_rewards)):
-            table = C.set_column(table, name, values_, C.INTERNAL_TYPES.get(name) or C.SCORED[name])
+            candidate_rewards[i], candidate_labels[i] = [None] * len(texts), [None] * len(texts)
+            for k, s in zip(scored, scores):
+                candidate_rewards[i][k], candidate_labels[i][k] = self._reward(s), s
+            if self.name is None:  # the run's one reward model picks the pair
+                best, worst = pick_pair(texts, candidate_rewards[i])
+                chosen[i], rejected[i] = (json.dumps(assistant(texts[k]), ensure_ascii=False) for k in (best, worst))
+                for side, k in (("chosen", best), ("rejected", worst)):
+                    out[side][i], labels[side][i] = candidate_rewards[i][k], candidate_labels[i][k]
+        table = self._write(table, out, labels, candidate_rewards, candidate_labels, chosen, rejected)
         table = with_values(table, self.cache, values, new_keys)
         return C.mark_rejected(table, reasons, "reward")
+
+    def _write(self, table, out, labels, candidate_rewards, candidate_labels, chosen, rejected) -> pa.Table:
+        reward_c, reward_r, _ = C.reward_model_columns(self.name)
+        columns = [(reward_c, out["chosen"], pa.float64()), (reward_r, out["rejected"], pa.float64())]
+        if self.labels > 1:
+            columns += [(name + C.LABELS_SUFFIX, labels[side], pa.list_(pa.float64()))
+                        for name, side in ((reward_c, "chosen"), (reward_r, "rejected"))]
+        if self.name is None:
+            columns += [(C.CHOSEN, chosen, pa.string()), (C.REJECTED, rejected, pa.string()),
+                        (C.CANDIDATE_REWARDS, candidate_rewards, pa.list_(pa.float64()))]
+        else:
+            columns.append((candidate_rewards_column(self.name), candidate_rewards, pa.list_(pa.float64())))
+            if self.labels > 1:
+                columns.append((candidate_rewards_column(self.name) + C.LABELS_SUFFIX, candidate_labels,
+                                pa.list_(pa.list_(pa.float64()))))
+        for name, values, type_ in columns:
+            table = C.set_column(table, name, values, type_)
+        return table
+
+
+def reward_role(name: str | None) -> str:
+    """A reward model's role: its cache namespace's name (`mapray.pipeline.cache_namespaces`)."""
+    return "reward" if name is None else f"reward_{name}"
+
+
+def candidate_rewards_column(name: str) -> str:
+    """Where one of several reward models keeps a candidates row's rewards until the pair is picked."""
+    return f"{C.CANDIDATE_REWARDS}_{name}"
 
 
 def policy_from_generation(table: pa.Table) -> pa.Table:

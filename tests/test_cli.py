@@ -127,12 +127,13 @@ def test_select_takes_its_defaults_from_the_config(monkeypatch, tmp_path):
     from mapray.config import SelectionConfig
 
     seen = []
-    monkeypatch.setattr(pipeline, "reselect", lambda uri, sel, alpha: seen.append((sel, alpha)) or {})
+    monkeypatch.setattr(pipeline, "reselect", lambda uri, sel, alpha, combine: seen.append((sel, alpha, combine)) or {})
     monkeypatch.setattr(cli, "summary", lambda manifest, output: "")
     assert cli.main(["select", "--output", str(tmp_path)]) == 0
-    assert seen == [(SelectionConfig(), None)]  # unset flags: SelectionConfig's defaults (map_z, ratio 0.4)
-    assert cli.main(["select", "--output", str(tmp_path), "--metric", "map", "--threshold", "0.5"]) == 0
-    assert seen[1] == (SelectionConfig(metric="map", threshold=0.5), None)
+    assert seen == [(SelectionConfig(), None, None)]  # unset flags: SelectionConfig's defaults (map_z, ratio 0.4)
+    assert cli.main(["select", "--output", str(tmp_path), "--metric", "map", "--threshold", "0.5", "--combine",
+                     "mean_z"]) == 0
+    assert seen[1] == (SelectionConfig(metric="map", threshold=0.5), None, "mean_z")
 
 
 def test_version(capsys):

@@ -401,7 +401,13 @@ def test_model_problems_stop_the_run_before_ray(tiny, tmp_path, score_cli):
         ({"policy": {"path": policy, "chat_template": " "}}, "policy.chat_template: is empty"),
         ({"policy": {"path": policy}, "reward": {"source": "model", "model": {
             "path": (two := variant(tiny, tmp_path, "two", "reward", {"id2label": {"0": "bad", "1": "good"}}))}}},
-         f"reward.model.path: {two} has 2 labels (id2label in its config.json); a reward model must have exactly one"),
+         f"reward.model.path: {two} has 2 labels (id2label in its config.json); a reward model has one, or set "
+         "reward.model.label_weights: one weight per label (bad, good)"),
+        ({"policy": {"path": policy}, "reward": {"source": "model", "model": {"path": two, "label_weights": [1.0]}}},
+         f"reward.model.label_weights: 1 weights for the 2 labels of {two} (id2label in its config.json)"),
+        ({"policy": {"path": policy}, "reward": {"source": "model", "models": [
+            {"path": reward, "name": "a"}, {"path": two, "name": "b", "label_weights": [1, 2, 3]}]}},
+         f"reward.models[1].label_weights: 3 weights for the 2 labels of {two} (id2label in its config.json)"),
         ({"policy": {"path": policy}, "reward": {"source": "model", "model": {
             "path": (three := variant(tiny, tmp_path, "three", "reward", {"num_labels": 3}, drop=("id2label",)))}}},
          f"reward.model.path: {three} has 3 labels (num_labels in its config.json)"),
@@ -410,7 +416,7 @@ def test_model_problems_stop_the_run_before_ray(tiny, tmp_path, score_cli):
          f"reward.model.path: {dflt} has 2 labels (transformers' default: its config.json has no id2label or "
          "num_labels)"),
         ({"policy": {"path": policy}, "reward": {"source": "model", "model": {"path": policy}}},
-         f"reward.model.path: {policy} is a LlamaForCausalLM checkpoint; a reward model must be a single-label "
+         f"reward.model.path: {policy} is a LlamaForCausalLM checkpoint; a reward model must be a "
          "*ForSequenceClassification"),
         ({"policy": {"path": reward}},
          f"policy.path: {reward} is a LlamaForSequenceClassification checkpoint, not a causal LM (*ForCausalLM)"),

@@ -177,6 +177,12 @@ def test_report_numbers_match_a_direct_computation(output):
     last = frame.assign(s=scores["map_z"]).sort_values(["s", C.PAIR_ID], ascending=[False, True]).iloc[k - 1]
     assert numbers["cutoff"]["pair_id"] == last[C.PAIR_ID]
     assert numbers["cutoff"]["score"] == pytest.approx(last["s"], abs=1e-12)
+    # the reward-bias audit on rows without response texts: the length bias only (tests/test_ensemble.py checks
+    # its numbers against a direct computation)
+    audit = numbers["reward_audit"]
+    assert audit["skipped_biases"] == ["format"] and "agreement" not in audit
+    assert [(r["margin"], r["bias"], r["fraction"]) for r in audit["rows"]] == [
+        ("explicit_margin", "length", f) for f in (0.25, 0.5, 1.0)]
 
     sweep = numbers["alpha_sweep"]
     assert sweep["metric"] == "map_z" and [r["alpha"] for r in sweep["rows"]] == [0.0, 0.25, 0.5, 1.0, 2.5]

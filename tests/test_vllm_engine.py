@@ -79,13 +79,27 @@ def test_smollm2_vllm_equals_torch_on_real_rows(smollm2):
         assert abs(v - t) / len(r) < 2e-5
 
 
+def test_a_multi_label_head_on_vllm_gives_the_torch_engines_label_scores(tiny, tmp_path):
+    from mapray.testing.tiny_models import reward_head_variant
+
+    path = reward_head_variant(tiny["reward"], tmp_path / "three", labels=3, seed=1)
+    enc = PairEncoder(AutoTokenizer.from_pretrained(path), 512)
+    seqs = [enc.encode_full([{"role": "user", "content": "how to cook"}], assistant(t))[0] for t in TEXTS]
+    got = load_vllm_reward_engine(_cfg(path), path).label_scores(seqs)
+    expected = TorchRewardEngine(_cfg(path), path).label_scores(seqs)
+    assert len(got[0]) == 3 and got == [pytest.approx(e, abs=1e-4) for e in expected]
+
+
 def test_pipeline_with_vllm_equals_pipeline_with_torch(tmp_path, tiny, dpo_run):
-    """The session's DPO run (torch engines, tests/conftest.py) again with the policy and the reward model on vLLM;
-    the reference stays on torch (a third engine would add start-up time, not coverage)."""
+    """The session's DPO run (torch engines, tests/conftest.py) again with the policy and the reward model on vLLM,
+    the reward model as a `reward.models` list of one (the several-models path: its own columns beside the
+    combination); the reference stays on torch (a third engine would add start-up time, not coverage)."""
     cfg = dpo_config(tiny, dpo_run.uri, str(tmp_path / "vllm"))
-    for model in (cfg["policy"], cfg["reward"]["model"]):
+    cfg["reward"]["models"] = [dict(cfg["reward"].pop("model"), name="rm")]
+    for model in (cfg["policy"], cfg["reward"]["models"][0]):
         model.update(engine="vllm", max_num_batched_tokens=2048)
-    score(load_config(None, base=cfg))
+    manifest = score(load_config(None, base=cfg))
+    assert manifest["reward_combination"]["models"]["rm"]["weight"] == 1.0
     runs = {engine: {r["pair_id"]: r for r in pq.read_table(out / "scored").to_pylist()}
             for engine, out in (("torch", dpo_run.out), ("vllm", tmp_path / "vllm"))}
     assert runs["torch"].keys() == runs["vllm"].keys() and len(runs["torch"]) == N_GOOD
@@ -95,3 +109,6 @@ def test_pipeline_with_vllm_equals_pipeline_with_torch(tmp_path, tiny, dpo_run):
                     "implicit_margin", "map", "map_unreg", "map_z"):
             assert v[col] == pytest.approx(t[col], abs=1e-4), (pid, col)
         assert v["selected"] == t["selected"]
+        assert (v["reward_rm_chosen"], v["reward_rm_rejected"]) == (v["reward_chosen"], v["reward_rejected"])
+        assert v["reward_rm_margin"] == pytest.approx(v["explicit_margin"], abs=1e-12)
+        assert v["reward_margin_spread"] == 0.0 and v["reward_sign_disagree"] is False  # one model agrees with itself

@@ -16,7 +16,15 @@ import math
 import pyarrow as pa
 
 from mapray import columns as C
-from mapray.config import ColumnNames, EvolveConfig, GenerationConfig, InputConfig, RunConfig, generator_config
+from mapray.config import (
+    ColumnNames,
+    EvolveConfig,
+    GenerationConfig,
+    InputConfig,
+    RunConfig,
+    generator_config,
+    reward_models,
+)
 from mapray.errors import ConfigError
 from mapray.generation import rewrites as R
 from mapray.generation.prompts import LINEAGE
@@ -63,7 +71,7 @@ def evolve_prompts(cfg: RunConfig, source: str, source_run: str, settings: Evolv
     sha = identify_model(generator.path)["sha256"]
     key = staging_key("evolve", {"source": source_run, "settings": to_dict(settings), "sha": sha,
                                  "seed": (cfg.generation or GenerationConfig()).seed,
-                                 "reward": to_dict(cfg.reward.model)})
+                                 "reward": [to_dict(m) for _, _, m in reward_models(cfg)]})
     current = read_generation(cfg.output, EVOLVED)
     if current is not None and current["key"] == key:
         return current
@@ -84,7 +92,7 @@ def evolve_prompts(cfg: RunConfig, source: str, source_run: str, settings: Evolv
                                  seed=(cfg.generation or GenerationConfig()).seed)
     layout.stage(GENERATED, lambda path: sample_prompts(layout, generator, rewriting, n=1), resumable=True)
     filtered = read_staged(layout.staged(GENERATED), num_cpus=LIGHT_TASK_CPUS).map_batches(
-        RewriteFilter, fn_constructor_kwargs={"reward": cfg.reward.model, "settings": settings},
+        RewriteFilter, fn_constructor_kwargs={"rewards": [m for _, _, m in reward_models(cfg)], "settings": settings},
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=LIGHT_TASK_CPUS)
     evolved = layout.stage(EVOLVED, filtered.write_parquet)
     errors = ray.data.read_parquet(evolved).select_columns(["evolve_error"]).to_pandas()["evolve_error"]
@@ -126,11 +134,12 @@ class RewriteFilter:
     SCHEMA = pa.schema([("prompt", pa.string()), ("original", pa.string()), *LINEAGE.items(),
                         ("evolve_error", pa.string()), ("rewrite_raw", pa.string())])
 
-    def __init__(self, reward, settings: EvolveConfig):
+    def __init__(self, rewards: list, settings: EvolveConfig):
         from mapray.stages import load_encoder
 
-        self.encoder, _ = load_encoder(reward)  # the rewrite must fit the context of the model that scores it
-        self.context, self.settings = reward.max_length, settings
+        # the rewrite must fit the context of every reward model that scores it
+        self.encoders = [(load_encoder(reward)[0], reward.max_length) for reward in rewards]
+        self.settings = settings
 
     def __call__(self, table: pa.Table) -> pa.Table:
         rows = []
@@ -138,11 +147,12 @@ class RewriteFilter:
             raw = (row["all_generated_responses"] or [None])[0]
             text = R.clean_rewrite(raw or "")
             error = row["generation_error"]
-            if error is None:
-                tokens = len(self.encoder.encode_prompt([{"role": "user", "content": text}])) if text else 0
-                finished = (row["finish_reasons"] or ["stop"])[0] == "stop"
-                error = R.rewrite_problem(row["input_raw"], text, self.settings.max_growth, tokens, self.context,
-                                          finished)
+            finished = (row["finish_reasons"] or ["stop"])[0] == "stop"
+            for encoder, context in self.encoders if error is None else ():
+                tokens = len(encoder.encode_prompt([{"role": "user", "content": text}])) if text else 0
+                error = R.rewrite_problem(row["input_raw"], text, self.settings.max_growth, tokens, context, finished)
+                if error is not None:
+                    break
             rows.append({"prompt": text if error is None else None, "original": row["input_raw"],
                          **{k: row[k] for k in LINEAGE}, "evolve_error": error, "rewrite_raw": raw})
         return pa.Table.from_pylist(rows, schema=self.SCHEMA)

@@ -52,12 +52,13 @@ def report_rows(rows, selection, settings: ReportSettings | None = None, out: st
     if out is not None:
         _check_figures()
     started = time.time()
-    check_by(rows.schema().base_schema, settings.by)
+    schema = rows.schema()
+    check_by(schema.base_schema, settings.by)
     rejects = None
-    if C.REJECT_REASON in rows.schema().names:
+    if C.REJECT_REASON in schema.names:
         rejects = rows.map_batches(reject_rows, batch_format="pyarrow").select_columns(["reason", "stage", "source"])
         rows = rows.map_batches(good, batch_format="pyarrow")
-    numbers, sample = compute_rows(rows.select_columns(needed(settings)), rejects, selection.config,
+    numbers, sample = compute_rows(rows.select_columns(needed(settings, schema.names)), rejects, selection.config,
                                    selection.alpha, selection.count, settings)
     numbers["run"] = {"selection": selection.summary(), "pool_moments": None}
     numbers["output"] = out or ""

@@ -32,9 +32,9 @@ from mapray.errors import ConfigError
 from mapray.reasons import code_of
 from mapray.reductions import BATCH_ROWS, reduce
 from mapray.report import passes as P
-from mapray.report import stats
+from mapray.report import reward_audit, stats
 from mapray.report.settings import ReportSettings
-from mapray.report.variants import plan, score
+from mapray.report.variants import Variant, plan, same_size_rule, score
 from mapray.selection import Selection
 from mapray.typed_config import from_dict
 
@@ -83,7 +83,7 @@ def compute(uri: str, manifest: dict, settings: ReportSettings) -> tuple[dict, p
     import ray.data
 
     run, alpha = run_selection(manifest)
-    rows = ray.data.read_parquet(f"{uri}/scored").select_columns(needed(settings))
+    rows = ray.data.read_parquet(f"{uri}/scored").select_columns(needed(settings, scored_schema(uri).names))
     fs, path = fsspec.core.url_to_fs(f"{uri}/rejects")
     rejects = None
     if fs.exists(path) and any(p.endswith(".parquet") for p in fs.find(path)):
@@ -91,8 +91,11 @@ def compute(uri: str, manifest: dict, settings: ReportSettings) -> tuple[dict, p
     return compute_rows(rows, rejects, run, alpha, manifest["counts"]["selected"], settings)
 
 
-def needed(settings: ReportSettings) -> list[str]:
-    return NEEDED + ([settings.by] if settings.by and settings.by not in NEEDED else [])
+def needed(settings: ReportSettings, names: list[str]) -> list[str]:
+    """What the report reads of scored rows whose columns are `names`: the reward-bias audit reads the responses
+    and each reward model's margin too."""
+    audit = [c for c in ("chosen", "rejected") if c in names] + reward_audit.model_margins(names)[1:]
+    return NEEDED + audit + ([settings.by] if settings.by and settings.by not in NEEDED + audit else [])
 
 
 def compute_rows(rows, rejects, run: SelectionConfig, alpha: float, selected: int,
@@ -101,22 +104,40 @@ def compute_rows(rows, rejects, run: SelectionConfig, alpha: float, selected: in
     `alpha` chose it) and the rows set aside (`rejects`: reason, stage, source; None for none)."""
     rows = rows.map_batches(
         partial(P.add_uniforms, seed=run.seed, noise_seed=settings.noise_seed, fraction=settings.noise_fraction),
-        batch_format="pyarrow", batch_size=BATCH_ROWS).materialize()
+        batch_format="pyarrow", batch_size=BATCH_ROWS).map_batches(
+        reward_audit.add_features, batch_format="pyarrow", batch_size=BATCH_ROWS).materialize()
     n, rejects = rows.count(), _rejects(rejects)
     if n == 0:
         return {"scored": 0, "selected": 0, "rejects": rejects, "settings": asdict(settings)}, None
     variants = plan(run, alpha, selected, settings.alphas)
     ctx = P.Context(variants, by=settings.by,
                     run_variant=next(i for i, v in enumerate(variants) if v.metric == run.metric))
-    first = reduce(rows, P.summary, sample_fraction=min(1.0, settings.sample_rows / n))
+    margins = reward_audit.model_margins(rows.schema().names)
+    first = reduce(rows, P.summary, sample_fraction=min(1.0, settings.sample_rows / n), margins=margins)
     ctx.pools = dict(zip((False, True), first["pools"]))
+    # the reward-bias audit's variants: known only now (lambda scales with the pool's spreads)
+    biases = reward_audit.plan(first["audit"], margins, settings.bias_fractions)
+    for bias in biases:
+        ctx.variants.append(Variant("bias", run.metric, alpha, same_size_rule(run, selected), bias=bias))
+        ctx.pools[bias] = reward_audit.pool(bias, first["audit"], margins, ctx.pools[False].implicit_abs)
     sample = P.columns(first["sample"])
     ctx.rank_edges = [histograms.rank_edges(score(v, sample, ctx.pools), settings.rank_bins) for v in variants]
     ctx.plot_edges = {name: _plot_edges(values) for name, values in P.plot_values(sample, ctx).items()}
     hists = reduce(rows, P.histograms, ctx=ctx)
     ctx.selections = _selections(rows, ctx, hists["ranked"], n, run.seed)
     gram = reduce(rows, P.gram, ctx=ctx)
-    return _numbers(ctx, hists, gram, rejects, n, settings, run, alpha), first["sample"]
+    numbers = _numbers(ctx, hists, gram, rejects, n, settings, run, alpha)
+    numbers["reward_audit"] = _reward_audit(ctx, gram, first["audit"], margins)
+    return numbers, first["sample"]
+
+
+def _reward_audit(ctx: P.Context, gram: np.ndarray, audit: dict, margins: list[str]) -> dict:
+    jac = stats.jaccard(gram)
+    run_col = len(ctx.variants)
+    at = [i for i, v in enumerate(ctx.variants) if v.group == "bias"]
+    rows = [{"selected": int(gram[i, i]), "jaccard_with_run": jac[i, run_col]} for i in at]
+    own = [i for i in at if ctx.variants[i].bias.kind is None]
+    return reward_audit.numbers(audit, margins, [ctx.variants[i].bias for i in at], rows, jac, own)
 
 
 def _plot_edges(values: np.ndarray) -> np.ndarray:
@@ -178,6 +199,8 @@ def _numbers(ctx: P.Context, hists: dict, gram: np.ndarray, rejects: dict, n: in
     n_selected, n_flipped = int(gram[run_col, run_col]), int(gram[flip_col, flip_col])
     rows = {"overlap": [], "alpha": [], "noise": []}
     for i, v in enumerate(ctx.variants):
+        if v.group not in rows:
+            continue  # the reward-bias audit's: `_reward_audit`
         row = {"metric": v.metric, "alpha": v.alpha, "selected": int(gram[i, i]), "jaccard_with_run": jac[i, run_col]}
         if v.group == "noise":
             auc, bound = stats.auc_flipped_below(hists["ranked"][i])

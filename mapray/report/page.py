@@ -119,7 +119,34 @@ def _sections(numbers: dict, images: dict[str, bytes]) -> list[str]:
                        [[r["metric"], r["swapped_selected"], r["share_swapped_selected"], r["auc"],
                          r["auc_error_bound"]] for r in audit["rows"]]),
                 _image(images, "noise_audit", "noise audit"))]
-    return out + _by_group(numbers, images)
+    return out + _reward_audit(numbers.get("reward_audit")) + _by_group(numbers, images)
+
+
+def _reward_audit(audit: dict | None) -> list[str]:
+    """The reward-bias audit: the selection again with a known bias added to each margin, and the models'
+    agreement (`mapray.report.reward_audit`)."""
+    if not audit:
+        return []
+    kinds = "; ".join(f"<b>{_e(k)}</b>: {_e(v)}" for k, v in audit["biases"].items())
+    out = ["<h2>Reward-bias audit</h2>",
+           "<p class=note>The selection made again (the run's metric, alpha and size) with a known bias added to "
+           f"the rewards, margin + lambda x (chosen - rejected) of the bias's measure ({kinds}); lambda is the "
+           "fraction times the margin's spread per unit of the measure's. A selection that moves little with lambda "
+           "does not follow the bias."
+           + "".join(f" The {_e(k)} bias is left out: its difference is the same for every pair."
+                     for k in audit.get("skipped_biases", [])) + "</p>",
+           _table(["margin", "bias", "fraction", "lambda", "selected", "Jaccard with the run's selection"],
+                  [[r["margin"], r["bias"], r["fraction"], r["lambda"], r["selected"], r["jaccard_with_run"]]
+                   for r in audit["rows"]])]
+    agreement = audit.get("agreement")
+    if agreement:
+        models = agreement["models"]
+        out += ["<h3>Agreement of the reward models</h3>",
+                _table(["model", *(f"correlation with {m}" for m in models), *(f"opposite sign to {m}" for m in models),
+                        *(f"selection Jaccard with {m}" for m in models)],
+                       [[m, *agreement["correlation"][i], *agreement["opposite_sign_share"][i],
+                         *agreement["selection_jaccard"][i]] for i, m in enumerate(models)])]
+    return out
 
 
 def _by_group(numbers: dict, images: dict[str, bytes]) -> list[str]:

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from mapray import columns as C
 from mapray import metrics
 from mapray.reductions import BATCH_ROWS, kth_best
-from mapray.report import stats
+from mapray.report import reward_audit, stats
 from mapray.report.variants import FLIP, RANDOM, SAMPLE, Variant, report_uniforms, score
 from mapray.selection import Selection
 
@@ -28,7 +28,7 @@ GRAM_CHUNK = 65_536  # rows per membership product (a float32 0/1 matrix of this
 @dataclass
 class Context:
     variants: list[Variant]
-    pools: dict[bool, metrics.PoolMoments] = field(default_factory=dict)
+    pools: dict = field(default_factory=dict)  # `Variant.pool_key` -> metrics.PoolMoments
     rank_edges: list[np.ndarray] = field(default_factory=list)  # per variant
     plot_edges: dict[str, np.ndarray] = field(default_factory=dict)  # per figure histogram
     run_variant: int = 0  # the variant that is the run's own selection (run metric, run alpha)
@@ -41,6 +41,9 @@ def columns(table: pa.Table, with_ids: bool = False) -> dict[str, np.ndarray]:
             (C.EXPLICIT_MARGIN, C.IMPLICIT_MARGIN, C.SELECTED, FLIP, RANDOM, SAMPLE, *TOKENS)}
     for name in (C.EXPLICIT_MARGIN, C.IMPLICIT_MARGIN):
         cols[name] = cols[name].astype(np.float64)
+    for name in table.column_names:  # the reward-bias audit's margins and features
+        if name in reward_audit.FEATURES.values() or name in reward_audit.model_margins([name])[1:]:
+            cols[name] = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
     for name in (C.SELECTED, FLIP):
         cols[name] = cols[name].astype(bool)
     if with_ids:
@@ -56,12 +59,14 @@ def add_uniforms(table: pa.Table, seed: int, noise_seed: int, fraction: float) -
             .append_column(FLIP, pa.array(flip < fraction)).append_column(SAMPLE, pa.array(sample)))
 
 
-def summary(table: pa.Table, sample_fraction: float) -> dict:
-    """Pool moments as scored and as swapped, and the rows of the bounded sample."""
+def summary(table: pa.Table, sample_fraction: float, margins: list[str]) -> dict:
+    """Pool moments as scored and as swapped, the reward-bias audit's moments (`margins`: the audited margin
+    columns), and the rows of the bounded sample."""
     cols = columns(table)
     m_ex, m_im = cols[C.EXPLICIT_MARGIN], cols[C.IMPLICIT_MARGIN]
     swapped_ex = np.where(cols[FLIP], -m_ex, m_ex)
     return {"pools": [metrics.PoolMoments.of(m_ex, m_im), metrics.PoolMoments.of(swapped_ex, m_im)],
+            "audit": reward_audit.moments_pass(cols, margins),
             "sample": table.filter(pa.array(cols[SAMPLE] < sample_fraction))}
 
 

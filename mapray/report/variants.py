@@ -18,6 +18,7 @@ import numpy as np
 from mapray import columns as C
 from mapray import metrics
 from mapray.config import SelectionConfig, SelectionMetric
+from mapray.report.reward_audit import Bias
 
 METRICS: tuple[str, ...] = typing.get_args(SelectionMetric)
 ALPHA_METRICS = C.MAP_FORMS  # the metrics alpha reaches
@@ -26,11 +27,17 @@ FLIP, RANDOM, SAMPLE = "_r_flip", "_r_random", "_r_sample"  # per-row values the
 
 @dataclass(frozen=True)
 class Variant:
-    group: str  # "overlap", "alpha" or "noise"
+    group: str  # "overlap", "alpha", "noise" or "bias"
     metric: str
     alpha: float
     rule: tuple[str, float]  # ("ratio", r), ("top_k", k) or ("threshold", t), as SelectionConfig.rule
     flipped: bool = False  # scored on the pool with the noise audit's pairs swapped
+    bias: Bias | None = None  # the reward-bias audit's explicit margin in place of the run's
+
+    @property
+    def pool_key(self):
+        """Which pool moments its map_z z-scores over (the report's `Context.pools`)."""
+        return self.bias if self.bias is not None else self.flipped
 
     def config(self, seed: int) -> SelectionConfig:
         name, value = self.rule
@@ -42,11 +49,17 @@ def plan(run: SelectionConfig, alpha: float, selected: int, alphas: tuple[float,
     its selected count (a threshold on one metric means nothing on another). The alpha sweep applies the run's
     rule to the run's metric, or to map_z when alpha does not reach the run's metric."""
     rule = run.rule
-    same_size = rule if rule[0] != "threshold" else ("top_k", selected)
+    same_size = same_size_rule(run, selected)
     swept = run.metric if run.metric in ALPHA_METRICS else C.MAP_Z
     return ([Variant("overlap", m, alpha, same_size) for m in METRICS]
             + [Variant("alpha", swept, a, rule) for a in alphas]
             + [Variant("noise", m, alpha, same_size, flipped=True) for m in METRICS])
+
+
+def same_size_rule(run: SelectionConfig, selected: int) -> tuple[str, float]:
+    """The run's rule where it ranks, else its selected count (a threshold on one score means nothing on
+    another)."""
+    return run.rule if run.rule[0] != "threshold" else ("top_k", selected)
 
 
 def margins(cols: dict[str, np.ndarray], flipped: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -60,8 +73,11 @@ def score(v: Variant, cols: dict[str, np.ndarray], pools: dict[bool, metrics.Poo
     """The value `v` ranks the rows of a block by (higher kept), as the global pass computes it."""
     if v.metric == "random":  # seeded by pair_id alone: computed once per row (RANDOM), swapping leaves it
         return cols[RANDOM]
-    m_ex, m_im = margins(cols, v.flipped)
-    forms = metrics.map_forms(m_ex, m_im, v.alpha, pools[v.flipped])
+    if v.bias is not None:
+        m_ex, m_im = v.bias.apply(cols), cols[C.IMPLICIT_MARGIN]
+    else:
+        m_ex, m_im = margins(cols, v.flipped)
+    forms = metrics.map_forms(m_ex, m_im, v.alpha, pools[v.pool_key])
     return metrics.selection_score(v.metric, {**forms, C.EXPLICIT_MARGIN: m_ex, C.IMPLICIT_MARGIN: m_im})
 
 

@@ -2,7 +2,8 @@
 
 - `LogprobEngine.logprobs(sequences)`: for each (prompt_ids, response_ids), the sum over response tokens of
   log p(token | everything before it).
-- `RewardEngine.rewards(sequences)`: for each full token sequence, the reward model's raw scalar (no sigmoid).
+- `RewardEngine.rewards(sequences)`: for each full token sequence, the reward model's raw scalar (no sigmoid);
+  `label_scores(sequences)`: every label's raw score (a multi-objective head has several).
 
 Engines receive token ids only: templating and truncation happen once, in `mapray.templates`, so every engine
 scores exactly the same tokens.
@@ -21,6 +22,8 @@ class LogprobEngine(Protocol):
 
 class RewardEngine(Protocol):
     def rewards(self, sequences: list[list[int]]) -> list[float]: ...
+
+    def label_scores(self, sequences: list[list[int]]) -> list[list[float]]: ...
 
 
 def check_max_length(cfg: ModelConfig, local_path: str, key: str) -> None:

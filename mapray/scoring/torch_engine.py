@@ -177,7 +177,8 @@ class TorchLogprobEngine:
 
 
 class TorchRewardEngine:
-    """Any `AutoModelForSequenceClassification` with one label; the raw logit of that label is the reward.
+    """Any `AutoModelForSequenceClassification`: the raw logits of its labels (one label: the reward; several:
+    a multi-objective head, reduced to one reward by the stage's `label_weights`).
 
     Models built on transformers' generic sequence-classification head (Llama, Qwen, Mistral, Gemma and most
     decoder reward models) take the log-prob path's tree rows: sequences that share a leading part (a pair's
@@ -191,17 +192,20 @@ class TorchRewardEngine:
         from transformers.modeling_layers import GenericForSequenceClassification
 
         self.model, self.device = _on_device(AutoModelForSequenceClassification, cfg, local_path, model)
-        if self.model.config.num_labels != 1:
-            raise ValueError(f"reward model {local_path} has {self.model.config.num_labels} labels, expected 1")
         self.token_budget = cfg.token_budget
         use_tree_attention(cfg, self.model)
         generic = isinstance(self.model, GenericForSequenceClassification)
         self.tree_limit = tree_mask_limit(cfg, self.model) if generic and cfg.packing else 0
         self.block_mask, self.pack_to = block_mask_layout(cfg, self.model)
 
-    @torch.inference_mode()
     def rewards(self, sequences: list[list[int]]) -> list[float]:
-        out = [0.0] * len(sequences)
+        """The raw logit of the first label of each sequence: the reward of a single-label head."""
+        return [scores[0] for scores in self.label_scores(sequences)]
+
+    @torch.inference_mode()
+    def label_scores(self, sequences: list[list[int]]) -> list[list[float]]:
+        """The raw logit of every label, for each sequence."""
+        out: list[list[float]] = [[]] * len(sequences)
         # a pair's two sequences share their templated prompt: found as their common prefix, computed once
         if self.tree_limit:
             rows = group_by_common_prefix(sequences)
@@ -215,7 +219,7 @@ class TorchRewardEngine:
             last = torch.ones(len(tree.owners), dtype=torch.bool)
             last[:-1] = tree.owners[1:] != tree.owners[:-1]
             picked = hidden[tree.rows[last].to(self.device), tree.token_slots[last].to(self.device)]
-            for i, value in zip(tree.owners[last].tolist(), self.model.score(picked)[:, 0].double().tolist()):
+            for i, value in zip(tree.owners[last].tolist(), self.model.score(picked).double().tolist()):
                 out[i] = value
         alone = [row.responses[0][0] for row in alone_rows]
         for batch in budget_batches([len(sequences[i]) for i in alone], self.token_budget):
@@ -224,7 +228,7 @@ class TorchRewardEngine:
                 out[alone[i]] = value
         return out
 
-    def _batch_rewards(self, seqs: list[list[int]]) -> list[float]:
+    def _batch_rewards(self, seqs: list[list[int]]) -> list[list[float]]:
         # Sequence-classification heads pool at the rightmost token that is not pad_token_id, so the pad id
         # must differ from every row's last real token (a template ending in EOS with pad = EOS would
         # otherwise pool one token early).
@@ -237,7 +241,7 @@ class TorchRewardEngine:
             ids[b, :len(s)] = torch.tensor(s)
             mask[b, :len(s)] = 1
         logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-        return logits[:, 0].double().tolist()
+        return logits.double().tolist()
 
 
 def _pad_id_avoiding(last_tokens: set[int], preferred: int | None) -> int:

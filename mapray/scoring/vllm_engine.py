@@ -80,12 +80,17 @@ class VllmRewardEngine:
         self.llm = start_engine({**kwargs, "runner": "pooling"}, "reward")
 
     def rewards(self, sequences: list[list[int]]) -> list[float]:
+        """The raw score of the first label of each sequence: the reward of a single-label head."""
+        return [scores[0] for scores in self.label_scores(sequences)]
+
+    def label_scores(self, sequences: list[list[int]]) -> list[list[float]]:
+        """The raw score of every label (no activation), for each sequence."""
         from vllm import PoolingParams
         from vllm.inputs import TokensPrompt
 
         outputs = self.llm.classify([TokensPrompt(prompt_token_ids=s) for s in sequences],
                                     pooling_params=PoolingParams(use_activation=False), use_tqdm=False)
-        return [float(o.outputs.probs[0]) for o in outputs]
+        return [[float(v) for v in o.outputs.probs] for o in outputs]
 
 
 def vllm_supports(local_path: str, runner: str) -> tuple[bool, str]:

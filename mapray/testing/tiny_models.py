@@ -105,3 +105,28 @@ def perturbed_copy(checkpoint: str | Path, out: str | Path, scale: float = 0.9) 
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(checkpoint).save_pretrained(out)
     return str(out)
+
+
+def reward_head_variant(checkpoint: str | Path, out: str | Path, labels: int | None = None, negate: bool = False,
+                        seed: int = 0) -> str:
+    """A reward checkpoint with `checkpoint`'s body and another head: its head negated (a model that prefers
+    exactly what the first one rejects), or a new head of `labels` labels (a multi-objective reward model, its
+    weights drawn with `seed`)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint, dtype=torch.float32)
+    with torch.no_grad():
+        if labels is not None:
+            torch.manual_seed(seed)
+            hidden = model.score.in_features
+            model.score = torch.nn.Linear(hidden, labels, bias=False)
+            model.score.weight.normal_(0.0, 4.0 / hidden ** 0.5)
+            model.config.num_labels = labels
+            model.config.id2label = {i: f"objective_{i}" for i in range(labels)}
+            model.config.label2id = {f"objective_{i}": i for i in range(labels)}
+        if negate:
+            model.score.weight.neg_()
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(out)
+    return str(out)
