@@ -231,6 +231,16 @@ def _jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a | b else 1.0
 
 
+def _metric_scores(metric: str, m_ex: np.ndarray, m_im: np.ndarray, alpha: float) -> np.ndarray:
+    """The selection metrics that read the explicit margin, written out (the README's table)."""
+    z = lambda x: (x - x.mean()) / x.std()  # noqa: E731
+    return {"map_z": lambda: z(m_ex) - alpha * z(np.abs(m_im)), "map": lambda: np.abs(m_ex) - alpha * np.abs(m_im),
+            "map_unreg": lambda: m_ex - alpha * m_im, "explicit_margin": lambda: m_ex,
+            "rm_confidence": lambda: np.where(m_ex >= 0, 1 / (1 + np.exp(-np.abs(m_ex))),
+                                              np.exp(-np.abs(m_ex)) / (1 + np.exp(-np.abs(m_ex)))),
+            "rank_disagreement": lambda: (np.sign(m_im) != np.sign(m_ex)).astype(float)}[metric]()
+
+
 def test_the_reward_bias_audit_equals_a_direct_computation(ensemble, tmp_path):
     from mapray.report import report
     from mapray.report.reward_audit import _markdown_elements
@@ -242,29 +252,33 @@ def test_the_reward_bias_audit_equals_a_direct_computation(ensemble, tmp_path):
     ids = [r["pair_id"] for r in rows]
     run = {r["pair_id"] for r in rows if r[C.SELECTED]}
     k = len(run)
-    implicit = np.abs([r[C.IMPLICIT_MARGIN] for r in rows])
-    z_im = (implicit - implicit.mean()) / implicit.std()
+    m_im = np.array([r[C.IMPLICIT_MARGIN] for r in rows])
     features = {"length": np.array([r["chosen_tokens"] - r["rejected_tokens"] for r in rows], dtype=float),
                 "format": np.array([_markdown_elements(r["chosen"]) - _markdown_elements(r["rejected"])
                                     for r in rows], dtype=float)}
     margins = {"explicit_margin": np.array([r[C.EXPLICIT_MARGIN] for r in rows])}
     margins.update({n: np.array([r[f"reward_{n}_margin"] for r in rows]) for n in WEIGHTS})
-    assert audit["margins"] == list(margins)
+    assert audit["margins"] == list(margins) and audit["skipped_biases"] == []
+    metrics = ["map_z", "map", "map_unreg", "explicit_margin", "rm_confidence", "rank_disagreement"]
+    # every margin x bias x fraction, and each model's margin alone, under every metric that reads the margin
+    assert len(audit["rows"]) == (4 * 2 * 3 + 3) * len(metrics)
+    assert {r["metric"] for r in audit["rows"]} == set(metrics)
     own = {}
-    assert len(audit["rows"]) == 4 * 2 * 3 + 3  # every margin x bias x fraction, and each model alone
     for row in audit["rows"]:
         m = margins[row["margin"]]
         if row["bias"] == "none":
             biased = m
         else:
             d = features[row["bias"]]
-            lam = row["fraction"] * m.std() / d.std() if d.std() > 0 else 0.0
+            lam = row["fraction"] * m.std() / d.std()
             assert row["lambda"] == pytest.approx(lam, rel=1e-9, abs=1e-12)
             biased = m + lam * d
-        score = (biased - biased.mean()) / biased.std() - 1.0 * z_im  # map_z with the run's alpha
-        chosen = _top(score, ids, k)
-        assert row["selected"] == k and row["jaccard_with_run"] == pytest.approx(_jaccard(chosen, run)), row
-        if row["bias"] == "none":
+        chosen = _top(_metric_scores(row["metric"], biased, m_im, 1.0), ids, k)  # the run's alpha and size
+        unbiased = _top(_metric_scores(row["metric"], m, m_im, 1.0), ids, k)
+        assert row["selected"] == k, row
+        assert row["jaccard_with_run"] == pytest.approx(_jaccard(chosen, run)), row
+        assert row["jaccard_with_unbiased"] == pytest.approx(_jaccard(chosen, unbiased)), row
+        if row["bias"] == "none" and row["metric"] == "map_z":
             own[row["margin"]] = chosen
     agreement = audit["agreement"]
     names = list(WEIGHTS)

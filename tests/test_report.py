@@ -181,8 +181,9 @@ def test_report_numbers_match_a_direct_computation(output):
     # its numbers against a direct computation)
     audit = numbers["reward_audit"]
     assert audit["skipped_biases"] == ["format"] and "agreement" not in audit
-    assert [(r["margin"], r["bias"], r["fraction"]) for r in audit["rows"]] == [
-        ("explicit_margin", "length", f) for f in (0.25, 0.5, 1.0)]
+    metrics = ["map_z", "map", "map_unreg", "explicit_margin", "rm_confidence", "rank_disagreement"]
+    assert [(r["margin"], r["bias"], r["fraction"], r["metric"]) for r in audit["rows"]] == [
+        ("explicit_margin", "length", f, m) for f in (0.25, 0.5, 1.0) for m in metrics]
 
     sweep = numbers["alpha_sweep"]
     assert sweep["metric"] == "map_z" and [r["alpha"] for r in sweep["rows"]] == [0.0, 0.25, 0.5, 1.0, 2.5]
@@ -255,9 +256,12 @@ def test_coarse_bins_give_the_same_selections_and_a_bounded_auc(output, monkeypa
     # bins of about 40 rows, but rank_disagreement's two values are two bins of about 150
     monkeypatch.setattr(histograms, "COLLECT_LIMIT", 100)
     coarse = summary(str(out), ReportSettings(rank_bins=8, sample_rows=60))
-    assert sorted_by_ray == ["rank_disagreement", "rank_disagreement"]  # the run's pool, then the swapped one
+    # the run's pool, then the swapped one, then the reward-bias audit's three strengths of the length bias
+    assert sorted_by_ray == ["rank_disagreement"] * 5
     for group in ("overlap", "alpha_sweep"):
         assert coarse[group]["rows"] == exact[group]["rows"]
+    for a, b in zip(coarse["reward_audit"]["rows"], exact["reward_audit"]["rows"], strict=True):
+        assert a == b | {"lambda": pytest.approx(b["lambda"], rel=1e-12)}
     bounds = []
     for a, b in zip(coarse["noise_audit"]["rows"], exact["noise_audit"]["rows"]):
         assert a["swapped_selected"] == b["swapped_selected"], a["metric"]

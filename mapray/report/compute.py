@@ -116,10 +116,10 @@ def compute_rows(rows, rejects, run: SelectionConfig, alpha: float, selected: in
     first = reduce(rows, P.summary, sample_fraction=min(1.0, settings.sample_rows / n), margins=margins)
     ctx.pools = dict(zip((False, True), first["pools"]))
     # the reward-bias audit's variants: known only now (lambda scales with the pool's spreads)
-    biases = reward_audit.plan(first["audit"], margins, settings.bias_fractions)
-    for bias in biases:
-        ctx.variants.append(Variant("bias", run.metric, alpha, same_size_rule(run, selected), bias=bias))
+    for bias in reward_audit.plan(first["audit"], margins, settings.bias_fractions):
         ctx.pools[bias] = reward_audit.pool(bias, first["audit"], margins, ctx.pools[False].implicit_abs)
+        ctx.variants += [Variant("bias", metric, alpha, same_size_rule(run, selected), bias=bias)
+                         for metric in reward_audit.metrics_read_by_bias(run.metric)]
     sample = P.columns(first["sample"])
     ctx.rank_edges = [histograms.rank_edges(score(v, sample, ctx.pools), settings.rank_bins) for v in variants]
     ctx.plot_edges = {name: _plot_edges(values) for name, values in P.plot_values(sample, ctx).items()}
@@ -127,16 +127,23 @@ def compute_rows(rows, rejects, run: SelectionConfig, alpha: float, selected: in
     ctx.selections = _selections(rows, ctx, hists["ranked"], n, run.seed)
     gram = reduce(rows, P.gram, ctx=ctx)
     numbers = _numbers(ctx, hists, gram, rejects, n, settings, run, alpha)
-    numbers["reward_audit"] = _reward_audit(ctx, gram, first["audit"], margins)
+    numbers["reward_audit"] = _reward_audit(ctx, gram, first["audit"], margins, run.metric)
     return numbers, first["sample"]
 
 
-def _reward_audit(ctx: P.Context, gram: np.ndarray, audit: dict, margins: list[str]) -> dict:
+def _reward_audit(ctx: P.Context, gram: np.ndarray, audit: dict, margins: list[str], run_metric: str) -> dict:
+    """Each audited variant against the selection the same metric makes without the bias (the overlap table's
+    for the run's margin, the model's own for a model's) and against the run's selection."""
     jac = stats.jaccard(gram)
     run_col = len(ctx.variants)
+    unbiased = {(reward_audit.RUN_MARGIN, v.metric): i for i, v in enumerate(ctx.variants) if v.group == "overlap"}
+    unbiased.update({(v.bias.margin, v.metric): i for i, v in enumerate(ctx.variants)
+                     if v.group == "bias" and v.bias.kind is None})
     at = [i for i, v in enumerate(ctx.variants) if v.group == "bias"]
-    rows = [{"selected": int(gram[i, i]), "jaccard_with_run": jac[i, run_col]} for i in at]
-    own = [i for i in at if ctx.variants[i].bias.kind is None]
+    rows = [{"metric": ctx.variants[i].metric, "selected": int(gram[i, i]), "jaccard_with_run": jac[i, run_col],
+             "jaccard_with_unbiased": jac[i, unbiased[ctx.variants[i].bias.margin, ctx.variants[i].metric]]}
+            for i in at]
+    own = [i for i in at if ctx.variants[i].bias.kind is None and ctx.variants[i].metric == run_metric]
     return reward_audit.numbers(audit, margins, [ctx.variants[i].bias for i in at], rows, jac, own)
 
 

@@ -137,7 +137,17 @@ def _reward_audit(audit: dict | None) -> list[str]:
                      for k in audit.get("skipped_biases", [])) + "</p>",
            _table(["margin", "bias", "fraction", "lambda", "selected", "Jaccard with the run's selection"],
                   [[r["margin"], r["bias"], r["fraction"], r["lambda"], r["selected"], r["jaccard_with_run"]]
-                   for r in audit["rows"]])]
+                   for r in audit["rows"] if r["metric"] == audit["rows"][0]["metric"]])]
+    strongest = max(r["fraction"] for r in audit["rows"])
+    metrics = list(dict.fromkeys(r["metric"] for r in audit["rows"]))
+    cells: dict = {}
+    for r in audit["rows"]:
+        if r["bias"] != "none" and r["fraction"] == strongest:
+            cells.setdefault((r["margin"], r["bias"]), {})[r["metric"]] = r["jaccard_with_unbiased"]
+    out += [f"<p class=note>Every metric that reads the explicit margin, at fraction {_num(strongest)}: Jaccard of "
+            "its selection with the bias and without it.</p>",
+            _table(["margin", "bias", *metrics], [[m, b, *(row.get(k) for k in metrics)]
+                                                  for (m, b), row in cells.items()])]
     agreement = audit.get("agreement")
     if agreement:
         models = agreement["models"]

@@ -12,10 +12,12 @@ so the sweep means the same for every reward scale.
 
 Margins audited: the run's explicit margin and, in a run of several reward models, each model's alone (for the
 combination, the bias is added to the combined margin, as every model's reward carrying it would shift it under
-the `mean` rule). Each (margin, bias, f) is a report variant ranked by the run's metric, alpha and size; the
-biased pool's moments follow exactly from one pass's means and covariance of (margins, features), so map_z needs
-no extra pass. Agreement of several models: the correlation of their margins, the share of pairs whose margins have
-opposite signs, and the Jaccard of the selections each model alone makes.
+the `mean` rule). Each (margin, bias, f, metric) is a report variant at the run's alpha and size, for the run's
+metric and every other metric that reads the explicit margin (`READ_EXPLICIT`: the rest cannot move), compared
+with the same metric's selection without the bias and with the run's selection. The biased pool's moments follow
+exactly from one pass's means and covariance of (margins, features), so map_z needs no extra pass. Agreement of
+several models: the correlation of their margins, the share of pairs whose margins have opposite signs, and the
+Jaccard of the selections each model alone makes.
 """
 
 from __future__ import annotations
@@ -34,6 +36,15 @@ BIASES = {"length": "response tokens (verbosity bias, arXiv 2310.03716)",
 FEATURES = {"length": "_r_bias_length", "format": "_r_bias_format"}  # per-row differences the report adds
 RUN_MARGIN = C.EXPLICIT_MARGIN
 _MARKDOWN = re.compile(r"^\s{0,3}(?:[-*+]\s|\d+[.)]\s|#{1,6}\s)|\*\*[^*\n]+\*\*", re.MULTILINE)
+
+
+# the selection metrics that read the explicit margin (`mapray.metrics`): the only ones a reward bias can move
+READ_EXPLICIT = ("map_z", "map", "map_unreg", "explicit_margin", "rm_confidence", "rank_disagreement")
+
+
+def metrics_read_by_bias(run_metric: str) -> list[str]:
+    """The metrics each audited margin is ranked by: the run's first, then every other that reads the margin."""
+    return list(dict.fromkeys([run_metric, *READ_EXPLICIT]))
 
 
 def model_margins(names: list[str]) -> list[str]:
@@ -126,8 +137,9 @@ def _mean_cov(stats: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def numbers(stats: dict, margins: list[str], biases: list[Bias], rows: list[dict], jaccard: np.ndarray,
             own: list[int]) -> dict:
-    """report.json's `reward_audit`: a row per audited variant (`rows`: selected, Jaccard with the run), and
-    the models' agreement (`jaccard`: between the selections each model makes alone, variant indices `own`)."""
+    """report.json's `reward_audit`: a row per audited variant (`rows`: its metric, selected, Jaccard with the
+    run's selection and with the metric's own without the bias), and the models' agreement (`jaccard`: between the
+    selections each model makes alone under the run's metric, variant indices `own`)."""
     _, cov = _mean_cov(stats)
     k = len(margins)
     std = np.sqrt(np.clip(np.diag(cov)[:k], 0, None))
