@@ -49,6 +49,13 @@ def init_ray(cfg: RayConfig, models: list[ModelConfig]) -> None:
     """A run's Ray: `ensure_ray`, with this process's Ray Data shuffles sized for it (`tune_ray_data`)."""
     ensure_ray(cfg, models)
     tune_ray_data(ray.data.DataContext.get_current())
+    # Ray Data warns once per process, at a materialize, when `ray.available_resources()` shows no free CPU at that
+    # instant: on a small machine a race with the light tasks of the step before (seen once in CI on a successful
+    # rescore). A run that really cannot be scheduled is stopped by `watched` with one line; the key is taken here
+    # so the warning never reaches a run's console.
+    from ray.util.debug import log_once
+
+    log_once("cpu_warning")
 
 
 def tune_ray_data(ctx: ray.data.DataContext) -> None:
