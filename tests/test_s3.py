@@ -159,6 +159,17 @@ def _committed_rows(fs, out: str) -> int:
     return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files)
 
 
+def _settled(read, quiet_s: float = 3.0, limit_s: float = 60.0):
+    """`read()` once it has returned the same value for `quiet_s` seconds (at most `limit_s` in all)."""
+    value, since, started = read(), time.monotonic(), time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() - started < limit_s:
+        time.sleep(0.5)
+        now = read()
+        if now != value:
+            value, since = now, time.monotonic()
+    return value
+
+
 def model_loads(fs, cache: str, shas: dict) -> dict:
     """Times each model (by role) was loaded: the cache's `_loads/` markers under a folder named by its hash."""
     found = collections.Counter()
@@ -197,7 +208,9 @@ def story(s3, tiny, tmp_path_factory):
             time.sleep(0.2)
         assert first.poll() is None, "the first run ended before it could be killed: make it longer"
         kill_with_its_local_ray(first)
-        step["done_before"] = _committed_rows(fs, out)
+        # the S3 server completes a request the killed writer had sent (a file's copy into place): what the kill
+        # left committed is what the listing shows once it stops changing
+        step["done_before"] = _settled(lambda: _committed_rows(fs, out))
         step["manifest_after_kill"] = fs.exists(f"{out}/manifest.json")
 
         resumed = mapray("score", "--config", str(config), env=s3.env)
