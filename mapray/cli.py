@@ -10,7 +10,15 @@ import typing
 from importlib import resources
 
 from mapray import __version__
-from mapray.config import DEFAULT_RATIO, RayConfig, SelectionConfig, SelectionMetric, check_alpha, load_config
+from mapray.config import (
+    DEFAULT_RATIO,
+    CombineRule,
+    RayConfig,
+    SelectionConfig,
+    SelectionMetric,
+    check_alpha,
+    load_config,
+)
 from mapray.errors import ConfigError
 from mapray.typed_config import build
 
@@ -66,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--alpha", type=float, metavar="A",
                         help="weight of the implicit term (default: the scoring run's)")
     select.add_argument("--seed", type=int, help=f"seed for --metric random (default {default.seed})")
-    select.add_argument("--combine", choices=["mean", "mean_z"],
+    select.add_argument("--combine", choices=typing.get_args(CombineRule),
                         help="several reward models: how their margins make the explicit margin (default: the "
                              "scoring run's reward.combine)")
 

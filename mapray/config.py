@@ -147,6 +147,9 @@ class RewardModelConfig(ModelConfig):
 
 
 NAME_PATTERN = r"[a-z][a-z0-9_]*"
+# how several reward models' margins make the explicit margin (`mapray.ensemble`); `mapray select --combine`
+# offers these (typing.get_args)
+CombineRule = Literal["mean", "mean_z"]
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,7 @@ class RewardConfig(Checked):
     # how several models' margins make the explicit margin (`mapray.ensemble`): mean: the weighted mean of the
     # raw margins; mean_z: the weighted mean of each model's margin z-scored over the pool (models on different
     # scales count alike)
-    combine: Literal["mean", "mean_z"] = "mean"
+    combine: CombineRule = "mean"
     # a pair whose models' margins differ in sign: keep it (its `reward_sign_disagree` says so), or set it aside
     # (rejects/, code reward_disagreement) before the selection
     on_sign_disagreement: Literal["keep", "set_aside"] = "keep"

@@ -29,8 +29,6 @@ from mapray.metrics import Moments
 from mapray.public_rows import good
 from mapray.reductions import reduce
 
-RULES = ("mean", "mean_z")
-
 
 @dataclass(frozen=True)
 class Combination:
@@ -52,8 +50,7 @@ class Combination:
 
     def margins(self, table: pa.Table) -> np.ndarray:
         """(rows, models): each model's margin (NaN where a row has none)."""
-        return np.column_stack([table.column(C.reward_model_columns(n)[2]).to_numpy(zero_copy_only=False)
-                                .astype(np.float64) for n in self.names])
+        return np.column_stack([_numpy(table, c) for c in self.columns])
 
     @property
     def columns(self) -> list[str]:
