@@ -2,7 +2,8 @@
 
 The Python API (`mapray.api`): `Scorer(config)(ds)` scores a Ray Dataset of pairs, `select` keeps the top of the
 pool, `split_rejects` separates the rows set aside, `make_report` looks at a selection. The configs are
-`mapray.config`'s; `load_config` reads the YAML `mapray score` reads.
+`mapray.config`'s; `load_config` reads the YAML `mapray score` reads. `diff(old, new)` tells what changed between
+two runs' selections (`mapray.changes`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _API = {"Scorer": "mapray.api", "select": "mapray.api", "split_rejects": "mapray.api", "make_report": "mapray.api",
-        "load_config": "mapray.config", "ConfigError": "mapray.errors", "Combination": "mapray.ensemble"}
+        "load_config": "mapray.config", "ConfigError": "mapray.errors", "Combination": "mapray.ensemble",
+        "diff": "mapray.changes"}
 __all__ = [*_API, "__version__"]
 
 

@@ -26,6 +26,7 @@ from mapray.config import RunConfig, SelectionConfig, check_alpha, check_scoring
 from mapray.ensemble import Combination, combine_rewards, combined_margins
 from mapray.errors import ConfigError
 from mapray.formats import RejectRow, detect_format
+from mapray.groups import check_group_column
 from mapray.models import check_model_path
 from mapray.normalize import Normalizer, NormalizeSpec
 from mapray.preflight import check_models
@@ -181,6 +182,7 @@ def select(ds, selection: SelectionConfig | None = None, *, alpha: float = 1.0,
     with watched(ctx=keyed.context):  # a pipeline that cannot be scheduled stops with one line, not a hang
         pool = keyed.materialize()
     tune_ray_data(pool.context)  # this pool's own context (a copy): the caller's Ray Data settings stay as they are
+    check_group_column(pool.schema().base_schema, sel.by, "selection.by", "the Dataset")
     if combination is not None:
         pool, _ = combined_margins(pool, combination)
         with watched(ctx=pool.context):

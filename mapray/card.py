@@ -92,10 +92,11 @@ def _selection(sel: dict | None, moments: dict | None, combination: dict | None 
     if not sel:
         return ""
     rule = sel["rule"]
-    how = {"ratio": f"the top {sel.get('ratio')} of the scored pool", "top_k": f"the top {sel.get('top_k')} rows",
-           "threshold": f"every row whose score exceeds {sel.get('threshold')}"}[rule]
+    how = _rule_text(rule, sel[rule], "each group" if sel.get("by") else "the scored pool")
     lines = ["## Selection", "", f"- metric: `{sel['metric']}`, alpha {sel['alpha']}",
              f"- rule: {rule} ({how}): {sel['selected']} rows selected"]
+    if sel.get("by"):
+        lines += _groups(sel)
     if sel.get("cutoff"):
         lines.append(f"- cut-off: score {sel['cutoff']['score']!r} (pair_id `{sel['cutoff']['pair_id']}`); "
                      "ties at the cut-off go to the smaller pair_id")
@@ -110,6 +111,24 @@ def _selection(sel: dict | None, moments: dict | None, combination: dict | None 
         lines.append(f"- explicit margin: {how}, over {len(combination['models'])} reward models (weights: "
                      f"{weights}); each model's rewards and margin are columns `reward_<name>_*`")
     return "\n".join(lines)
+
+
+def _rule_text(rule: str, value, pool: str) -> str:
+    return {"ratio": f"the top {value} of {pool}", "top_k": f"the top {value} rows of {pool}",
+            "threshold": f"every row of {pool} whose score exceeds {value}"}[rule]
+
+
+def _groups(sel: dict) -> list[str]:
+    """Per-group selection: the groups' rules, pools, rows selected and cut-offs."""
+    zscore = "each group's own" if sel["zscore"] == "group" else "the whole pool's"
+    lines = [f"- per group of column `{sel['by']}` ({len(sel['groups'])} groups; map_z from {zscore} moments):", "",
+             "| group | rule | pool | selected | cut-off score |", "|---|---|---|---|---|"]
+    for g in sel["groups"]:
+        short = f" (short by {g['short']}: every row)" if g.get("short") else ""
+        cutoff = repr(g["cutoff"]["score"]) if g.get("cutoff") else "-"
+        value = "null" if g["value"] is None else g["value"]
+        lines.append(f"| `{value}` | {g['rule']} {g[g['rule']]}{short} | {g['pool']} | {g['selected']} | {cutoff} |")
+    return lines + [""]
 
 
 def _models(models: dict | None) -> str:

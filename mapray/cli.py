@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import typing
 from importlib import resources
@@ -13,13 +14,14 @@ from mapray import __version__
 from mapray.config import (
     DEFAULT_RATIO,
     CombineRule,
+    DiffConfig,
     RayConfig,
     SelectionConfig,
     SelectionMetric,
     check_alpha,
     load_config,
 )
-from mapray.errors import ConfigError
+from mapray.errors import ChurnExceeded, ConfigError
 from mapray.typed_config import build
 
 DEMO_CONFIG = "demo.yaml"
@@ -74,9 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--alpha", type=float, metavar="A",
                         help="weight of the implicit term (default: the scoring run's)")
     select.add_argument("--seed", type=int, help=f"seed for --metric random (default {default.seed})")
+    select.add_argument("--by", metavar="COLUMN", help="select within each group of this column of scored/ "
+                        "(the rule per group; README \"Keeping a mixture\")")
+    select.add_argument("--quota", dest="quotas", action="append", type=_quota, metavar="VALUE=N",
+                        help="with --by: group VALUE keeps N rows (an integer) or that share of its rows (a "
+                             "fraction, e.g. 0.25); repeatable; groups not named take the rule")
+    select.add_argument("--zscore", choices=typing.get_args(typing.get_type_hints(SelectionConfig)["zscore"]),
+                        help=f"with --by: map_z's moments from the whole pool or each group (default "
+                             f"{default.zscore})")
     select.add_argument("--combine", choices=typing.get_args(CombineRule),
                         help="several reward models: how their margins make the explicit margin (default: the "
                              "scoring run's reward.combine)")
+
+    diff = verbs.add_parser("diff", help="what changed between two runs' selections (pairs that entered and left, "
+                            "what moved, why); writes NEW/diff.json and NEW/diff/; no model runs")
+    diff.add_argument("old", metavar="OLD", help="output URI of the earlier run")
+    diff.add_argument("new", metavar="NEW", help="output URI of the later run")
+    diff.add_argument("--max-churn", type=float, metavar="R",
+                      help="exit 3 when more than a share R of either selection is not in the other")
+    diff.add_argument("--tolerance", type=float, metavar="T", default=DiffConfig().tolerance,
+                      help="a margin moved when it changed by more than T x max(1, |old|) (default %(default)g)")
 
     estimate = verbs.add_parser("estimate", help="what a run will cost: tokens per model from a sample of its input, "
                                 "FLOPs, and wall time and device-hours on N devices of a measured kind; no model runs")
@@ -118,6 +137,17 @@ def _add_report_verbs(verbs) -> None:
         sub.add_argument("--bias-fractions", type=_floats, metavar="F,G,...",
                          help="the reward-bias audit's strengths, as fractions of the margin's spread per unit of "
                               f"the bias's (default {','.join(f'{f:g}' for f in default.bias_fractions)})")
+
+
+def _quota(text: str) -> tuple[str, int | float]:
+    """`VALUE=N`: a group's count of rows (an integer) or share of its rows (a fraction)."""
+    group, _, amount = text.rpartition("=")
+    if group:
+        try:
+            return group, int(amount) if re.fullmatch(r"[+-]?\d+", amount.strip()) else float(amount)
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"expected VALUE=N (a count) or VALUE=F (a share), got {text!r}")
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -163,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             print(render(estimate(load_config(args.config, args.set), args.kind.lower(), args.devices,
                                   args.sample_rows)))
             return 0
+        if args.verb == "diff":
+            return _diff(args)
         if args.verb == "select":
             output, manifest = args.output, _select(args)
         elif args.verb in ("selfplay", "evolve"):
@@ -183,13 +215,25 @@ def main(argv: list[str] | None = None) -> int:
             output, manifest = cfg.output, score(cfg)
     except ConfigError as e:
         print(f"mapray: error: {e}", file=sys.stderr)
-        return 2
+        return 3 if isinstance(e, ChurnExceeded) else 2
     print(summary(manifest, output))
     return 0
 
 
 # evolve reads its prompts from the previous round: a config without input is complete for it
 _SELFPLAY_INPUT = {"input": {"uri": "(the previous round's output)"}}
+
+
+def _diff(args) -> int:
+    """Prints the diff's summary; a churn above --max-churn is raised after it (exit 3)."""
+    from mapray.changes import check_churn, diff, summary
+
+    build(DiffConfig, lambda name: "--" + name.replace("_", "-"), max_churn=args.max_churn, tolerance=args.tolerance)
+    numbers = diff(args.old, args.new, args.max_churn, args.tolerance)
+    print(summary(numbers))
+    print(f"  diff: {numbers['new']['output']}/diff.json  {numbers['new']['output']}/diff/")
+    check_churn(numbers, f"{numbers['new']['output']}/diff.json", "--max-churn")
+    return 0
 
 
 def _compact(cache_uri: str) -> int:
@@ -220,6 +264,8 @@ def _select(args) -> dict:
     """Checks the arguments as `score` checks a config (before Ray starts), then reselects."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SelectionConfig)
              if getattr(args, f.name, None) is not None}  # unset flags take SelectionConfig's defaults
+    if "quotas" in given:
+        given["quotas"] = dict(given["quotas"])
     sel = build(SelectionConfig, lambda name: "--" + name.replace("_", "-"), **given)
     if args.alpha is not None:
         check_alpha(args.alpha, "--alpha")

@@ -17,9 +17,9 @@ from typing import Literal
 from mapray.errors import ConfigError
 from mapray.typed_config import Checked, Key, load, to_dict
 
-__all__ = ["ColumnNames", "ConfigError", "EvolveConfig", "GenerationConfig", "InputConfig", "MetricConfig",
-           "ModelConfig", "RayConfig", "RewardConfig", "RewardModelConfig", "RunConfig", "SelectionConfig",
-           "configured_models", "generator_config", "load_config", "reward_models", "to_dict"]
+__all__ = ["ColumnNames", "ConfigError", "DiffConfig", "EvolveConfig", "GenerationConfig", "InputConfig",
+           "MetricConfig", "ModelConfig", "RayConfig", "RewardConfig", "RewardModelConfig", "RunConfig",
+           "SelectionConfig", "configured_models", "generator_config", "load_config", "reward_models", "to_dict"]
 
 
 def _at_least(key: Key, values: dict[str, int | float | None], low: float) -> None:
@@ -229,6 +229,18 @@ class SelectionConfig(Checked):
     top_k: int | None = None  # keep the top k rows
     threshold: float | None = None  # keep every row whose selection score exceeds it (the paper's MAP > tau)
     seed: int = 0  # for metric "random"
+    # per-group selection (README "Keeping a mixture"): the rule applies within each group of rows with the same
+    # value in this column of the scored rows (rows with none form the group "null"), not over the whole pool
+    by: str | None = None
+    # with `by`: a group's own rule, by its value as text: an int keeps that many of its rows (top_k), a float in
+    # [0, 1] that share of them (ratio); a group not named takes the rule above
+    quotas: dict[str, int | float] = field(default_factory=dict)
+    # with `by`: the pool whose moments z-score map_z: "pool" (default) or "group". The margins' scale is the
+    # models' (a reward model's spread does not change with a row's source), and a small group's own moments are
+    # noisy: its quota already guarantees its share, so z-scores over the pool rank within a group by the same
+    # yardstick as everywhere; "group" ranks each group by its own spread (a mixture whose groups were scored by
+    # reward models of different scales)
+    zscore: Literal["pool", "group"] = "pool"
 
     def check(self, key: Key) -> None:
         given = [n for n in RULES if getattr(self, n) is not None]
@@ -239,6 +251,18 @@ class SelectionConfig(Checked):
         if self.ratio is not None and not 0.0 <= self.ratio <= 1.0:  # NaN fails too
             raise ConfigError(f"{key('ratio')}: must be in [0, 1], got {self.ratio}")
         _at_least(key, {"top_k": self.top_k}, 0)
+        if self.by is None:
+            for name, unset in (("quotas", {}), ("zscore", "pool")):
+                if getattr(self, name) != unset:
+                    raise ConfigError(f"{key(name)} applies to groups: set {key('by')} to the column that names "
+                                      "them")
+        for group, quota in self.quotas.items():
+            where = f"{key('quotas')}.{group}"
+            if type(quota) is int and quota < 0:
+                raise ConfigError(f"{where}: a count of rows must be >= 0, got {quota}")
+            if type(quota) is float and not 0.0 <= quota <= 1.0:
+                raise ConfigError(f"{where}: a share of the group must be in [0, 1], got {quota} (an int is a "
+                                  "count of rows)")
 
     @property
     def rule(self) -> tuple[str, float]:
@@ -247,6 +271,13 @@ class SelectionConfig(Checked):
             if getattr(self, name) is not None:
                 return name, getattr(self, name)
         return "ratio", DEFAULT_RATIO
+
+    def group_rule(self, group: str) -> tuple[str, float]:
+        """(name, value) of the rule of the group whose value reads `group` as text: its quota, else `rule`."""
+        quota = self.quotas.get(group)
+        if quota is None:
+            return self.rule
+        return ("top_k", quota) if type(quota) is int else ("ratio", quota)
 
 
 @dataclass(frozen=True)
@@ -299,6 +330,21 @@ class EvolveConfig(Checked):
 
 
 @dataclass(frozen=True)
+class DiffConfig(Checked):
+    """A run's diff against the previous run (`mapray.changes`): written as diff.json and diff/ beside the results;
+    a churn above `max_churn` leaves the results unpublished and fails the run."""
+
+    previous: str | None = None  # the previous run's output URI; None: this run's output as it was last published
+    max_churn: float | None = None  # the largest share of the selection that may change; None: no bound
+    tolerance: float = 1e-6  # a margin moved when it changed by more than this times max(1, |old value|)
+
+    def check(self, key: Key) -> None:
+        if self.max_churn is not None and not 0.0 <= self.max_churn <= 1.0:
+            raise ConfigError(f"{key('max_churn')}: must be in [0, 1], got {self.max_churn}")
+        _at_least(key, {"tolerance": self.tolerance}, 0)
+
+
+@dataclass(frozen=True)
 class RayConfig(Checked):
     address: str | None = None  # None: connect to RAY_ADDRESS if set, else start an embedded local Ray
     num_cpus: int | None = None  # embedded Ray only
@@ -323,6 +369,7 @@ class RunConfig(Checked):
     cache: str | None = None
     generation: GenerationConfig | None = None  # `mapray selfplay` / `evolve`; None: GenerationConfig()'s defaults
     evolve: EvolveConfig | None = None  # `mapray evolve`; None: EvolveConfig()'s defaults
+    diff: DiffConfig | None = None  # compare the selection with the previous run's before publishing (nightly)
 
     def check(self, key: Key) -> None:
         """Between sections. A policy is not required here (a config may be built step by step in Python); the

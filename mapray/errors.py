@@ -15,6 +15,11 @@ class ConfigError(ValueError):
         super().__init__("\\n".join(str(message).splitlines()))
 
 
+class ChurnExceeded(ConfigError):
+    """A run's selection changed more than its `diff.max_churn` allows: its results stay unpublished (the CLI
+    exits 3, so a scheduler tells it from a bad config)."""
+
+
 def first_line(e: object) -> str:
     """The first line of an error's text (libraries put the useful part there), stripped; an exception without
     text gives its type's name."""

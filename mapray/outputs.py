@@ -5,6 +5,7 @@
 <output>/rejects/     pair_id, reason, stage, source (file:line), raw (the input row as JSON)
 <output>/README.md       a dataset card (mapray/card.py): `datasets.load_dataset(<output>)` reads the folders
 <output>/manifest.json   written last: config, models, versions, counts, selection, pool moments, timings
+<output>/diff.json, diff/   with `diff:` in the config: what changed since the previous run (`mapray.changes`)
 A run writes into <output>/_staging/<run_id>/ and moves its folders into place only once all of them are
 complete; manifest.json goes last, so a reader that waits for it never sees a half-written result.
 """
@@ -29,6 +30,7 @@ from mapray.public_rows import reject_rows, scored_rows
 from mapray.uris import absolute, filesystem, move_folder, reachable
 
 FOLDERS = ("scored", "selected", "rejects")
+DIFF = "diff"  # <output>/diff.json and diff/: what changed since the previous run (`mapray.changes`)
 
 
 class OutputLayout:
@@ -97,11 +99,16 @@ class OutputLayout:
         local = fsspec.core.url_to_fs(path)[1]
         return self.fs.exists(local) and any(p.endswith(".parquet") for p in self.fs.find(local))
 
-    def publish(self, manifest: dict) -> None:
+    def publish(self, manifest: dict, diff: dict | None = None) -> None:
         """Swaps the staged folders in and writes the dataset card. manifest.json goes first and comes back last,
         so a reader that follows the protocol in `read_manifest` never takes a mix of two runs for a complete
-        result."""
-        self._swap_in(FOLDERS, ["manifest.json"])
+        result. `diff`: this run's diff against the previous one (`mapray.changes`: diff.json, and diff/ staged);
+        without one, an earlier run's diff is removed (it describes another selection)."""
+        self._swap_in((*FOLDERS, DIFF), ["manifest.json", f"{DIFF}.json"])
+        if diff is None:
+            self.remove(self.final(DIFF))
+        else:
+            write_json(f"{self.uri}/{DIFF}.json", diff)
         with self.fs.open(f"{self.root}/README.md", "w") as f:
             f.write(card.render(manifest))
         write_manifest(self.uri, manifest)

@@ -17,12 +17,14 @@ from dataclasses import dataclass, replace
 from functools import partial
 
 import fsspec
+import pyarrow as pa
 
 from mapray import __version__
 from mapray import columns as C
 from mapray.api import InputShape, Scorer
 from mapray.cache import Namespace, namespace, write_generations
 from mapray.cache_lookup import attach_hits
+from mapray.changes import against_previous
 from mapray.config import (
     ConfigError,
     RayConfig,
@@ -36,6 +38,7 @@ from mapray.config import (
 from mapray.console import stage
 from mapray.duplicates import set_aside
 from mapray.ensemble import Combination, combined_margins
+from mapray.groups import check_group_column, check_group_values
 from mapray.inputs import InputFiles, discover, read_dataset, read_staged, sample_records
 from mapray.manifest import build_manifest, identify_models
 from mapray.normalize import infer_own_schema
@@ -69,6 +72,7 @@ def plan(cfg: RunConfig) -> Plan:
     if cfg.cache:
         reachable(cfg.cache, "cache")
     sample = sample_records(files, cfg.input.schema_sample_rows)
+    check_group_values(sample, cfg.selection.by)
     shape = scorer.shape(sample, source=files.uris[0])
     if files.file_format == "jsonl":  # the own columns' types, from the sample rows this spec would score
         shape = replace(shape, spec=replace(shape.spec, own_schema=infer_own_schema(sample, shape.spec)))
@@ -82,7 +86,8 @@ def run_key(cfg: RunConfig, files: InputFiles, models: dict) -> str:
     time) and the same model contents resumes there; any change, a checkpoint rewritten in place included,
     starts a fresh run."""
     shas = {key: model["sha256"] for key, model in models.items()}
-    return staging_key("run", {"config": to_dict(cfg), "files": files.listing(), "models": shas})
+    config = {k: v for k, v in to_dict(cfg).items() if k != "diff"}  # the diff reads the staged results only
+    return staging_key("run", {"config": config, "files": files.listing(), "models": shas})
 
 
 def staging_key(kind: str, payload: dict) -> str:
@@ -138,6 +143,10 @@ def score(cfg: RunConfig, extra: dict | None = None) -> dict:
         layout.stage("normalized", lambda path: p.scorer.normalize(
             read_dataset(p.files, cfg.input.limit, num_cpus=LIGHT_TASK_CPUS), p.shape).write_parquet(path))
     timings["normalize_s"] = time.time() - started - timings["start_s"]
+    # a column the format reads (prompt, chosen, ...) is the pair's, not the input's own: not carried as it was
+    normalized = staged_dataset(layout.staged("normalized")).schema
+    own = pa.schema([f for f in normalized if not (C.is_mapray_column(f.name) or f.name.startswith(C.INTERNAL_PREFIX))])
+    check_group_column(own, cfg.selection.by, "selection.by", "the input's own columns")
     caches = cache_namespaces(cfg, p.models)
     with stage("cache lookup", quiet=not caches):
         model_input = look_up_cached(layout, caches)
@@ -159,9 +168,8 @@ def score(cfg: RunConfig, extra: dict | None = None) -> dict:
     with stage("selection and outputs"):
         combination = Combination.of(cfg.reward)
         # projected into the read; several reward models: their margins z-scored over the pool first
-        narrow, combined = combined_margins(
-            ray.data.read_parquet(rows_path).select_columns(NARROW + (combination.columns if combination else [])),
-            combination)
+        narrow, combined = combined_margins(ray.data.read_parquet(rows_path).select_columns(
+            NARROW + group_columns(cfg.selection) + (combination.columns if combination else [])), combination)
         selection = decide(narrow, cfg.selection, cfg.metric.alpha, key=C.ROW, full=rows)
         counts = write_results(rows, partial(made_public, trl=p.shape.trl, selection=selection, combined=combined),
                                selection, layout)
@@ -169,12 +177,17 @@ def score(cfg: RunConfig, extra: dict | None = None) -> dict:
     manifest = build_manifest(cfg, p.models, counts, moments(selection), p.scorer.warnings,
                               {k: round(v, 3) for k, v in timings.items()}, layout.run_id, p.shape.format)
     manifest["resumed"], manifest["selection"] = resumed, selection.summary()
+    manifest["warnings"] = manifest["warnings"] + selection.warnings
     if combined is not None:
         manifest["reward_combination"] = combination.summary(combined[1])
     # rows the model pass wrote in this attempt, scored and set aside alike (a resumed run's earlier rows are not)
     manifest["counts"]["model_pass_rows_this_attempt"] = checkpointed_rows(layout.staged("checkpoint")) - done_before
     manifest.update(extra or {})
-    layout.publish(manifest)
+    changes = None
+    if cfg.diff is not None:  # before publishing: a churn above the bound leaves the previous output in place
+        with stage("diff against the previous run"):
+            changes = against_previous(cfg, layout, manifest)
+    layout.publish(manifest, changes)
     return manifest
 
 
@@ -199,6 +212,11 @@ def model_pass(p: Plan, model_input: str, caches: dict, path: str) -> None:
 # what the selection's passes read of the staged rows (the rest only for the copies of a duplicated pair_id);
 # `_m_reject` is where an internal row keeps its reason (`mapray.public_rows.reason_column`)
 NARROW = [C.PAIR_ID, C.EXPLICIT_MARGIN, C.IMPLICIT_MARGIN, C.REJECT, C.ROW]
+
+
+def group_columns(sel: SelectionConfig) -> list[str]:
+    """The group column the selection's passes read besides NARROW (per-group selection)."""
+    return [sel.by] if sel.by is not None else []
 
 
 def made_public(table, trl, selection, combined=None):
@@ -244,6 +262,7 @@ def reselect(uri: str, sel: SelectionConfig, alpha: float | None = None, combine
     """Selects again from an existing scored/ with another metric, ratio, alpha or (several reward models)
     combination rule; no model runs."""
     previous = read_manifest(uri)
+    check_group_column(staged_dataset(f"{uri.rstrip('/')}/scored").schema, sel.by, "--by", "scored/")
     alpha = previous["config"]["metric"]["alpha"] if alpha is None else alpha
     reward = from_dict(RewardConfig, previous["config"]["reward"], "reward")
     combination = Combination.of(reward, combine)
@@ -256,8 +275,8 @@ def reselect(uri: str, sel: SelectionConfig, alpha: float | None = None, combine
     started = time.time()
     scored = layout.final("scored")
     narrow, combined = combined_margins(ray.data.read_parquet(scored).select_columns(
-        [C.PAIR_ID, C.EXPLICIT_MARGIN, C.IMPLICIT_MARGIN] + (combination.columns if combination else [])),
-        combination)
+        [C.PAIR_ID, C.EXPLICIT_MARGIN, C.IMPLICIT_MARGIN] + group_columns(sel)
+        + (combination.columns if combination else [])), combination)
     selection = decide(narrow, sel, alpha)
     # the MAP forms and `selected` are computed again, with this alpha
     counts = write_results(ray.data.read_parquet(scored), partial(remarked, selection=selection, combined=combined),
@@ -271,6 +290,8 @@ def reselect(uri: str, sel: SelectionConfig, alpha: float | None = None, combine
     if combined is not None:
         previous = dict(previous, reward_combination=combination.summary(combined[1]))
     manifest = dict(previous, config=config, counts=counts, selection=selection.summary(),
+                    warnings=[w for w in previous.get("warnings", []) if not w.startswith("selection.")]
+                    + selection.warnings,
                     pool_moments=moments(selection), run_id=layout.run_id,
                     reselected_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     timings=dict(previous.get("timings", {}), reselect_s=time.time() - started))

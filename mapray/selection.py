@@ -12,8 +12,11 @@ In as few passes over the rows as the pool allows (each a Ray Data execution who
    quantiles of the sample's scores, then the rows of the bin that holds the k-th row (about pool / RANK_BINS)
    sorted on the driver, or, a bin too large for that, by Ray's distributed sort.
 A row is selected when its score beats the k-th row's (score, pair_id), so ties at the boundary are broken by
-pair_id and exactly k rows are kept. A threshold rule keeps every row whose score exceeds it (counted in one pass,
-or on the sample). map, map_unreg and map_z are all computed from the margins and this decision's alpha, so
+pair_id and exactly k rows are kept. Per-group selection (`selection.by`, `mapray.groups`) runs the same passes
+per group: the first pass also takes each group's moments, the window pass collects every group's window at once,
+and a group its window cannot decide goes through Ray's sort of its rows.
+A threshold rule keeps every row whose score exceeds it (counted in one pass, or on the sample). map, map_unreg
+and map_z are all computed from the margins and this decision's alpha, so
 reselecting with another alpha changes all three.
 
 A pair_id more than one good row carries: when every copy holds the same input row (the pair and the input's
@@ -26,8 +29,9 @@ The passes read public column names (`pair_id`, the margins, the reason a row wa
 `decide` a narrow projection of its staged rows and the full rows (`full`) only to compare the copies of a
 duplicated id.
 
-(Over 300 lines: the passes, the scores they rank and the marking that applies their decision are one algorithm,
-read together; the duplicates live in `mapray.duplicates`, the histogram arithmetic in `mapray.histograms`.)
+(Over 400 lines: the passes, the scores they rank and the marking that applies their decision are one algorithm,
+read together, pool-wide and per group; the duplicates live in `mapray.duplicates`, the histogram arithmetic in
+`mapray.histograms`, the groups' rules in `mapray.groups`.)
 """
 
 from __future__ import annotations
@@ -44,8 +48,17 @@ from mapray import columns as C
 from mapray import histograms, metrics
 from mapray.config import SelectionConfig
 from mapray.duplicates import duplicate_rejects, hashes, set_aside
+from mapray.groups import (
+    Group,
+    GroupRule,
+    absent_quotas,
+    check_group_count,
+    keeps_above,
+    moments_by_group,
+    rows_by_group,
+)
 from mapray.public_rows import good
-from mapray.reductions import BATCH_ROWS, kth_best, reduce
+from mapray.reductions import BATCH_ROWS, kth_best, merge, reduce
 
 SCORE = "_m_selection_score"
 HASH = "_m_hash"  # a sample row's hash of pair_id (`mapray.duplicates.hashes`)
@@ -64,15 +77,34 @@ class Selection:
     count: int
     cutoff: tuple[float, str] | None = None  # ranking rules: (score, pair_id) of the last kept row
     duplicates: dict[str, str] = field(default_factory=dict, repr=False)
+    groups: dict | None = None  # per-group selection (`config.by`): each group's value -> its `Group`
 
-    def keeps(self, scores: np.ndarray, pair_ids: np.ndarray) -> np.ndarray:
+    def keeps(self, scores: np.ndarray, pair_ids: np.ndarray, group_column=None) -> np.ndarray:
+        """Which of these pool rows are kept; `group_column`: their values of `config.by` (per-group)."""
+        if self.groups is not None:
+            keep = np.zeros(len(scores), dtype=bool)
+            for value, at in rows_by_group(group_column).items():
+                keep[at] = self.groups[value].keeps(scores[at], pair_ids[at])
+            return keep
         rule, value = self.config.rule
         if rule == "threshold":
             return scores > value
-        if self.cutoff is None:
-            return np.zeros(len(scores), dtype=bool)
-        score, pid = self.cutoff
-        return (scores > score) | ((scores == score) & (pair_ids <= pid))
+        return keeps_above(self.cutoff, scores, pair_ids)
+
+    @property
+    def warnings(self) -> list[str]:
+        """What a user should hear about the decision: quotas naming a group the pool does not have."""
+        if self.groups is None:
+            return []
+        return [f"selection.quotas names {name!r}, which no row of the pool has in column {self.config.by!r}"
+                for name in absent_quotas(self.config, self.groups)]
+
+    @property
+    def group_pools(self) -> dict | None:
+        """Each group's moments where map_z is z-scored within groups (`zscore: group`), else None."""
+        if self.groups is None or self.config.zscore != "group":
+            return None
+        return {value: group.pool for value, group in self.groups.items()}
 
     def summary(self) -> dict:
         """For the manifest and the dataset card: how the selection was made."""
@@ -82,6 +114,10 @@ class Selection:
             out["seed"] = self.config.seed
         if self.cutoff is not None:
             out["cutoff"] = {"score": self.cutoff[0], C.PAIR_ID: self.cutoff[1]}
+        if self.groups is not None:
+            ordered = sorted(self.groups.values(), key=lambda g: (-g.size, str(g.value)))  # the largest first
+            out.update(by=self.config.by, zscore=self.config.zscore, quotas=dict(self.config.quotas),
+                       groups=[g.summary() for g in ordered])
         return out
 
     @property
@@ -96,14 +132,17 @@ def decide(rows, sel: SelectionConfig, alpha: float, key: str | None = None, ful
     telling rows apart, None when pair_ids are known to be unique (a reselection); `full`: the same rows with
     every column, where `rows` is a narrow projection; `sample_rows`, `bins`: the first pass's sample and the
     histogram's bins (module docstring)."""
-    first = _first_pass(rows, key, sample_rows)
+    first = _first_pass(rows, key, sample_rows, sel.by)
     duplicates = {}
     if first.repeated.size:
         duplicates = duplicate_rejects(full or rows, key, first.repeated)
-    pool, sample = first.pool, first.sample
+    pool, sample, groups = first.pool, first.sample, first.groups
     if duplicates:  # the copies set aside leave the pool: its moments again, without them
         sample = sample.filter(pc.invert(pc.is_in(sample.column(key), value_set=_keys(duplicates))))
-        pool = reduce(rows, _moments, duplicates=duplicates, key=key) or _empty_moments()
+        again = reduce(rows, _moments, duplicates=duplicates, key=key, by=sel.by) or {}
+        pool, groups = again.get("pool", _empty_moments()), again.get("groups", {})
+    if sel.by is not None:
+        return _decide_groups(rows, sel, alpha, pool, groups, sample, first.whole_pool, duplicates, key)
     rule, value = sel.rule
     k = metrics.selection_count(pool.explicit.count, rule, value) if rule != "threshold" else None
     if k == 0:
@@ -137,12 +176,24 @@ WINDOW_SIGMAS = 6.0  # how far around the sample's estimate of the cut-off's ran
 
 
 def _cutoff_from_window(rows, sample_scores: np.ndarray, n: int, k: int, scoring: dict) -> tuple[float, str] | None:
-    """The k-th best row in one pass, where the sample predicts it well: the sample's scores around rank k (+-
-    `WINDOW_SIGMAS` standard errors of a sampled rank) give a score window [lo, hi]; the pass counts the pool's
-    rows above hi and brings the window's rows to the driver. When the k-th row lies in the window (the count above
-    is below k, the window reaches past it), it is exact; otherwise, or when the window would be too large to
-    collect (a heavy tie at the boundary shows in the sample), None: the histogram passes decide."""
+    """The k-th best row in one pass, where the sample predicts it well: the sample's scores around rank k give a
+    score window [lo, hi] (`_window_bounds`); the pass counts the pool's rows above hi and brings the window's rows
+    to the driver. When the k-th row lies in the window, it is exact (`_cutoff_in`); otherwise, or when the window
+    would be too large to collect (a heavy tie at the boundary shows in the sample), None: the histogram passes
+    decide."""
+    lo, hi, size = _window_bounds(sample_scores, n, k)
+    if size > histograms.COLLECT_LIMIT / 2:
+        return None
+    return _cutoff_in(reduce(rows, _window, lo=lo, hi=hi, limit=histograms.COLLECT_LIMIT, **scoring), k)
+
+
+def _window_bounds(sample_scores: np.ndarray, n: int, k: int) -> tuple[float, float, float]:
+    """The score window [lo, hi] that holds the k-th best of n rows, from a uniform sample of their scores: the
+    sample's scores at rank k/n of it +- `WINDOW_SIGMAS` standard errors of a sampled rank; and the rows of the
+    n it should hold. No sample: every row."""
     s = sample_scores.size
+    if s == 0:
+        return -np.inf, np.inf, float(n)
     ranked = np.sort(sample_scores)[::-1]
     p = k / n
     margin = WINDOW_SIGMAS * np.sqrt(s * p * (1 - p)) + 2
@@ -150,26 +201,105 @@ def _cutoff_from_window(rows, sample_scores: np.ndarray, n: int, k: int, scoring
     first, last = min(int(np.floor(at - margin)), s - 1), int(np.ceil(at + margin))
     hi = float(ranked[first]) if first >= 0 else np.inf
     lo = float(ranked[last]) if last < s else -np.inf
-    in_window = int(((sample_scores >= lo) & (sample_scores <= hi)).sum())
-    if in_window * n / s > histograms.COLLECT_LIMIT / 2:
-        return None
-    found = reduce(rows, _window, lo=lo, hi=hi, limit=histograms.COLLECT_LIMIT, **scoring)
+    return lo, hi, int(((sample_scores >= lo) & (sample_scores <= hi)).sum()) * n / s
+
+
+def _cutoff_in(found: dict | None, k: int) -> tuple[float, str] | None:
+    """The k-th best row from a window pass's count above the window and its rows; None when it is not among
+    them (the window overflowed, or the sample misled: about one pool in 10^8 at 6 sigma)."""
     if found is None or found["overflow"]:
         return None
     window = found["rows"]
     if not found["above"] < k <= found["above"] + window.num_rows:
-        return None  # the sample misled (about one pool in 10^8 at 6 sigma): the histogram passes
+        return None
     return _kth(_numpy(window, SCORE), window.column(C.PAIR_ID), k - found["above"])
 
 
 def _window(table: pa.Table, lo: float, hi: float, limit: int, **scoring) -> dict:
-    """A block's rows scoring above `hi` (counted) and within [lo, hi] (as (score, pair_id), unless more than
-    `limit`: then only the overflow is reported)."""
     rows, scores = _pool_scores(table, **scoring)
+    return _window_part(scores, rows.column(C.PAIR_ID), lo, hi, limit)
+
+
+def _window_part(scores: np.ndarray, pair_ids, lo: float, hi: float, limit: int) -> dict:
+    """Rows scoring above `hi` (counted) and within [lo, hi] (as (score, pair_id), unless more than `limit`:
+    then only the overflow is reported)."""
     inside = np.flatnonzero((scores >= lo) & (scores <= hi))
-    part = pa.table({SCORE: scores[inside], C.PAIR_ID: rows.column(C.PAIR_ID).take(pa.array(inside, pa.int64()))})
+    part = pa.table({SCORE: scores[inside], C.PAIR_ID: pair_ids.take(pa.array(inside, pa.int64()))})
     overflow = inside.size > limit
     return {"above": int((scores > hi).sum()), "overflow": overflow, "rows": part.slice(0, 0) if overflow else part}
+
+
+def _decide_groups(rows, sel: SelectionConfig, alpha: float, pool, pools: dict, sample: pa.Table,
+                   whole_pool: bool, duplicates: dict, key: str | None) -> Selection:
+    """Per-group selection (`mapray.groups`): each group's rule applied to its rows. The sample's rows of a group
+    decide it when the sample is the pool; otherwise one pass counts each threshold group's rows above its
+    threshold and collects each ranking group's window (`_window_bounds` from the group's sample rows, as many
+    groups as `COLLECT_LIMIT` / 2 rows of windows allow, smallest first), and a group the window cannot decide
+    (too large, a heavy tie, a sample that misled) gets its k-th row by Ray's sort of its rows."""
+    check_group_count(pools, sel.by)
+    group_pools = pools if sel.zscore == "group" else None
+    scoring = {"pool": pool, "alpha": alpha, "sel": sel, "duplicates": duplicates, "key": key,
+               "group_pools": group_pools}
+    scores = _score(sample, pool, alpha, sel, group_pools)
+    in_sample = rows_by_group(sample.column(sel.by)) if sample.num_rows else {}
+    rules = {value: GroupRule.of(sel, value, moments.explicit.count) for value, moments in pools.items()}
+    decided, windows, thresholds, sorts = {}, {}, {}, []
+    for value, rule in rules.items():
+        at = in_sample.get(value, np.zeros(0, np.int64))
+        n = pools[value].explicit.count
+        if rule.keep == 0 or rule.keep == n:
+            decided[value] = rule.keep, None
+        elif whole_pool and rule.keep is None:
+            decided[value] = int((scores[at] > rule.value).sum()), None
+        elif whole_pool:
+            decided[value] = rule.keep, _kth(scores[at], sample.column(C.PAIR_ID).take(at), rule.keep)
+        elif rule.keep is None:
+            thresholds[value] = rule.value
+        else:
+            windows[value] = _window_bounds(scores[at], n, rule.keep)
+    budget = histograms.COLLECT_LIMIT / 2
+    for value in sorted(windows, key=lambda v: windows[v][2]):  # the smallest windows first
+        budget -= windows[value][2]
+        if budget < 0:
+            sorts.append(value)
+            del windows[value]
+    if windows or thresholds:
+        found = reduce(rows, _group_windows, windows={v: w[:2] for v, w in windows.items()}, thresholds=thresholds,
+                       limit=histograms.COLLECT_LIMIT, **scoring) or {}
+        for value in thresholds:
+            decided[value] = found.get(value, {}).get("above", 0), None
+        for value in windows:
+            cutoff = _cutoff_in(found.get(value), rules[value].keep)
+            if cutoff is None:
+                sorts.append(value)
+            else:
+                decided[value] = rules[value].keep, cutoff
+    for value in sorts:  # a heavy tie or a misleading sample: the group's rows through Ray's sort
+        last = kth_best(rows.map_batches(partial(_group_scores, value=value, **scoring), batch_format="pyarrow"),
+                        [SCORE, C.PAIR_ID], rules[value].keep)
+        decided[value] = rules[value].keep, (last[SCORE], last[C.PAIR_ID])
+    groups = {value: Group(value, pools[value], rules[value], count, cutoff)
+              for value, (count, cutoff) in decided.items()}
+    return Selection(sel, alpha, pool, sum(g.count for g in groups.values()), duplicates=duplicates, groups=groups)
+
+
+def _group_windows(table: pa.Table, windows: dict, thresholds: dict, limit: int, **scoring) -> dict:
+    """A block's part of each group's window (`_window_part`) and of each threshold group's count above it."""
+    rows, scores = _pool_scores(table, **scoring)
+    out = {}
+    for value, at in rows_by_group(rows.column(scoring["sel"].by)).items():
+        if value in windows:
+            out[value] = _window_part(scores[at], rows.column(C.PAIR_ID).take(at), *windows[value], limit)
+        elif value in thresholds:
+            out[value] = {"above": int((scores[at] > thresholds[value]).sum())}
+    return out
+
+
+def _group_scores(table: pa.Table, value, **scoring) -> pa.Table:
+    """A block's rows of one group: (score, pair_id)."""
+    rows, scores = _pool_scores(table, **scoring)
+    at = rows_by_group(rows.column(scoring["sel"].by)).get(value, np.zeros(0, np.int64))
+    return pa.table({SCORE: scores[at], C.PAIR_ID: rows.column(C.PAIR_ID).take(at)})
 
 
 @dataclass(frozen=True)
@@ -182,27 +312,32 @@ class FirstPass:
     sample: pa.Table
     whole_pool: bool
     repeated: np.ndarray
+    groups: dict | None = None  # per-group selection: each group's value -> its moments
 
 
-def _first_pass(rows, key: str | None, sample_rows: int) -> FirstPass:
-    """One Ray Data execution: each block's moments, its bottom-k sample and (with a key) its pair_id hashes, merged
-    by one task on a worker, so the hashes (8 bytes a row) never come to the driver."""
-    summaries = rows.map_batches(partial(_summarize, key=key, sample_rows=sample_rows), batch_format="pyarrow",
-                                 batch_size=BATCH_ROWS)
+def _first_pass(rows, key: str | None, sample_rows: int, by: str | None = None) -> FirstPass:
+    """One Ray Data execution: each block's moments (per group too, with `by`), its bottom-k sample and (with a
+    key) its pair_id hashes, merged by one task on a worker, so the hashes (8 bytes a row) never come to the
+    driver."""
+    summaries = rows.map_batches(partial(_summarize, key=key, sample_rows=sample_rows, by=by),
+                                 batch_format="pyarrow", batch_size=BATCH_ROWS)
     merged = summaries.repartition(1).map_batches(partial(_merge_summaries, sample_rows=sample_rows),
                                                   batch_format="pyarrow", batch_size=None)
     blobs = [row["blob"] for row in merged.iter_rows()]
     if not blobs:  # no rows at all
-        return FirstPass(_empty_moments(), _sample_schema(key).empty_table(), True, np.zeros(0, np.uint64))
+        schema = pa.schema([(c, pa.float64() if c in (C.EXPLICIT_MARGIN, C.IMPLICIT_MARGIN) else pa.string())
+                            for c in _sample_columns(key) + ([by] if by else [])])
+        return FirstPass(_empty_moments(), schema.empty_table(), True, np.zeros(0, np.uint64), {} if by else None)
     return pickle.loads(blobs[0])
 
 
-def _summarize(table: pa.Table, key: str | None, sample_rows: int) -> pa.Table:
+def _summarize(table: pa.Table, key: str | None, sample_rows: int, by: str | None) -> pa.Table:
     rows = good(table)
     ids = hashes(rows.column(C.PAIR_ID))
-    sample = _bottom(rows.select(_sample_columns(key)).append_column(HASH, pa.array(ids)), sample_rows)
+    columns = _sample_columns(key) + ([by] if by else [])
+    sample = _bottom(rows.select(columns).append_column(HASH, pa.array(ids)), sample_rows)
     part = {"pool": metrics.PoolMoments.of(_numpy(rows, C.EXPLICIT_MARGIN), _numpy(rows, C.IMPLICIT_MARGIN)),
-            "sample": sample, "rows": rows.num_rows}
+            "sample": sample, "rows": rows.num_rows, "groups": moments_by_group(rows, by) if by else None}
     return pa.table({"blob": [pickle.dumps(part)],
                      "hashes": [np.sort(ids).tobytes() if key is not None else b""]},
                     schema=pa.schema([("blob", pa.binary()), ("hashes", pa.large_binary())]))
@@ -212,14 +347,14 @@ def _merge_summaries(table: pa.Table, sample_rows: int) -> pa.Table:
     if table.num_rows == 0:
         return pa.table({"blob": pa.array([], pa.binary())})
     parts = [pickle.loads(b) for b in table.column("blob").to_pylist()]
-    pool = _empty_moments()
+    pool, groups = _empty_moments(), None
     for part in parts:
-        pool = pool.merge(part["pool"])
+        pool, groups = pool.merge(part["pool"]), merge(groups, part["groups"])
     sample = _bottom(pa.concat_tables([p["sample"] for p in parts]), sample_rows)
     ids = np.concatenate([np.frombuffer(b, dtype=np.uint64) for b in table.column("hashes").to_pylist()])
     values, counts = np.unique(ids, return_counts=True)
     whole = sum(p["rows"] for p in parts) <= sample_rows
-    first = FirstPass(pool, sample.drop_columns([HASH]), whole, values[counts > 1])
+    first = FirstPass(pool, sample.drop_columns([HASH]), whole, values[counts > 1], groups)
     return pa.table({"blob": [pickle.dumps(first)]})
 
 
@@ -235,11 +370,6 @@ def _sample_columns(key: str | None) -> list[str]:
     return [C.PAIR_ID, C.EXPLICIT_MARGIN, C.IMPLICIT_MARGIN] + ([key] if key is not None else [])
 
 
-def _sample_schema(key: str | None) -> pa.Schema:
-    return pa.schema([(c, pa.float64() if c in (C.EXPLICIT_MARGIN, C.IMPLICIT_MARGIN) else pa.string())
-                      for c in _sample_columns(key)])
-
-
 def _empty_moments() -> metrics.PoolMoments:
     return metrics.PoolMoments(metrics.Moments(), metrics.Moments())
 
@@ -248,8 +378,8 @@ def _keys(duplicates: dict[str, str]) -> pa.Array:
     return pa.array(list(duplicates), pa.string())
 
 
-def _score(table: pa.Table, pool, alpha: float, sel: SelectionConfig) -> np.ndarray:
-    return _numpy(add_scores(table, pool, alpha, sel), SCORE)
+def _score(table: pa.Table, pool, alpha: float, sel: SelectionConfig, group_pools: dict | None = None) -> np.ndarray:
+    return _numpy(add_scores(table, pool, alpha, sel, group_pools=group_pools), SCORE)
 
 
 def _kth(scores: np.ndarray, pair_ids, k: int) -> tuple[float, str]:
@@ -259,14 +389,15 @@ def _kth(scores: np.ndarray, pair_ids, k: int) -> tuple[float, str]:
     return last[SCORE], last[C.PAIR_ID]
 
 
-def _pool_scores(table: pa.Table, pool, alpha, sel, duplicates, key) -> tuple[pa.Table, np.ndarray]:
+def _pool_scores(table: pa.Table, pool, alpha, sel, duplicates, key, group_pools=None) -> tuple[pa.Table, np.ndarray]:
     rows = _pool(table, duplicates, key)
-    return rows, _score(rows, pool, alpha, sel)
+    return rows, _score(rows, pool, alpha, sel, group_pools)
 
 
-def _moments(table: pa.Table, duplicates: dict[str, str], key: str) -> metrics.PoolMoments:
+def _moments(table: pa.Table, duplicates: dict[str, str], key: str, by: str | None) -> dict:
     rows = _pool(table, duplicates, key)
-    return metrics.PoolMoments.of(_numpy(rows, C.EXPLICIT_MARGIN), _numpy(rows, C.IMPLICIT_MARGIN))
+    return {"pool": metrics.PoolMoments.of(_numpy(rows, C.EXPLICIT_MARGIN), _numpy(rows, C.IMPLICIT_MARGIN)),
+            "groups": moments_by_group(rows, by) if by else None}
 
 
 def _count_above(table: pa.Table, threshold: float, **scoring) -> int:
@@ -292,11 +423,13 @@ def mark(table: pa.Table, selection: Selection, key: str | None = None) -> pa.Ta
         table = set_aside(table, selection.duplicates, key)
     in_pool = (pc.is_null(table.column(C.REJECT_REASON)).to_numpy(zero_copy_only=False)
                if C.REJECT_REASON in table.column_names else np.ones(table.num_rows, dtype=bool))
-    table = add_scores(table, selection.pool, selection.alpha, selection.config, mask=~in_pool)
+    table = add_scores(table, selection.pool, selection.alpha, selection.config, mask=~in_pool,
+                       group_pools=selection.group_pools)
     pool_rows = np.flatnonzero(in_pool)  # a row set aside may have no pair_id to compare
     ids = np.array(table.column(C.PAIR_ID).take(pool_rows).to_pylist(), dtype=object)
     keep = np.zeros(table.num_rows, dtype=bool)
-    keep[pool_rows] = selection.keeps(_numpy(table, SCORE)[pool_rows], ids)
+    groups = table.column(selection.config.by).take(pool_rows) if selection.groups is not None else None
+    keep[pool_rows] = selection.keeps(_numpy(table, SCORE)[pool_rows], ids, groups)
     return C.set_column(table, C.SELECTED, keep, pa.bool_()).drop_columns([SCORE])
 
 
@@ -309,12 +442,16 @@ def _pool(table: pa.Table, duplicates: dict[str, str], key: str | None) -> pa.Ta
 
 
 def add_scores(table: pa.Table, pool: metrics.PoolMoments, alpha: float, sel: SelectionConfig,
-               mask: np.ndarray | None = None) -> pa.Table:
+               mask: np.ndarray | None = None, group_pools: dict | None = None) -> pa.Table:
     """Adds map, map_unreg and map_z (the only place alpha reaches them) and the selection score (an internal
-    column) to a block of rows; `mask`: rows outside the pool, whose MAP forms are null."""
+    column) to a block of rows; `mask`: rows outside the pool, whose MAP forms are null; `group_pools`: each
+    group's moments, where map_z is z-scored within groups (a row of a group outside the pool: over the pool)."""
     m_ex, m_im = _numpy(table, C.EXPLICIT_MARGIN), _numpy(table, C.IMPLICIT_MARGIN)
     with np.errstate(all="ignore"):  # rows outside the pool hold nulls (NaN here)
         cols = metrics.map_forms(m_ex, m_im, alpha, pool)
+        for value, at in (rows_by_group(table.column(sel.by)).items() if group_pools is not None else ()):
+            if value in group_pools:
+                cols[C.MAP_Z][at] = metrics.map_z(m_ex[at], m_im[at], alpha, group_pools[value])
     for name, values in cols.items():
         table = C.set_column(table, name, pa.array(values, pa.float64(), mask=mask), pa.float64())
     cols.update({C.EXPLICIT_MARGIN: m_ex, C.IMPLICIT_MARGIN: m_im, C.PAIR_ID: table.column(C.PAIR_ID).to_pylist()})

@@ -177,7 +177,10 @@ def coerce(tp: Any, value: Any, where: str, scalars: bool = True) -> Any:
         items = [coerce(item_tp, v, f"{where}[{i}]", scalars) for i, v in enumerate(value)]
         return value if all(a is b for a, b in zip(items, value)) else items
     if origin is dict:
-        return _text_mapping(value, where)
+        value_tp = typing.get_args(tp)[1]
+        if value_tp is str:
+            return _text_mapping(value, where)
+        return _typed_mapping(value_tp, value, where, scalars)
     if tp is float and type(value) is int:
         _check_scalar(value, where)  # an int too large for a float
         value = float(value)
@@ -220,6 +223,17 @@ def _text_mapping(value: Any, where: str) -> dict[str, str]:
     if all(type(v) is str for v in value.values()):
         return value
     return {k: str(v) for k, v in value.items()}
+
+
+def _typed_mapping(value_tp: Any, value: Any, where: str, scalars: bool) -> dict:
+    """A `dict[str, T]` field (a group's quota): text keys, each value coerced to T."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+    for k in value:
+        if type(k) is not str:
+            raise ConfigError(f"{where}: keys must be text (quote them), got {type(k).__name__} {short(k)}")
+        _check_scalar(k, where)
+    return {k: coerce(value_tp, v, join(where, k), scalars) for k, v in value.items()}
 
 
 def _check_scalars(value: Any, where: str) -> None:

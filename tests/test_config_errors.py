@@ -180,7 +180,7 @@ def test_from_dict_yields_only_declared_types(section, data):
     ("policy.=1", "--set policy.: empty key segment, expected key.sub=value"),
     ("=1", "--set '=1': expected key.sub=value"),
     ("policy.path.x=1", "--set policy.path.x: path is not a section"),
-    ("nosuch.x=1", "unknown config key nosuch (known: cache, evolve, generation, input, metric, output, policy, "
+    ("nosuch.x=1", "unknown config key nosuch (known: cache, diff, evolve, generation, input, metric, output, policy, "
                    "ray, reference, reward, selection)"),
     ("policy.nosuch=1", "unknown config key policy.nosuch (known: "),
     ("ray.env_vars={A: {b: 1}}", "ray.env_vars.A: expected text or a number, got dict {'b': 1}"),
@@ -208,6 +208,11 @@ def test_from_dict_yields_only_declared_types(section, data):
     ("input.limit=-1", "input.limit: must be >= 1, got -1"),
     ("input.schema_sample_rows=0", "input.schema_sample_rows: must be >= 1, got 0"),
     ("ray.num_cpus=0", "ray.num_cpus: must be >= 1, got 0"),
+    ("diff.max_churn=2", "diff.max_churn: must be in [0, 1], got 2.0"),
+    ("diff.tolerance=-1", "diff.tolerance: must be >= 0, got -1.0"),
+    ("diff.previous=s3://b/last-night", None),
+    ("selection.by=source", None),
+    ("selection.quotas.web=0.25", "selection.quotas applies to groups: set selection.by to the column that names them"),
     ('policy.path="a\\nb"', None),  # a line break in a value is fine in a config (it is not an error)
 ])
 def test_override_errors_name_the_key(override, message):

@@ -10,6 +10,7 @@ Python API selected (`mapray.api.select`). No model runs.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -44,16 +45,17 @@ def report_rows(rows, selection, settings: ReportSettings | None = None, out: st
     """The report of a selected Dataset (`mapray.api.select`'s rows and decision: scored rows, and rows set
     aside with their reasons); written to the folder `out` (index.html, report.json, the figures) when given."""
     from mapray import columns as C
+    from mapray.groups import check_group_column
     from mapray.public_rows import good, reject_rows
-    from mapray.report.compute import check_by, compute_rows, needed
+    from mapray.report.compute import compute_rows, needed
 
-    settings = settings or ReportSettings()
+    settings = by_group_of_run(settings or ReportSettings(), selection.config.by)
     settings.check()
     if out is not None:
         _check_figures()
     started = time.time()
     schema = rows.schema()
-    check_by(schema.base_schema, settings.by)
+    check_group_column(schema.base_schema, settings.by, "--by", "scored/")
     rejects = None
     if C.REJECT_REASON in schema.names:
         rejects = rows.map_batches(reject_rows, batch_format="pyarrow").select_columns(["reason", "stage", "source"])
@@ -112,12 +114,18 @@ def summary(uri: str, settings: ReportSettings | None = None) -> dict:
     return plain(_compute(uri, settings or ReportSettings())[0])
 
 
+def by_group_of_run(settings: ReportSettings, by: str | None) -> ReportSettings:
+    """A run that selected per group is broken down by its groups unless `--by` names another column."""
+    return settings if settings.by is not None or by is None else dataclasses.replace(settings, by=by)
+
+
 def _compute(uri: str, settings: ReportSettings):
     from mapray.outputs import read_manifest
     from mapray.report.compute import check, compute
     from mapray.runtime import init_ray
 
     manifest = read_manifest(uri)  # first: no manifest, no report
+    settings = by_group_of_run(settings, manifest["config"]["selection"].get("by"))
     check(uri, settings)  # a bad flag or output stops here, before Ray starts
     init_ray(RayConfig(), [])
     numbers, sample = compute(uri, manifest, settings)

@@ -29,6 +29,7 @@ from mapray import columns as C
 from mapray import histograms, metrics
 from mapray.config import SelectionConfig
 from mapray.errors import ConfigError
+from mapray.groups import check_group_column
 from mapray.reasons import code_of
 from mapray.reductions import BATCH_ROWS, reduce
 from mapray.report import passes as P
@@ -58,17 +59,7 @@ def scored_schema(uri: str) -> pa.Schema:
 def check(uri: str, settings: ReportSettings) -> None:
     """What can be wrong before Ray starts: the settings, scored/'s columns, the --by column."""
     settings.check()
-    check_by(scored_schema(uri), settings.by)
-
-
-def check_by(schema: pa.Schema, by: str | None) -> None:
-    if by is None:
-        return
-    if by not in schema.names:
-        raise ConfigError(f"--by: scored/ has no column {by!r} (its columns: {', '.join(schema.names)})")
-    kind = schema.field(by).type
-    if pa.types.is_nested(kind) or pa.types.is_binary(kind):
-        raise ConfigError(f"--by: column {by!r} holds {kind}, not single values to group by")
+    check_group_column(scored_schema(uri), settings.by, "--by", "scored/")
 
 
 def run_selection(manifest: dict) -> tuple[SelectionConfig, float]:
