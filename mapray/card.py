@@ -92,7 +92,7 @@ def _selection(sel: dict | None, moments: dict | None, combination: dict | None 
     if not sel:
         return ""
     rule = sel["rule"]
-    how = _rule_text(rule, sel[rule], "each group" if sel.get("by") else "the scored pool")
+    how = _rule_text(rule, sel[rule], bool(sel.get("by")))
     lines = ["## Selection", "", f"- metric: `{sel['metric']}`, alpha {sel['alpha']}",
              f"- rule: {rule} ({how}): {sel['selected']} rows selected"]
     if sel.get("by"):
@@ -113,9 +113,11 @@ def _selection(sel: dict | None, moments: dict | None, combination: dict | None 
     return "\n".join(lines)
 
 
-def _rule_text(rule: str, value, pool: str) -> str:
-    return {"ratio": f"the top {value} of {pool}", "top_k": f"the top {value} rows of {pool}",
-            "threshold": f"every row of {pool} whose score exceeds {value}"}[rule]
+def _rule_text(rule: str, value, grouped: bool) -> str:
+    if rule == "ratio":
+        return f"the top {value} of {'each group' if grouped else 'the scored pool'}"
+    of = " of each group" if grouped else ""
+    return f"the top {value} rows{of}" if rule == "top_k" else f"every row{of} whose score exceeds {value}"
 
 
 def _groups(sel: dict) -> list[str]:

@@ -233,9 +233,10 @@ def _decide_groups(rows, sel: SelectionConfig, alpha: float, pool, pools: dict, 
                    whole_pool: bool, duplicates: dict, key: str | None) -> Selection:
     """Per-group selection (`mapray.groups`): each group's rule applied to its rows. The sample's rows of a group
     decide it when the sample is the pool; otherwise one pass counts each threshold group's rows above its
-    threshold and collects each ranking group's window (`_window_bounds` from the group's sample rows, as many
-    groups as `COLLECT_LIMIT` / 2 rows of windows allow, smallest first), and a group the window cannot decide
-    (too large, a heavy tie, a sample that misled) gets its k-th row by Ray's sort of its rows."""
+    threshold and collects each ranking group's window (`_window_bounds` from the group's sample rows; as many
+    groups a pass as `COLLECT_LIMIT` / 2 rows of windows allow, one pass for a mixture's few groups), and a group
+    the window cannot decide (too large, a heavy tie, a sample that misled) gets its k-th row by Ray's sort of its
+    rows."""
     check_group_count(pools, sel.by)
     group_pools = pools if sel.zscore == "group" else None
     scoring = {"pool": pool, "alpha": alpha, "sel": sel, "duplicates": duplicates, "key": key,
@@ -257,18 +258,28 @@ def _decide_groups(rows, sel: SelectionConfig, alpha: float, pool, pools: dict, 
             thresholds[value] = rule.value
         else:
             windows[value] = _window_bounds(scores[at], n, rule.keep)
-    budget = histograms.COLLECT_LIMIT / 2
-    for value in sorted(windows, key=lambda v: windows[v][2]):  # the smallest windows first
-        budget -= windows[value][2]
-        if budget < 0:
+    # the windows in passes of at most COLLECT_LIMIT / 2 rows each, the smallest first: one pass for a mixture's
+    # few groups; a window larger than that alone goes through Ray's sort
+    budget, batches = histograms.COLLECT_LIMIT / 2, [[]]
+    room = budget
+    for value in sorted(windows, key=lambda v: windows[v][2]):
+        size = windows[value][2]
+        if size > budget:
             sorts.append(value)
-            del windows[value]
-    if windows or thresholds:
-        found = reduce(rows, _group_windows, windows={v: w[:2] for v, w in windows.items()}, thresholds=thresholds,
-                       limit=histograms.COLLECT_LIMIT, **scoring) or {}
-        for value in thresholds:
+            continue
+        if size > room:
+            batches.append([])
+            room = budget
+        batches[-1].append(value)
+        room -= size
+    for i, batch in enumerate(batches):
+        if not batch and (i or not thresholds):
+            continue
+        found = reduce(rows, _group_windows, windows={v: windows[v][:2] for v in batch},
+                       thresholds=thresholds if i == 0 else {}, limit=histograms.COLLECT_LIMIT, **scoring) or {}
+        for value in thresholds if i == 0 else ():
             decided[value] = found.get(value, {}).get("above", 0), None
-        for value in windows:
+        for value in batch:
             cutoff = _cutoff_in(found.get(value), rules[value].keep)
             if cutoff is None:
                 sorts.append(value)

@@ -54,25 +54,30 @@ def expected_by_pandas(table: pa.Table, sel: SelectionConfig, alpha: float) -> l
 QUOTAS = {"web": 0.1, "code": 20, "null": 500}  # a share, a count, a count beyond the group's size (short)
 
 
-@pytest.mark.parametrize("sel,sample_rows,collect_limit,sorted_groups", [
+@pytest.mark.parametrize("sel,sample_rows,collect_limit,window_passes,sorted_groups", [
     # the sample is the pool: decided on the driver from it
-    (SelectionConfig(by="source", ratio=0.3, quotas=QUOTAS), 32_768, 200_000, 0),
+    (SelectionConfig(by="source", ratio=0.3, quotas=QUOTAS), 32_768, 200_000, 0, 0),
     # a pool larger than the sample: every group's window in one pass
-    (SelectionConfig(by="source", ratio=0.3, quotas=QUOTAS), 40, 200_000, 0),
-    (SelectionConfig(by="source", top_k=9, quotas=QUOTAS, zscore="group"), 40, 200_000, 0),
-    # the windows of math (63 rows) and code (110) fit 200 rows, web's (160) does not: its rows through Ray's sort
-    (SelectionConfig(by="source", ratio=0.3, quotas=QUOTAS, zscore="group"), 40, 400, 1),
+    (SelectionConfig(by="source", ratio=0.3, quotas=QUOTAS), 40, 200_000, 1, 0),
+    (SelectionConfig(by="source", top_k=9, quotas=QUOTAS, zscore="group"), 40, 200_000, 1, 0),
+    # windows of at most 150 rows a pass: math's (63 rows), then code's (110) in a second pass; web's (160) alone
+    # is too large: its rows through Ray's sort
+    (SelectionConfig(by="source", ratio=0.3, quotas=QUOTAS, zscore="group"), 40, 300, 2, 1),
     # a threshold within each group (groups without a quota), counted in the same pass
-    (SelectionConfig(metric="map", by="source", threshold=0.75, quotas={"code": 5}), 40, 200_000, 0),
+    (SelectionConfig(metric="map", by="source", threshold=0.75, quotas={"code": 5}), 40, 200_000, 1, 0),
 ])
 def test_per_group_selection_equals_a_pandas_groupby(local_ray, monkeypatch, sel, sample_rows, collect_limit,
-                                                     sorted_groups):
+                                                     window_passes, sorted_groups):
     from mapray import histograms, selection
 
     monkeypatch.setattr(histograms, "COLLECT_LIMIT", collect_limit)
     sorts = []
     real_sort = selection.kth_best
     monkeypatch.setattr(selection, "kth_best", lambda *args: sorts.append(args) or real_sort(*args))
+    passes = []
+    real_reduce = selection.reduce
+    monkeypatch.setattr(selection, "reduce", lambda rows, fn, **kw: passes.append(fn.__name__) or real_reduce(
+        rows, fn, **kw))
     table = pool_table()
     blocks = [table.slice(i, 50) for i in range(0, table.num_rows, 50)]
     decision = decide(local_ray.data.from_arrow(blocks), sel, 0.5, key=C.ROW, sample_rows=sample_rows)
@@ -80,6 +85,7 @@ def test_per_group_selection_equals_a_pandas_groupby(local_ray, monkeypatch, sel
     kept = sorted(marked.filter(marked.column(C.SELECTED)).column(C.PAIR_ID).to_pylist())
     assert kept == expected_by_pandas(table, sel, 0.5)
     assert decision.count == len(kept) and len(sorts) == sorted_groups
+    assert passes == ["_group_windows"] * window_passes
     sizes = pd.Series(table.column("source").to_pylist()).fillna("null").value_counts()
     summary = {str(g["value"]) if g["value"] is not None else "null": g for g in decision.summary()["groups"]}
     assert {name: g["pool"] for name, g in summary.items()} == sizes.to_dict()
