@@ -26,9 +26,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from mapray import columns as C
 from mapray.config import DiffConfig, RayConfig
@@ -124,12 +126,19 @@ def compare(old: Run, new: Run, tolerance: float = DEFAULT_TOLERANCE, write_to: 
                                on=(C.PAIR_ID,)).materialize()
     tally = reduce(joined, _tally, inputs=inputs, tolerance=tolerance) or _tally(_empty(inputs), inputs, tolerance)
     if write_to is not None:
-        joined.map_batches(partial(_changed_pairs, inputs=inputs, tolerance=tolerance), batch_format="pyarrow",
-                           batch_size=BATCH_ROWS).write_parquet(write_to)
+        changed = partial(_changed_pairs, inputs=inputs, tolerance=tolerance)
+        if tally["entered"] + tally["left"]:
+            joined.map_batches(changed, batch_format="pyarrow", batch_size=BATCH_ROWS).write_parquet(write_to)
+        else:  # Ray writes no file for no rows: a reader still gets the folder's columns
+            fs, folder = fsspec.core.url_to_fs(write_to)
+            fs.makedirs(folder, exist_ok=True)
+            with fs.open(f"{folder}/empty.parquet", "wb") as f:
+                pq.write_table(changed(_empty(inputs)), f)
     return _numbers(old, new, tally, inputs, tolerance)
 
 
 def churn(numbers: dict) -> float:
+    """The larger share of either selection that is not in the other (the module docstring)."""
     sel = numbers["selected"]
     shares = [sel["entered"] / sel["new"] if sel["new"] else 0.0, sel["left"] / sel["old"] if sel["old"] else 0.0]
     return max(shares)
@@ -221,8 +230,8 @@ def _tally(table: pa.Table, inputs: list[str], tolerance: float) -> dict:
            "moved": {}, "attribution": {}, "by_model": {}}
     for change, rows in (("entered", entered), ("left", left)):
         out["attribution"][change] = np.array([int((causes[rows] == cause).sum()) for cause in CAUSES])
+    mine = table.filter(pa.array(both))
     for name in inputs:
-        mine = table.filter(pa.array(both))
         old, new = _values(mine, f"{name}_old"), _values(mine, f"{name}_new")
         moved = _moved(mine, name, tolerance)
         delta = new - old

@@ -216,3 +216,10 @@ def test_each_cause_of_a_change_is_attributed(local_ray, tmp_path):
         "both": {"change": "left", "cause": "both_margins"}, "cut": {"change": "left", "cause": "cutoff"},
         "gone": {"change": "left", "cause": "removed_pair"}}
     assert changes.loc["gone", "explicit_margin_old"] == 2.2 and np.isnan(changes.loc["gone", "explicit_margin_new"])
+    # a run against itself: nothing entered or left, diff/ still reads with its columns
+    same = diff(str(tmp_path / "new"), str(tmp_path / "new"), max_churn=0.0)
+    assert same["churn"] == 0 and same["selected"]["entered"] == same["selected"]["left"] == 0
+    assert same["moved"]["implicit_margin"]["moved"] == 0
+    assert same["moved"]["implicit_margin"]["correlation"] == pytest.approx(1.0)
+    empty = pq.read_table(tmp_path / "new" / "diff")
+    assert empty.num_rows == 0 and empty.column_names[:3] == [C.PAIR_ID, "change", "cause"]
