@@ -33,7 +33,7 @@ from mapray.preflight import check_models
 from mapray.public_rows import TrlColumns, public_rows, reject_rows
 from mapray.runtime import LIGHT_TASK_CPUS, ensure_ray, map_stage, tune_ray_data, watched
 from mapray.selection import Selection, decide, mark
-from mapray.stages import LogprobStage, RewardStage, add_row_metrics, policy_from_generation, reward_role
+from mapray.stages import LogprobStage, RewardStage, add_row_metrics, from_cache, policy_from_generation, reward_role
 
 log = logging.getLogger(__name__)
 __all__ = ["InputShape", "Scorer", "make_report", "select", "split_rejects"]
@@ -122,17 +122,23 @@ class Scorer:
         """Every input row in canonical form (internal columns), good or carrying its reject reason."""
         return ds.map_batches(Normalizer(shape.spec), batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
 
-    def score(self, ds, caches: dict | None = None):
+    def score(self, ds, caches: dict | None = None, complete: frozenset[str] = frozenset()):
         """The model stages and the per-row metrics over normalized rows; `caches`: each model stage's cache
-        namespace and pick (`mapray.pipeline.cache_namespaces`), none outside a run with a cache."""
+        namespace and pick (`mapray.pipeline.cache_namespaces`), none outside a run with a cache; `complete`: the
+        roles whose cached values cover every row (`mapray.pipeline.complete_namespaces`): their stages run from
+        the cache in light tasks, no actor started, no model loaded, no GPU held."""
         cfg, caches = self.config, caches or {}
 
-        def cache(role: str) -> dict:
-            ns, pick = caches.get(role, (None, None))
-            return {"cache": ns, "pick": pick}
+        def stage(ds, stage_cls, model, cache_role: str, **kwargs):
+            ns, pick = caches.get(cache_role, (None, None))
+            kwargs.update(cache=ns, pick=pick)
+            if cache_role in complete:
+                return ds.map_batches(from_cache, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS,
+                                      fn_kwargs={"stage_cls": stage_cls, "kwargs": {"cfg": model, **kwargs}})
+            return map_stage(ds, stage_cls, model, **kwargs)
 
         for _, name, model in reward_models(cfg):  # each its own actor pool; several are then combined
-            ds = map_stage(ds, RewardStage, model, name=name, **cache(reward_role(name)))
+            ds = stage(ds, RewardStage, model, reward_role(name), name=name)
         combination = Combination.of(cfg.reward)
         if combination is not None:
             ds = ds.map_batches(combine_rewards, fn_kwargs={
@@ -141,9 +147,9 @@ class Scorer:
         if self.reuses_generation_logps:
             ds = ds.map_batches(policy_from_generation, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
         else:
-            ds = map_stage(ds, LogprobStage, cfg.policy, role="policy", **cache("policy"))
+            ds = stage(ds, LogprobStage, cfg.policy, "policy", role="policy")
         if cfg.metric.needs_reference_model:
-            ds = map_stage(ds, LogprobStage, cfg.reference, role="reference", **cache("reference"))
+            ds = stage(ds, LogprobStage, cfg.reference, "reference", role="reference")
         return ds.map_batches(add_row_metrics, fn_kwargs={"metric": cfg.metric,
                                                           "rewards_from_columns": cfg.reward.source == "columns"},
                               batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)

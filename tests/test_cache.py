@@ -95,6 +95,7 @@ def test_rescoring_a_new_policy_reuses_reference_and_rewards(tmp_path, tiny, dpo
     second = _cfg(dpo_run.uri, tmp_path / "v2", tiny["policy"], tiny, cache)
     manifest = score(second)
     assert manifest["timings"]["cache_lookup_s"] > 0
+    assert manifest["from_cache_alone"] == []  # new rows for the reference and reward model, a new policy
     assert spaces["reference"].loads() == 2 and spaces["reward"].loads() == 2
     new_ns = cache_namespaces(second, identify_models(second))["policy"][0]
     assert new_ns.id != spaces["policy"].id and new_ns.loads() == 1
@@ -125,6 +126,7 @@ def test_rescoring_a_new_policy_reuses_reference_and_rewards(tmp_path, tiny, dpo
     loads = {ns.id: ns.loads() for ns in (*spaces.values(), new_ns)}
     third = score(_cfg(dpo_run.uri, tmp_path / "v3", tiny["policy"], tiny, cache))  # policy's values twice, too
     assert {ns.id: ns.loads() for ns in (*spaces.values(), new_ns)} == loads
+    assert third["from_cache_alone"] == ["policy", "reference", "reward"]  # no actor started: light tasks only
     assert third["counts"]["scored"] == N_GOOD and _scored(tmp_path / "v3").keys() == full.keys()
     for pid, row in _scored(tmp_path / "v3").items():
         for col in COLUMNS:

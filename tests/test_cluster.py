@@ -2,8 +2,9 @@
 worker nodes with fake GPUs, each its own raylet and object store). A worker node lost while the model stages
 run, one lost during the global pass, one added mid-run: every pair comes out exactly once, with the values of a
 clean run of the same config. And the placement deploy/ asks for: one model actor per GPU, a tensor-parallel
-model's shards within one node. Every run is a `mapray score` subprocess submitted to the cluster's address;
-this test process never joins the cluster."""
+model's shards within one node. Every run on the cluster is a `mapray score` subprocess submitted to the
+cluster's address; this test process never joins the cluster (the clean run is the same config on the suite's own
+local Ray: where an actor runs changes no value)."""
 
 import collections
 import contextlib
@@ -17,6 +18,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from mapray.config import load_config
+from mapray.pipeline import score
 from mapray.runtime import checkpointed_rows
 from mapray.testing.cluster import LocalCluster
 from mapray.testing.compare import assert_same_rows
@@ -82,12 +85,15 @@ def job(tmp_path_factory, tiny) -> Job:
 
 
 @pytest.fixture(scope="module")
-def clean(cluster, job, tmp_path_factory) -> Attempt:
-    """The run every fault run is compared with: two workers, nothing lost, nothing added."""
-    cluster.set_workers(WORKER, WORKER)
-    attempt = _start(cluster, job, tmp_path_factory.mktemp("clean") / "out")
-    assert _wait(attempt) == 0, _log_tail(attempt.out)
-    return attempt
+def clean(job, tmp_path_factory, local_ray) -> Path:
+    """The output every fault run is compared with: the same config, nothing lost, nothing added, run on the
+    suite's local Ray (no GPUs there: the actors ask for none; which node or GPU an actor holds changes no value)."""
+    out = tmp_path_factory.mktemp("clean") / "out"
+    cfg = json.loads(job.config(out).read_text())
+    for model in (cfg["policy"], cfg["reference"], cfg["reward"]["model"]):
+        model["gpus_per_actor"] = 0
+    score(load_config(None, base=cfg))
+    return out
 
 
 def _start(cluster: LocalCluster, job: Job, out: Path) -> Attempt:
@@ -144,21 +150,7 @@ def _on(node_id: str, records) -> list:
     return [r for r in records if r.node_id == node_id]
 
 
-# --- placement: what deploy/ asks for, on fake GPUs ---
-
-@pytest.mark.timeout(RUN_S)
-def test_one_model_actor_per_gpu_on_the_worker_nodes_driver_on_the_head(cluster, clean):
-    assert dict(cluster.jobs())[clean.job_id] == cluster.head_id
-    actors = _model_actors(cluster, clean.job_id)
-    assert collections.Counter(STAGES[a.class_name] for a in actors) == {"reward": 1, "logps": 2}
-    for a in actors:
-        assert a.asked == {"CPU": 0.5, "GPU": 1.0}, a
-        assert a.node_id in clean.workers and len(a.held["GPU"]) == 1, a
-        assert a.restarts == 0
-    gpus = [(a.node_id, a.held["GPU"][0]) for a in actors]
-    assert len(set(gpus)) == len(gpus)  # never two on one GPU
-    assert all(0 <= gpu < WORKER["num_gpus"] for _, gpu in gpus)
-
+# --- placement: what deploy/ asks for, on fake GPUs (and one model actor per GPU: the node-added run) ---
 
 @pytest.mark.timeout(300)
 def test_tensor_parallel_shards_stay_within_one_node(cluster, tmp_path):
@@ -211,7 +203,7 @@ def test_a_worker_node_lost_while_the_model_stages_run(cluster, job, clean, tmp_
     for a in _model_actors(cluster, attempt.job_id):
         if a.actor_id in in_hand:
             assert a.restarts == 1 and a.earlier_nodes == [victim] and a.node_id in attempt.workers - {victim}, a
-    _assert_each_pair_once_as_in_the_clean_run(attempt.out, clean.out, job.ids)
+    _assert_each_pair_once_as_in_the_clean_run(attempt.out, clean, job.ids)
 
 
 @pytest.mark.timeout(RUN_S)
@@ -234,7 +226,7 @@ def test_a_worker_node_lost_during_the_global_pass(cluster, job, clean, tmp_path
     assert _wait(attempt) == 0, _log_tail(attempt.out)
     lost = [t for t in _on(victim, cluster.tasks(attempt.job_id)) if t.state == "FAILED" and "Write" in t.name]
     assert lost, "no write failed with the node"
-    _assert_each_pair_once_as_in_the_clean_run(attempt.out, clean.out, job.ids)
+    _assert_each_pair_once_as_in_the_clean_run(attempt.out, clean, job.ids)
 
 
 @pytest.mark.timeout(RUN_S)
@@ -252,9 +244,18 @@ def test_a_node_added_mid_run_takes_work(cluster, job, clean, tmp_path):
     assert attempt.proc.poll() is None, _log_tail(attempt.out)
     added = cluster.add_worker(**WORKER)
     assert _wait(attempt) == 0, _log_tail(attempt.out)
-    (now,) = [a for a in _model_actors(cluster, attempt.job_id) if a.actor_id == pending[0].actor_id]
+    actors = _model_actors(cluster, attempt.job_id)
+    (now,) = [a for a in actors if a.actor_id == pending[0].actor_id]
     assert now.node_id == added.node_id and now.restarts == 0  # it started there and stayed
+    # the placement deploy/ asks for: the driver on the head, one model actor per GPU on the worker nodes
+    assert dict(cluster.jobs())[attempt.job_id] == cluster.head_id
+    assert collections.Counter(STAGES[a.class_name] for a in actors) == {"reward": 1, "logps": 2}
+    for a in actors:
+        assert a.asked == {"CPU": 0.5, "GPU": 1.0} and len(a.held["GPU"]) == 1 and a.restarts == 0, a
+        assert a.node_id in attempt.workers | {added.node_id}, a
+    gpus = [(a.node_id, a.held["GPU"][0]) for a in actors]
+    assert len(set(gpus)) == len(gpus)  # never two on one GPU
     # and it worked there: its stage's batches finished on the new node
     done = [t for t in _on(added.node_id, cluster.tasks(attempt.job_id)) if t.state == "FINISHED" and _is_batch(t.name)]
     assert done and {t.actor_id for t in done} == {now.actor_id}
-    _assert_each_pair_once_as_in_the_clean_run(attempt.out, clean.out, job.ids)
+    _assert_each_pair_once_as_in_the_clean_run(attempt.out, clean, job.ids)

@@ -213,6 +213,8 @@ def test_a_model_added_to_a_cached_run_is_the_only_one_that_runs(ensemble, tiny)
     after = loads()
     new = [d for d in after if d not in before]
     assert len(new) == 1 and after[new[0]] == 1  # the added model, loaded once
+    # and the only actor started: every other stage ran from the cache in light tasks
+    assert manifest["from_cache_alone"] == ["policy", "reward_a", "reward_b", "reward_neg"]
     assert all(after[d] == n for d, n in before.items())  # every other model's values came from the cache
     scored = {r["pair_id"]: r for r in pq.read_table(out / "scored").to_pylist()}
     for row in ensemble["scored"]:

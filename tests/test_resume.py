@@ -1,13 +1,9 @@
-"""Resuming and the resources a run asks for. The driver SIGKILLed mid-run with every model stage on this
-machine's 2 CPUs, then the same command run again: it resumes from Ray Data's checkpoint on those 2 CPUs, every
-pair comes out once with the values of a clean run. A run Ray cannot schedule stops with one line instead of
-waiting forever; a slow one does not."""
+"""Resuming and the resources a run asks for: the checkpoint's own parts (cut-short writes recovered, written rows
+skipped) on a local Ray. The driver SIGKILLed while every model stage runs, then the same command again, is the
+run story of tests/test_s3.py (the checkpoint on object storage, where a cluster's runs keep it). A run Ray cannot
+schedule stops with one line instead of waiting forever; a slow one does not."""
 
 import collections
-import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,9 +16,6 @@ import ray.data
 from mapray.config import ModelConfig
 from mapray.errors import ConfigError
 from mapray.runtime import RunStalled, check_local_cpus, checkpointed, checkpointed_rows, skip_written, watched
-from mapray.testing.compare import assert_same_rows
-from mapray.testing.faults import kill_with_its_local_ray
-from tests.conftest import dpo_config, dpo_input_lines
 
 
 def test_the_start_up_check_counts_the_actors_and_the_light_tasks_beside_them():
@@ -114,61 +107,3 @@ def test_watchdog_lets_a_slow_batch_finish(local_ray):
                                 compute=ray.data.ActorPoolStrategy(size=1)) \
             .map_batches(lambda b: b, num_cpus=0.25).take_all()
     assert sorted(r["x"] for r in out) == list(range(6))
-
-
-# --- the driver killed with every model stage running, then the same command again ---
-
-def _written(out: Path) -> int:
-    return sum(checkpointed_rows(str(p)) for p in out.glob("_staging/run-*/checkpoint"))
-
-
-def test_driver_killed_mid_run_resumes_with_every_model_stage(tmp_path, tiny, dpo_run):
-    """The session's DPO run (tests/conftest.py) again, its driver killed: the clean run to compare with is that
-    run, made once for every test that checks it."""
-    lines = dpo_input_lines()
-    n = len(lines)
-    out = tmp_path / "out"
-    config = dpo_config(tiny, dpo_run.uri, str(out))
-    for model in (config["policy"], config["reference"], config["reward"]["model"]):
-        model["batch_size"] = 4  # more, smaller writes: the kill lands between two of them, not after the last
-    (tmp_path / "run.yaml").write_text(json.dumps(config))
-    command = [sys.executable, "-m", "mapray", "score", "--config", str(tmp_path / "run.yaml")]
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                             start_new_session=True)  # its own process group: the local Ray dies with it
-    deadline = time.monotonic() + 400
-    while not _written(out) and time.monotonic() < deadline and first.poll() is None:
-        time.sleep(0.1)
-    assert first.poll() is None, "the first run ended before it could be killed: make it longer"
-    kill_with_its_local_ray(first)
-    done_before = _written(out)
-    assert 0 < done_before < n and not (out / "manifest.json").exists()
-
-    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["resumed"] is True
-    # every row the kill left unwritten, and only those, was scored again (cut-short writes included)
-    assert manifest["counts"]["model_pass_rows_this_attempt"] == n - done_before
-    assert not list((out / "_staging").glob("run-*"))  # staging removed once published
-
-    clean, fresh_out = dpo_run.manifest, dpo_run.out
-    assert clean["resumed"] is False
-    assert {k: manifest["counts"][k] for k in ("input", "scored", "rejected", "selected")} == \
-        {k: clean["counts"][k] for k in ("input", "scored", "rejected", "selected")}
-    resumed, fresh = (pq.read_table(p / "scored").sort_by("pair_id") for p in (out, fresh_out))
-    rejected = pq.read_table(out / "rejects").select(["pair_id", "reason"]).sort_by("pair_id")
-    ids = resumed["pair_id"].to_pylist() + rejected["pair_id"].to_pylist()  # every pair exactly once
-    assert collections.Counter(ids) == collections.Counter(_pair_id(x) for x in lines)
-    assert rejected == pq.read_table(fresh_out / "rejects").select(["pair_id", "reason"]).sort_by("pair_id")
-    assert manifest["counts"]["scored"] > n // 2  # most rows reach the models: the comparison below has teeth
-    assert_same_rows(resumed, fresh, {"chosen_logps", "ref_rejected_logps", "reward_chosen", "explicit_margin",
-                                      "implicit_margin", "map", "map_z"})
-
-
-def _pair_id(line: bytes) -> str | None:
-    """A line's prompt_id; None for a line that is not JSON (its reject has no pair id)."""
-    try:
-        return json.loads(line)["prompt_id"]
-    except json.JSONDecodeError:
-        return None

@@ -3,10 +3,11 @@ server started here (moto in server mode on a free localhost port). Every `mapra
 environment points s3fs (botocore), pyarrow's S3FileSystem (Ray Data's reads, writes and checkpoint) and, through
 the local Ray it starts, every Ray worker at that server; the session's own Ray is not involved.
 
-One run story, checked in parts: `mapray score` SIGKILLed with its local Ray mid-run, the same command again (it
-resumes from the checkpoint on s3), then the policy rewritten in place on s3 and `mapray rescore`: the reference
-log-probs come from the cache on s3 (its model is not loaded again), and the published output equals a local run
-of the same config (rewards come from the data's own columns: a third model stage would add time, not coverage).
+One run story, checked in parts: the suite's DPO run (tests/conftest.py: policy, reference and reward model) with
+everything on s3, `mapray score` SIGKILLed with its local Ray while every model stage runs, the same command again
+(it resumes from the checkpoint on s3, and its output equals the suite's clean local run), then the policy
+rewritten in place on s3 and `mapray rescore`: the reference log-probs and the rewards come from the cache on s3
+(neither model is loaded again), and the published output equals a local run of the same config.
 A poller lists the output all along: whenever manifest.json is there, scored/, selected/ and rejects/ are exactly
 those of a finished run. A URI mapray cannot use stops the run before Ray starts with one line naming its key."""
 
@@ -34,14 +35,10 @@ from mapray.pipeline import score
 from mapray.testing.compare import FP32_ATOL, FP32_RTOL, assert_same_rows
 from mapray.testing.faults import kill_with_its_local_ray
 from mapray.testing.tiny_models import perturbed_copy
-from tests.conftest import UF
+from tests.conftest import BAD_LINES, UF, dpo_config, dpo_input_lines, model_config
 
-N = 64  # input lines: enough Ray blocks that the driver can be killed between two checkpointed writes
 BUCKET = "mapray-test"
-MODEL = {"max_length": 192, "truncation_mode": "keep_end", "token_budget": 2048, "batch_size": 4,
-         "cpus_per_actor": 0.5}
-BAD_LINES = [b"{not json", json.dumps({"prompt_id": "same", "prompt": "hi", "chosen": "a", "rejected": "a"}).encode()]
-ROLES = ("policy", "reference")
+ROLES = ("policy", "reference", "reward")
 
 
 @dataclass
@@ -111,10 +108,12 @@ def mapray(*args: str, env: dict, **kwargs) -> subprocess.CompletedProcess:
 # --- the run story: killed, resumed, rescored with the cache on s3, against a local run ---
 
 def _config(inputs: str, models: dict, out: str, cache: str | None) -> dict:
-    return {"input": {"uri": inputs, "columns": {"id": "prompt_id"}}, "output": out, "cache": cache,
-            "policy": {"path": models["policy"], **MODEL}, "reference": {"path": models["reference"], **MODEL},
-            "reward": {"source": "columns"},
-            "metric": {"implicit": "dpo"}, "selection": {"ratio": 0.5}}
+    """The suite's DPO run with these models, input, output and cache; batches of 4, so that the kill lands
+    between two checkpointed writes rather than after the last."""
+    config = dpo_config(models, inputs, out, cache=cache)
+    for model in (config["policy"], config["reference"], config["reward"]["model"]):
+        model["batch_size"] = 4
+    return config
 
 
 class Poller:
@@ -154,8 +153,10 @@ def _upload(fs, folder: str, prefix: str) -> None:
         fs.put(str(file), f"{prefix}/{file.name}")
 
 
-def _committed_rows(fs, out: str) -> int:
-    files = [f for f in fs.glob(f"{out}/_staging/run-*/checkpoint/*.parquet") if not f.endswith(".pending.parquet")]
+def _committed_rows(fs, out: str, kind: str = "run") -> int:
+    """Rows a run's (or a generation's: `gen`) checkpoint on s3 records as written."""
+    files = [f for f in fs.glob(f"{out}/_staging/{kind}-*/checkpoint/*.parquet")
+             if not f.endswith(".pending.parquet")]
     return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files)
 
 
@@ -189,7 +190,7 @@ def story(s3, tiny, tmp_path_factory):
     """Input, models, output and cache on s3: `mapray score` killed after its first checkpointed rows, run again,
     then `mapray rescore` after the policy is rewritten in place. Returns what each step left."""
     fs, home = s3.fs, tmp_path_factory.mktemp("story")
-    lines = UF.read_bytes().splitlines()[:N - len(BAD_LINES)] + BAD_LINES
+    lines = dpo_input_lines()
     (home / "pairs.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     fs.put(str(home / "pairs.jsonl"), f"{BUCKET}/in/pairs.jsonl")
     for role in ROLES:
@@ -217,7 +218,8 @@ def story(s3, tiny, tmp_path_factory):
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         step["first"] = read_output(fs, out)
         step["first_view"] = frozenset(fs.find(out))
-        shas = {role: step["first"]["manifest"]["models"][role]["sha256"] for role in ROLES}
+        models_run = step["first"]["manifest"]["models"]  # the manifest names a reward model by its config key
+        shas = {role: models_run["reward.model" if role == "reward" else role]["sha256"] for role in ROLES}
         step["loads_first"] = model_loads(fs, cache, shas)
 
         step["new_policy"] = perturbed_copy(tiny["policy"], home / "policy-v2")
@@ -235,20 +237,35 @@ def story(s3, tiny, tmp_path_factory):
     return step
 
 
-def test_a_killed_driver_resumes_from_its_checkpoint_on_s3(story):
+def test_a_killed_driver_resumes_from_its_checkpoint_on_s3(story, dpo_run):
     n, done_before = len(story["lines"]), story["done_before"]
     assert 0 < done_before < n and not story["manifest_after_kill"]
     first = story["first"]
     manifest = first["manifest"]
     assert manifest["resumed"] is True
-    assert manifest["counts"]["model_pass_rows_this_attempt"] == n - done_before  # only what the kill left unwritten
-    assert manifest["counts"]["input"] == n and manifest["counts"]["rejected"] >= len(BAD_LINES)
-    # every input line comes out exactly once, scored or rejected (a cut-short write on s3 recovered, not doubled)
+    # every row the kill left unwritten, and only those, was scored again (cut-short writes on s3 recovered)
+    assert manifest["counts"]["model_pass_rows_this_attempt"] == n - done_before
+    clean = dpo_run.manifest  # the same config and lines, run once on a local output, nothing killed
+    assert {k: manifest["counts"][k] for k in ("input", "scored", "rejected", "selected")} == \
+        {k: clean["counts"][k] for k in ("input", "scored", "rejected", "selected")}
+    # every input line comes out exactly once, scored or rejected, with the values of the clean run
     ids = first["scored"]["pair_id"].to_pylist() + first["rejects"]["pair_id"].to_pylist()
-    want = [json.loads(x)["prompt_id"] for x in story["lines"] if x != b"{not json"]
-    assert collections.Counter(i for i in ids if i is not None) == collections.Counter(want)
-    assert first["rejects"]["reason"].to_pylist().count("invalid JSON (Expecting property name enclosed in double "
-                                                        "quotes)") == 1
+    assert collections.Counter(ids) == collections.Counter(_pair_id(x) for x in story["lines"])
+    rejected = first["rejects"].select(["pair_id", "reason"]).sort_by("pair_id")
+    assert rejected == pq.read_table(dpo_run.out / "rejects").select(["pair_id", "reason"]).sort_by("pair_id")
+    assert rejected["reason"].to_pylist().count("invalid JSON (Expecting value)") == 1
+    assert manifest["counts"]["scored"] > n // 2  # most rows reach the models: the comparison below has teeth
+    assert_same_rows(first["scored"].sort_by("pair_id"), pq.read_table(dpo_run.out / "scored").sort_by("pair_id"),
+                     {"chosen_logps", "ref_rejected_logps", "reward_chosen", "explicit_margin", "implicit_margin",
+                      "map", "map_z"})
+
+
+def _pair_id(line: bytes) -> str | None:
+    """A line's prompt_id; None for a line that is not JSON (its reject has no pair id)."""
+    try:
+        return json.loads(line)["prompt_id"]
+    except json.JSONDecodeError:
+        return None
 
 
 def test_the_rescore_reads_the_reference_log_probs_from_the_cache_on_s3(story):
@@ -256,9 +273,10 @@ def test_the_rescore_reads_the_reference_log_probs_from_the_cache_on_s3(story):
     old, new = (story[run]["manifest"]["models"]["policy"]["sha256"] for run in ("first", "second"))
     assert new != old  # the policy rewritten in place is a new model: its copy follows the objects, not the URI
     assert min(first.values()) >= 1  # the killed run and its resume loaded each model (once or twice)
-    # the rescore loaded the new policy once, and not the reference
+    # the rescore loaded the new policy once, and neither the reference nor the reward model
     assert second == {**first, "new policy": 1}
     manifest = story["second"]["manifest"]
+    assert manifest["from_cache_alone"] == ["reference", "reward"]  # their stages started no actor
     assert manifest["resumed"] is False
     assert manifest["counts"]["scored"] == story["first"]["manifest"]["counts"]["scored"]
 
@@ -292,7 +310,7 @@ def test_publishing_on_s3_is_manifest_last_and_removes_staging(story):
 
 def test_the_output_on_s3_equals_a_local_run_of_the_same_config(story, tiny, local_ray):
     home = story["home"]
-    models = {"policy": story["new_policy"], "reference": tiny["reference"]}
+    models = {"policy": story["new_policy"], "reference": tiny["reference"], "reward": tiny["reward"]}
     local = score(load_config(None, base=_config(str(home / "pairs.jsonl"), models, str(home / "local"), None)))
     got = story["second"]
     manifest = got["manifest"]
@@ -341,7 +359,7 @@ def _error_runs(cases: dict, base: Path, tiny: dict, home: Path) -> dict:
     each run's one error line."""
     config = home / "base.yaml"
     config.write_text(json.dumps({"input": {"uri": str(base), "columns": {"id": "prompt_id"}},
-                                  "output": str(home / "out"), "policy": {"path": tiny["policy"], **MODEL}}))
+                                  "output": str(home / "out"), "policy": model_config(tiny["policy"])}))
     runs = {}
     for name, (env, overrides, no_packages) in cases.items():
         head = [sys.executable, "-c", NO_PACKAGES] if no_packages else [sys.executable, "-m", "mapray"]
@@ -457,45 +475,82 @@ def test_no_cached_listing_hides_another_writers_files(s3):
     assert fs.exists(f"{BUCKET}/listed/b") and fs.cat(f"{BUCKET}/listed/b") == b"b"
 
 
-# --- self-play on object storage: prompts in, generated/ and every result out, then an evolve round ---
+# --- self-play on object storage: prompts in, a generation killed and resumed, every result out, an evolve round ---
 
-def test_selfplay_then_evolve_read_and_publish_on_s3(s3, tiny, tmp_path, monkeypatch):
-    """Prompts on s3 -> `mapray selfplay` publishes generated/ + generated.json and the scored round there; the
-    samples are then current on s3 (asking again samples nothing); `mapray evolve --from s3://...` ranks that
-    round's scored/ from s3, rewrites its best prompts (the tiny policy on vLLM) and publishes round 1 beside it:
-    every rewrite scored or set aside with its reason, the lineage pointing at round 0. (The kill and resume of a
-    self-play run, and SmolLM2's samples and log-probs, are tested on a local output: tests/test_selfplay.py.)"""
+def _prompt_lines() -> tuple[list[str], list[str]]:
+    """Five UltraFeedback rows, then three a generation sets aside: a prompt too long to sample from, a line that
+    is not JSON, a prompt that is a number."""
+    rows = [json.loads(line) for line in UF.read_text().splitlines()[:5]]
+    long = dict(rows[0], prompt="Explain this. " + "word " * 1500)
+    lines = [json.dumps(r) for r in rows] + [json.dumps(long), "{not json", json.dumps(dict(rows[1], prompt=5))]
+    return lines, [r["prompt"] for r in rows]
+
+
+def test_selfplay_resumes_a_killed_generation_then_evolves_on_s3(s3, tiny, tmp_path, monkeypatch):
+    """Prompts on s3 -> `mapray selfplay`, its driver SIGKILLed with its local Ray once the first samples are
+    written, the same command again: written prompts are not sampled again; it publishes generated/ +
+    generated.json and the scored round there, the samples then current on s3 (asking again samples nothing).
+    `mapray evolve --from s3://...` ranks that round's scored/ from s3, rewrites its best prompts (the tiny policy
+    on vLLM) and publishes round 1 beside it: every rewrite scored or set aside with its reason, the lineage
+    pointing at round 0. (SmolLM2's samples and their log-probs: tests/test_selfplay.py.)"""
     pytest.importorskip("vllm")
     from mapray.generation.run import generate
 
     fs = s3.fs
-    prompts = [json.loads(line)["prompt"] for line in UF.read_text().splitlines()[:5]]
-    lines = [json.dumps({"prompt": p}) for p in prompts] + ["{not json"]
+    lines, prompts = _prompt_lines()
     fs.pipe(f"{BUCKET}/sp/prompts.jsonl", ("\n".join(lines) + "\n").encode())
     round0, round1 = f"{BUCKET}/sp/round0", f"{BUCKET}/sp/round1"
     config = tmp_path / "selfplay.yaml"
+    # batches of one prompt, 48 tokens each: the kill lands between two written batches
     config.write_text(json.dumps({
         "input": {"uri": f"s3://{BUCKET}/sp/prompts.jsonl"}, "output": f"s3://{round0}",
-        "policy": {"path": tiny["policy"], "max_length": 1024, "batch_size": 4, "cpus_per_actor": 1},
+        "policy": {"path": tiny["policy"], "max_length": 1024, "batch_size": 1, "cpus_per_actor": 1},
         "reward": {"source": "model", "model": {"path": tiny["reward"], "max_length": 512, "cpus_per_actor": 0.5}},
-        "generation": {"n": 2, "max_tokens": 16, "seed": 7},
+        "generation": {"n": 2, "max_tokens": 48, "seed": 7},
         "evolve": {"strategies": ["deepen", "constraints"], "top_fraction": 0.4, "max_tokens": 64},
         "metric": {"alpha": 2.5}, "selection": {"ratio": 0.5}}))
 
-    run = mapray("selfplay", "--config", str(config), env=s3.env)
+    killed = subprocess.Popen([sys.executable, "-m", "mapray", "selfplay", "--config", str(config)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=s3.env, start_new_session=True)
+    deadline = time.monotonic() + 400
+    while not _committed_rows(fs, round0, "gen") and time.monotonic() < deadline and killed.poll() is None:
+        time.sleep(0.2)
+    assert killed.poll() is None, "the generation ended before it could be killed: make it longer"
+    kill_with_its_local_ray(killed)
+    before = _settled(lambda: _committed_rows(fs, round0, "gen"))  # what the machine had written when it went down
+    assert 0 < before < len(lines) and not fs.exists(f"{round0}/generated.json")
+
+    run = mapray("selfplay", "--config", str(config), env=s3.env)  # the same command again
     assert run.returncode == 0, run.stderr[-3000:]
     marker = json.loads(fs.cat(f"{round0}/generated.json"))
-    generated = pq.read_table(f"{round0}/generated", filesystem=fs).to_pylist()
+    generated = pq.read_table(f"{round0}/generated", filesystem=fs)
     out = read_output(fs, round0)
-    assert marker["prompts"] == len(generated) == len(lines) and marker == out["manifest"]["generation"]
-    sampled = [r for r in generated if r["generation_error"] is None]
+    assert marker == out["manifest"]["generation"]
+    assert marker["prompts"] == generated.num_rows == len(lines)
+    assert marker["sampled_this_attempt"] == len(lines) - before  # written prompts not sampled again
+    assert len(set(generated["row_id"].to_pylist())) == len(lines)
+    assert not [c for c in generated.column_names if c.startswith("_m_")]  # nothing internal is published
+    sampled = [r for r in generated.to_pylist() if r["generation_error"] is None]
     assert sorted(r["prompt"][0]["content"] for r in sampled) == sorted(prompts)
     assert all(len(r["all_generated_responses"]) == 2 for r in sampled)
-    scored = out["scored"].to_pylist()
-    reasons = out["rejects"]["reason"].to_pylist()
-    assert len(scored) + len(reasons) == len(lines) and len(scored) >= 3  # every line once
+
+    scored, rejects = out["scored"].to_pylist(), out["rejects"].to_pylist()
+    assert len(scored) + len(rejects) == out["manifest"]["counts"]["input"] == len(lines)  # every prompt once
+    assert len(scored) >= 3 and "other" not in {r["reason_code"] for r in rejects}  # every reason has its code
+    reasons = [r["reason"] for r in rejects]
+    assert all(r["stage"] == "generate" or r["reason"].startswith("fewer than 2") for r in rejects)
+    assert any("tokens, the generator's max_length is 1024: no room to sample" in r for r in reasons)
     assert any(r.startswith("prompt: invalid JSON") for r in reasons)
-    assert len(out["selected"]) == len(scored) // 2
+    assert any("must be a string or a list of messages, got int" in r for r in reasons)
+    for row in scored:  # the reward model picked best and worst; MAP as the config says
+        texts, rewards = row["all_generated_responses"], row["candidate_rewards"]
+        assert len(texts) == 2 and row["chosen"][0]["content"] == texts[rewards.index(max(rewards))]
+        assert row["rejected"][0]["content"] == texts[rewards.index(min(rewards))]
+        assert math.isclose(row["map"], abs(row["explicit_margin"]) - 2.5 * abs(row["implicit_margin"]),
+                            rel_tol=1e-9, abs_tol=1e-12)
+    selected = out["selected"].to_pylist()
+    assert len(selected) == len(scored) // 2 and {r["pair_id"] for r in selected} == {
+        r["pair_id"] for r in sorted(scored, key=lambda r: -r["map_z"])[:len(selected)]}
     assert not [k for k in fs.find(f"{BUCKET}/sp") if "/_staging/" in k and not k.endswith("/_staging/")]
     for key, value in s3.env.items():  # this process reads s3 as the runs did
         if key.startswith("AWS_"):

