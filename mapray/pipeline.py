@@ -167,7 +167,7 @@ def score(cfg: RunConfig, extra: dict | None = None) -> dict:
             write_generations(rows, [ns for ns, _ in caches.values()], layout.run_id)
     timings["cache_store_s"] = time.time() - scored_at
     scored_at = time.time()
-    with stage("selection and outputs"):
+    with stage("selection and outputs") as progress:
         combination = Combination.of(cfg.reward)
         # projected into the read; several reward models: their margins z-scored over the pool first
         narrow, combined = combined_margins(ray.data.read_parquet(rows_path).select_columns(
@@ -175,6 +175,8 @@ def score(cfg: RunConfig, extra: dict | None = None) -> dict:
         selection = decide(narrow, cfg.selection, cfg.metric.alpha, key=C.ROW, full=rows)
         counts = write_results(rows, partial(made_public, trl=p.shape.trl, selection=selection, combined=combined),
                                selection, layout)
+        # the stage's rows are the pool's: its summary passes output a row per block, its write a file listing
+        progress["rows"] = counts["input"]
     timings.update(global_pass_s=time.time() - scored_at, total_s=time.time() - started)
     manifest = build_manifest(cfg, p.models, counts, moments(selection), p.scorer.warnings,
                               {k: round(v, 3) for k, v in timings.items()}, layout.run_id, p.shape.format)

@@ -44,7 +44,7 @@ class _ModelStage:
     """Loads the tokenizer at once and the model only when a row needs it: when every row of a block has a
     cached value (`mapray.cache`), the model is never loaded at all. `cached_only`: the run's cache lookup found a
     value for every row of the pool, so nothing is loaded, not even the tokenizer, and the stage runs in light
-    tasks instead of an actor pool (`cached_stage`)."""
+    tasks instead of an actor pool (`from_cache`)."""
 
     KIND = ""
 

@@ -93,18 +93,20 @@ class DpoRun:
     out: Path
     manifest: dict
     records: list[dict]  # the good input rows
+    cache: Path  # the score cache it filled (cold: nothing was there before it)
 
 
 @pytest.fixture(scope="session")
 def dpo_run(tmp_path_factory, tiny, local_ray) -> DpoRun:
     """The one clean DPO run checked by tests/test_pipeline.py, and the run that tests/test_s3.py (killed and
-    resumed on object storage), tests/test_cache.py (rescored with cached values) and tests/test_vllm_engine.py
-    (on vLLM) must equal: each run of its own cost tens of seconds."""
+    resumed on object storage) and tests/test_vllm_engine.py (on vLLM) must equal, and whose cache
+    tests/test_cache.py rescores from: each run of its own costs tens of seconds."""
     from mapray.config import load_config
     from mapray.pipeline import score
 
     tmp = tmp_path_factory.mktemp("dpo")
     (tmp / "uf.jsonl").write_bytes(b"\n".join(dpo_input_lines()) + b"\n")
-    manifest = score(load_config(None, base=dpo_config(tiny, str(tmp / "uf.jsonl"), str(tmp / "out"))))
+    manifest = score(load_config(None, base=dpo_config(tiny, str(tmp / "uf.jsonl"), str(tmp / "out"),
+                                                       cache=str(tmp / "cache"))))
     records = [json.loads(x) for x in UF.read_bytes().splitlines()[:N_GOOD]]
-    return DpoRun(str(tmp / "uf.jsonl"), tmp / "out", manifest, records)
+    return DpoRun(str(tmp / "uf.jsonl"), tmp / "out", manifest, records, tmp / "cache")

@@ -1,5 +1,5 @@
-"""Incremental rescoring: a new policy checkpoint reruns only the policy; the reference and reward models are
-not even loaded on a full cache hit, and the results equal a full run without the cache."""
+"""Incremental rescoring: a new policy checkpoint reruns only the policy; on a full cache hit a model is not
+loaded and its stage starts no actor, and the values from the cache equal those the models computed."""
 
 import shutil
 from pathlib import Path
@@ -13,10 +13,9 @@ from mapray.cache import namespace, row_keys
 from mapray.cli import main
 from mapray.config import ModelConfig, load_config
 from mapray.manifest import identify_models
-from mapray.outputs import read_manifest
 from mapray.pipeline import cache_namespaces, score
 from mapray.testing.tiny_models import perturbed_copy
-from tests.conftest import N_GOOD, dpo_config, dpo_input_lines
+from tests.conftest import N_GOOD, UF, dpo_config, dpo_input_lines
 
 COLUMNS = ["reward_chosen", "reward_rejected", "chosen_logps", "rejected_logps", "ref_chosen_logps",
            "ref_rejected_logps", "implicit_margin", "map", "map_z", "selected"]
@@ -50,6 +49,25 @@ def test_row_keys_say_what_decides_a_value():
     assert row_keys(cands, reward, None)[0] != row_keys(cands, reward, None)[1]
 
 
+def test_a_stage_run_from_the_cache_alone_loads_nothing_and_refuses_a_row_without_a_value():
+    """What a run does for a model whose every row the lookup found (`from_cache_alone`): the stage's own code in
+    a light task, no tokenizer or model (the path `p` does not exist). A row without a value reaching it would be
+    a lookup that miscounted: it stops there rather than score nothing."""
+    from mapray.stages import LogprobStage, from_cache
+
+    ns = namespace("/c", "reference", "logprobs", ModelConfig(path="p"), "sha1")
+    value = [-1.5, -2.5, 3.0, 4.0, 0.0, 1.0]
+    table = _rows(**{C.PROMPT: ['"a"', '"b"', '"c"'], C.CHOSEN: ['"x"', '"x"', '"x"'],
+                     C.REJECTED: ['"y"', '"y"', '"y"'], C.REJECT: [None, "set aside before", None],
+                     ns.value_column: [value, None, None]})
+    kwargs = {"cfg": ModelConfig(path="p"), "role": "reference", "cache": ns, "pick": None}
+    out = from_cache(table.slice(0, 2), LogprobStage, kwargs)  # a set-aside row needs no value
+    assert out.column("ref_chosen_logps").to_pylist() == [-1.5, None]
+    assert out.column("ref_rejected_logps").to_pylist() == [-2.5, None]
+    with pytest.raises(RuntimeError, match="^reference: a row without a cached value reached the stage"):
+        from_cache(table, LogprobStage, kwargs)
+
+
 def _cfg(uri: str, out: Path, policy: str, tiny: dict, cache: str | None):
     """The session's DPO run (tests/conftest.py) with another input, output, policy or cache."""
     return load_config(None, base=dpo_config(tiny, uri, str(out), policy=policy, cache=cache))
@@ -72,27 +90,27 @@ def _scored(out: Path) -> dict:
 
 
 def test_rescoring_a_new_policy_reuses_reference_and_rewards(tmp_path, tiny, dpo_run, capsys):
-    # an older policy over the first 16 lines of the session's DPO run; that run itself is the uncached run of the
-    # new policy (tiny["policy"]) over all its lines, which the rescoring below must equal
-    (tmp_path / "first.jsonl").write_bytes(b"\n".join(dpo_input_lines()[:16]) + b"\n")
+    """The session's DPO run (tests/conftest.py) filled a cold cache; a new policy then scores its lines and eight
+    new ones from a copy of that cache; a rerun after compaction finds every value: no model loads, no actor
+    starts, and every column equals what the models computed."""
     cache = str(tmp_path / "cache")
-    old_policy = perturbed_copy(tiny["policy"], tmp_path / "policy-v1")
-    first = _cfg(str(tmp_path / "first.jsonl"), tmp_path / "v1", old_policy, tiny, cache)
-    score(first)
+    shutil.copytree(dpo_run.cache, cache)  # the session's run stays as it is for the other tests
+    first = _cfg(dpo_run.uri, dpo_run.out, tiny["policy"], tiny, cache)
     models = identify_models(first)
     spaces = {role: ns for role, (ns, _) in cache_namespaces(first, models).items()}
     assert {role: ns.loads() for role, ns in spaces.items()} == {"reward": 1, "policy": 1, "reference": 1}
     # one generation per namespace, a few files at most, each good row's value stored once
-    assert _generations(cache) == {ns.id: [f"gen-{read_manifest(str(tmp_path / 'v1'))['run_id']}"]
-                                   for ns in spaces.values()}
+    assert _generations(cache) == {ns.id: [f"gen-{dpo_run.manifest['run_id']}"] for ns in spaces.values()}
     for ns in spaces.values():
         stored = _stored(cache, ns.id)
-        assert stored.num_rows == len(_scored(tmp_path / "v1")) and len(set(stored["key"].to_pylist())) == \
-            stored.num_rows
+        assert stored.num_rows == N_GOOD and len(set(stored["key"].to_pylist())) == stored.num_rows
         assert len(list((Path(cache) / ns.id).rglob("*.parquet"))) == 1
 
-    # the new policy over the same 16 lines and 17 new ones: the reference and reward model score only the new rows
-    second = _cfg(dpo_run.uri, tmp_path / "v2", tiny["policy"], tiny, cache)
+    # a new policy over the same lines and eight new ones: the reference and reward model score only the new rows
+    lines = dpo_input_lines() + UF.read_bytes().splitlines()[N_GOOD:N_GOOD + 8]
+    (tmp_path / "more.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    new_policy = perturbed_copy(tiny["policy"], tmp_path / "policy-v2")
+    second = _cfg(str(tmp_path / "more.jsonl"), tmp_path / "v2", new_policy, tiny, cache)
     manifest = score(second)
     assert manifest["timings"]["cache_lookup_s"] > 0
     assert manifest["from_cache_alone"] == []  # new rows for the reference and reward model, a new policy
@@ -101,17 +119,15 @@ def test_rescoring_a_new_policy_reuses_reference_and_rewards(tmp_path, tiny, dpo
     assert new_ns.id != spaces["policy"].id and new_ns.loads() == 1
     gens = _generations(cache)
     assert len(gens[spaces["reference"].id]) == 2 and len(gens[new_ns.id]) == 1
-    assert _stored(cache, spaces["reference"].id).num_rows == len(_scored(tmp_path / "v2"))  # only new rows added
-
-    cached, full = _scored(tmp_path / "v2"), _scored(dpo_run.out)
+    rescored = _scored(tmp_path / "v2")
+    assert len(rescored) == N_GOOD + 8 and _stored(cache, spaces["reference"].id).num_rows == len(rescored)
     # the lookup's joins leave no trace in what is written: the same columns, in the same order and types
     assert pq.read_table(tmp_path / "v2" / "scored").schema == pq.read_table(dpo_run.out / "scored").schema
-    assert cached.keys() == full.keys() and len(full) == N_GOOD
-    for pid, row in full.items():  # to fp32 rounding: cached rows were scored in other batches than these
-        for col in COLUMNS:
-            assert cached[pid][col] == pytest.approx(row[col], rel=1e-6, abs=1e-5), (pid, col)
-    old = _scored(tmp_path / "v1")
-    assert any(old[p]["chosen_logps"] != full[p]["chosen_logps"] for p in old)  # the policy really changed
+    full = _scored(dpo_run.out)
+    for pid, row in full.items():  # the old rows' reference log-probs and rewards: the values the first run stored
+        for col in ("reward_chosen", "reward_rejected", "ref_chosen_logps", "ref_rejected_logps"):
+            assert rescored[pid][col] == row[col], (pid, col)
+    assert any(rescored[p]["chosen_logps"] != full[p]["chosen_logps"] for p in full)  # the policy really changed
 
     # compacted into one generation each; a rerun then hits every row of every model: none is loaded
     capsys.readouterr()
@@ -124,13 +140,13 @@ def test_rescoring_a_new_policy_reuses_reference_and_rewards(tmp_path, tiny, dpo
     # two runs that overlapped both stored the same rows: the lookup must not repeat them
     shutil.copytree(Path(cache) / new_ns.id / _generations(cache)[new_ns.id][0], Path(cache) / new_ns.id / "gen-copy")
     loads = {ns.id: ns.loads() for ns in (*spaces.values(), new_ns)}
-    third = score(_cfg(dpo_run.uri, tmp_path / "v3", tiny["policy"], tiny, cache))  # policy's values twice, too
+    third = score(_cfg(str(tmp_path / "more.jsonl"), tmp_path / "v3", new_policy, tiny, cache))
     assert {ns.id: ns.loads() for ns in (*spaces.values(), new_ns)} == loads
     assert third["from_cache_alone"] == ["policy", "reference", "reward"]  # no actor started: light tasks only
-    assert third["counts"]["scored"] == N_GOOD and _scored(tmp_path / "v3").keys() == full.keys()
-    for pid, row in _scored(tmp_path / "v3").items():
+    assert third["counts"]["scored"] == len(rescored) and _scored(tmp_path / "v3").keys() == rescored.keys()
+    for pid, row in _scored(tmp_path / "v3").items():  # every value from the cache = the value computed
         for col in COLUMNS:
-            assert row[col] == pytest.approx(cached[pid][col], rel=1e-6, abs=1e-5), (pid, col)
+            assert row[col] == pytest.approx(rescored[pid][col], rel=1e-12, abs=1e-12), (pid, col)
 
 
 def test_compacting_a_cache_that_is_not_there_is_one_line(tmp_path, capsys):

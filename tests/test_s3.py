@@ -292,6 +292,7 @@ def test_a_successful_run_prints_its_stages_and_summary_and_nothing_of_rays(stor
     stages = [line.split(":")[1].strip() for line in stderr.splitlines()
               if line.startswith("mapray: ") and "rows/s" not in line]  # each stage's last line
     assert stages == ["normalize", "cache lookup", "model pass", "cache store", "selection and outputs"], stderr
+    assert f"mapray: selection and outputs: {len(story['lines'])} rows in " in stderr  # the pool, every line once
     assert stdout.splitlines()[0].startswith("mapray: ") and "rejected" in stdout, stdout
     assert "invalid_json: invalid JSON" in stdout  # the reasons by code, with an example each
 
