@@ -1,6 +1,7 @@
 """Incremental rescoring: a new policy checkpoint reruns only the policy; on a full cache hit a model is not
 loaded and its stage starts no actor, and the values from the cache equal those the models computed."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -66,6 +67,24 @@ def test_a_stage_run_from_the_cache_alone_loads_nothing_and_refuses_a_row_withou
     assert out.column("ref_rejected_logps").to_pylist() == [-2.5, None]
     with pytest.raises(RuntimeError, match="^reference: a row without a cached value reached the stage"):
         from_cache(table, LogprobStage, kwargs)
+
+
+def test_a_reward_stage_run_from_the_cache_alone_picks_a_candidates_rows_pair():
+    """A self-play or N-candidates row whose candidates' rewards are all cached: the stage picks the pair from the
+    stored rewards as the loaded model would (argmax / argmin, `mapray.formats.pick_pair`)."""
+    from mapray.stages import RewardStage, from_cache
+
+    ns = namespace("/c", "reward", "rewards", ModelConfig(path="r"), "sha3")
+    reply = '[{{"role": "assistant", "content": "{}"}}]'.format
+    table = _rows(**{C.PROMPT: ['[{"role": "user", "content": "p"}]'] * 2,
+                     C.CANDIDATES: ['["x", "y", "z"]', None], C.CHOSEN: [None, reply("a")],
+                     C.REJECTED: [None, reply("b")], C.CANDIDATE_REWARDS: [None, None],
+                     ns.value_column: [[0.1, 0.9, -0.3], [2.0, 1.5]]})
+    out = from_cache(table, RewardStage, {"cfg": ModelConfig(path="r"), "cache": ns, "pick": None})
+    assert out.column(C.REWARD_CHOSEN).to_pylist() == [0.9, 2.0]
+    assert out.column(C.REWARD_REJECTED).to_pylist() == [-0.3, 1.5]
+    assert out.column(C.CANDIDATE_REWARDS).to_pylist()[0] == [0.1, 0.9, -0.3]
+    assert [json.loads(out.column(c)[0].as_py())[0]["content"] for c in (C.CHOSEN, C.REJECTED)] == ["y", "z"]
 
 
 def _cfg(uri: str, out: Path, policy: str, tiny: dict, cache: str | None):
