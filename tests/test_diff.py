@@ -76,11 +76,14 @@ def expected_diff(old: pd.DataFrame, new: pd.DataFrame) -> dict:
             "changes": {pid: ("entered" if entered[pid] else "left", cause[pid]) for pid in both.index[entered | left]}}
 
 
-def test_a_nightly_rescore_writes_its_diff_and_stops_above_the_churn_bound(tmp_path, tiny, local_ray, capsys):
+def test_a_nightly_rescore_writes_its_diff_and_stops_above_the_churn_bound(tmp_path, tiny, dpo_run, capsys):
     lines = dpo_input_lines()  # bad lines after the tenth: rows set aside are in no pool
     for name, part in (("a", lines[:8]), ("b", lines[8:18]), ("c", lines[18:28])):
         (tmp_path / f"{name}.jsonl").write_bytes(b"\n".join(with_source(line, name) for line in part) + b"\n")
+    # a warm cache, as a nightly job has: the session's DPO run (tests/conftest.py) scored these pairs with the
+    # same reference, reward model and (night 2's) policy, so each night runs what changed and nothing else
     out, cache = tmp_path / "nightly", str(tmp_path / "cache")
+    shutil.copytree(dpo_run.cache, cache)
     config = dpo_config(tiny, [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], str(out),
                         policy=perturbed_copy(tiny["policy"], tmp_path / "policy-v1"), cache=cache)
     config["diff"] = {"max_churn": 0.25}
@@ -90,6 +93,7 @@ def test_a_nightly_rescore_writes_its_diff_and_stops_above_the_churn_bound(tmp_p
     # night 1: nothing published yet, nothing to compare with
     assert rescore_job(tmp_path / "run.yaml") == 0
     first = json.loads((out / "manifest.json").read_text())
+    assert first["from_cache_alone"] == ["reference", "reward"]  # night 1's policy is new to the cache
     assert first["diff"] == {"previous": None, "note": f"no published output at {out} to compare with"}
     assert not (out / "diff.json").exists()
     shutil.copytree(out, tmp_path / "night1")  # kept to diff against by hand below
@@ -116,6 +120,7 @@ def test_a_nightly_rescore_writes_its_diff_and_stops_above_the_churn_bound(tmp_p
     assert rescore_job(tmp_path / "run.yaml", *night2, "diff.max_churn=1") == 0
     second = json.loads((out / "manifest.json").read_text())
     assert second["counts"]["model_pass_rows_this_attempt"] == 0
+    assert second["from_cache_alone"] == ["policy", "reference", "reward"]  # night 2: every value was cached
     assert second["diff"]["previous"] == {"output": str(out), "run_id": first["run_id"]}
     written = json.loads((out / "diff.json").read_text())
     new = scored(out)
