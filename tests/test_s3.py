@@ -160,6 +160,20 @@ def _committed_rows(fs, out: str, kind: str = "run") -> int:
     return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files)
 
 
+def killed_after_first_write(verb: str, config, env: dict, written) -> int:
+    """`mapray VERB --config CONFIG` SIGKILLed with its local Ray once `written()` (rows its checkpoint on s3
+    records) is above 0; what it had written when it went down. The S3 server completes a request the killed
+    writer had sent (a file's copy into place): that is what the listing shows once it stops changing."""
+    run = subprocess.Popen([sys.executable, "-m", "mapray", verb, "--config", str(config)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.monotonic() + 400
+    while not written() and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.2)
+    assert run.poll() is None, f"mapray {verb} ended before it could be killed: make it longer"
+    kill_with_its_local_ray(run)
+    return _settled(written)
+
+
 def _settled(read, quiet_s: float = 3.0, limit_s: float = 60.0):
     """`read()` once it has returned the same value for `quiet_s` seconds (at most `limit_s` in all)."""
     value, since, started = read(), time.monotonic(), time.monotonic()
@@ -201,17 +215,7 @@ def story(s3, tiny, tmp_path_factory):
     config.write_text(json.dumps(_config(f"s3://{BUCKET}/in/pairs.jsonl", models, f"s3://{out}", f"s3://{cache}")))
     step = {"lines": lines, "home": home}
     with Poller(fs, out) as poller:
-        first = subprocess.Popen([sys.executable, "-m", "mapray", "score", "--config", str(config)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=s3.env,
-                                 start_new_session=True)
-        deadline = time.monotonic() + 400
-        while not _committed_rows(fs, out) and time.monotonic() < deadline and first.poll() is None:
-            time.sleep(0.2)
-        assert first.poll() is None, "the first run ended before it could be killed: make it longer"
-        kill_with_its_local_ray(first)
-        # the S3 server completes a request the killed writer had sent (a file's copy into place): what the kill
-        # left committed is what the listing shows once it stops changing
-        step["done_before"] = _settled(lambda: _committed_rows(fs, out))
+        step["done_before"] = killed_after_first_write("score", config, s3.env, lambda: _committed_rows(fs, out))
         step["manifest_after_kill"] = fs.exists(f"{out}/manifest.json")
 
         resumed = mapray("score", "--config", str(config), env=s3.env)
@@ -511,14 +515,7 @@ def test_selfplay_resumes_a_killed_generation_then_evolves_on_s3(s3, tiny, tmp_p
         "evolve": {"strategies": ["deepen", "constraints"], "top_fraction": 0.4, "max_tokens": 64},
         "metric": {"alpha": 2.5}, "selection": {"ratio": 0.5}}))
 
-    killed = subprocess.Popen([sys.executable, "-m", "mapray", "selfplay", "--config", str(config)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=s3.env, start_new_session=True)
-    deadline = time.monotonic() + 400
-    while not _committed_rows(fs, round0, "gen") and time.monotonic() < deadline and killed.poll() is None:
-        time.sleep(0.2)
-    assert killed.poll() is None, "the generation ended before it could be killed: make it longer"
-    kill_with_its_local_ray(killed)
-    before = _settled(lambda: _committed_rows(fs, round0, "gen"))  # what the machine had written when it went down
+    before = killed_after_first_write("selfplay", config, s3.env, lambda: _committed_rows(fs, round0, "gen"))
     assert 0 < before < len(lines) and not fs.exists(f"{round0}/generated.json")
 
     run = mapray("selfplay", "--config", str(config), env=s3.env)  # the same command again
