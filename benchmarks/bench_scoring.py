@@ -15,8 +15,10 @@ torch-nopacking, torch-padded (the same engine with prefix_sharing, packing, or 
 length-sorted padded batches), torch-flex, torch-flex-nosharing (torch, torch-nosharing with
 `tree_attention: flex`: FlexAttention over a block-sparse mask instead of SDPA over the dense one; they get a
 whole untimed pass first, which compiles their kernels for the batch shapes they will see), vllm (mapray's vLLM
-engine; needs vllm). The engines are called on `--engine-batch` pairs at a time, as the pipeline calls them on
-one Ray batch at a time. A method that fails (out of memory, a kernel that will not compile) prints its error
+engine; needs vllm), trl (TRL's own reference precompute: `DPOTrainer(precompute_ref_log_probs=True)` on the
+same pairs, given as token ids, `--trl-batch` pairs a batch; its row's `seconds` is the precompute alone and
+`setup_s` the rest of the trainer's construction, which hashes the model's weights). The engines are called on
+`--engine-batch` pairs at a time, as the pipeline calls them on one Ray batch at a time. A method that fails (out of memory, a kernel that will not compile) prints its error
 as its row and the others still run.
 
 `--plan FILE` runs several cases on one model (built once): each JSON line of FILE sets some of the options
@@ -35,6 +37,7 @@ import dataclasses
 import json
 import platform
 import resource
+import sys
 import time
 
 import torch
@@ -152,10 +155,76 @@ TORCH_VARIANTS = {  # method -> (prefix_sharing, packing, tree_attention)
 }
 
 
+def trl_precompute(model, args, seqs):
+    """TRL's reference precompute as a DPO run makes it (`DPOTrainer(precompute_ref_log_probs=True)` runs it in
+    its constructor: TRL's collator, padded batches of `--trl-batch` pairs, its fused chunked LM head), on the same
+    pairs; they are token ids already, so TRL's tokenization from text is the one step left out. A trainer is built
+    on four of the pairs (the warm-up; its construction less that precompute is `setup_s`, mostly hashing the
+    weights to name the precompute's cache file), then the same precompute method runs on all pairs, timed.
+    Returns (sums in `seqs`' order, seconds, {"setup_s": ...})."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # TRL's and datasets' progress bars: one per batch on stderr
+    import trl
+    from datasets import Dataset
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    class TokenIdsDPOTrainer(trl.DPOTrainer):
+        def _prepare_dataset(self, dataset, *args, **kwargs):  # rows in TRL's tokenized form (prompt_ids, ...)
+            return dataset
+
+    # the collator needs a pad id and nothing else of a tokenizer (the rows are token ids)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"<pad>": 0}, unk_token="<pad>")),
+                                        pad_token="<pad>", eos_token="<pad>")
+    rows = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for (p, c), (_, r) in zip(seqs[::2], seqs[1::2])]
+    cuda = torch.cuda.is_available()
+    config = trl.DPOConfig(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), report_to="none",
+                           max_length=args.max_length, bf16=cuda and args.dtype == "bfloat16", use_cpu=not cuda,
+                           precompute_ref_log_probs=True, precompute_ref_batch_size=args.trl_batch,
+                           per_device_train_batch_size=args.trl_batch, disable_tqdm=True)
+    warm_up = {}
+    original = trl.DPOTrainer._precompute_ref_logps
+
+    def precompute_timed(self, *a, **k):
+        at = time.perf_counter()
+        try:
+            return original(self, *a, **k)
+        finally:
+            warm_up["seconds"] = time.perf_counter() - at
+
+    trl.DPOTrainer._precompute_ref_logps = precompute_timed
+    try:
+        built = time.perf_counter()
+        trainer = TokenIdsDPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows[:4]),
+                                     processing_class=tokenizer)
+        setup = time.perf_counter() - built - warm_up["seconds"]
+        trl.DPOTrainer._precompute_ref_logps = original
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        at = time.perf_counter()
+        ds = trainer._precompute_ref_logps(Dataset.from_list(rows), "train", args.trl_batch)
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - at
+    finally:
+        trl.DPOTrainer._precompute_ref_logps = original
+        model.__dict__.pop("forward", None)  # TRL patched the shared model's forward (its fused LM head)
+        model.eval()
+    sums = [v for c, r in zip(ds["ref_chosen_logps"], ds["ref_rejected_logps"]) for v in (c, r)]
+    return sums, elapsed, {"setup_s": round(setup, 3)}
+
+
 def run_method(method: str, path: str | None, model, args, seqs):
-    """Times one method on all pairs after a short warm-up; returns (sums, seconds)."""
+    """Times one method on all pairs after a short warm-up; returns (sums, seconds, extra row fields)."""
     from mapray.config import ModelConfig
     from mapray.testing.naive import naive_logprobs
+
+    if method == "trl":
+        return trl_precompute(model, args, seqs)
 
     cfg = ModelConfig(path=path or "", dtype=args.dtype, token_budget=args.token_budget,
                       max_length=args.max_length, lm_head_chunk=args.lm_head_chunk,
@@ -187,7 +256,7 @@ def run_method(method: str, path: str | None, model, args, seqs):
     values = score(seqs)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return values, time.perf_counter() - start
+    return values, time.perf_counter() - start, {}
 
 
 def timed(method: str, path: str | None, model, args, seqs):
@@ -203,9 +272,10 @@ def timed(method: str, path: str | None, model, args, seqs):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            values, elapsed = run_method(method, path, model, args, seqs)
-        uncompiled = any("flex_attention called without torch.compile" in str(w.message) for w in caught)
-        return values, elapsed, uncompiled
+            values, elapsed, extra = run_method(method, path, model, args, seqs)
+        if any("flex_attention called without torch.compile" in str(w.message) for w in caught):
+            extra["flex_uncompiled"] = True
+        return values, elapsed, extra
     finally:
         if model.config._attn_implementation != attention:
             model.set_attn_implementation(attention)
@@ -231,12 +301,18 @@ def main() -> None:
     parser.add_argument("--engine-batch", type=int, default=64,
                         help="pairs per engine call (the pipeline's batch_size; default as ModelConfig)")
     parser.add_argument("--naive-batch", type=int, default=8, help="sequences per naive batch (4 pairs)")
+    parser.add_argument("--trl-batch", type=int, default=4,
+                        help="pairs per batch of TRL's precompute (its precompute_ref_batch_size; 8 sequences)")
+    parser.add_argument("--fallback-path", action="append", default=[], metavar="DIR",
+                        help="a folder of packages appended to sys.path: it fills in what the Python in use lacks "
+                             "(TRL and its needs on the GPU machine) and shadows nothing it has")
     parser.add_argument("--peak-tflops", type=float, help="measured matmul peak, for the fraction-of-peak column")
     parser.add_argument("--check-pairs", type=int, default=4,
                         help="pairs checked against the exact (float64 log_softmax) reference, untimed")
     parser.add_argument("--plan", help="JSON lines, one case each: options to change for that case (see above)")
     parser.add_argument("--workdir", default="/tmp/mapray-bench")
     args = parser.parse_args()
+    sys.path.extend(args.fallback_path)
 
     from mapray.models import resolve_model_path
     from mapray.scoring.torch_engine import DTYPES
@@ -291,7 +367,7 @@ def run_case(args, path: str | None, model, case: dict) -> None:
     # vLLM's CPU backend drops the process's torch threads to 1 when it starts: it runs last
     for method in sorted(args.methods.split(","), key=lambda m: m == "vllm"):
         try:
-            values, elapsed, uncompiled = timed(method, path, model, args, seqs)
+            values, elapsed, extra = timed(method, path, model, args, seqs)
         except Exception as e:  # a method that cannot fit or compile is a result, not the end of the run
             error = "out of memory" if isinstance(e, torch.cuda.OutOfMemoryError) else type(e).__name__
             print(json.dumps({**common, "method": method, "error": f"{error}: {str(e).splitlines()[0][:300]}"}),
@@ -308,7 +384,7 @@ def run_case(args, path: str | None, model, case: dict) -> None:
             # CPU: the process's peak resident memory so far (weights included): one method per run to compare
             "peak_rss_gib": None if torch.cuda.is_available() else round(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-            **({"flex_uncompiled": True} if uncompiled else {}),
+            **extra,
         }
         if args.peak_tflops:
             peak = args.peak_tflops * 1e12

@@ -4,7 +4,8 @@
 # (padded, packing, sharing, both; the dense tree mask through SDPA and the block mask through FlexAttention),
 # on the real length spread of the shipped UltraFeedback sample, at token budgets 16k/32k/64k; the 8B shape on
 # pairs with 16,384-token responses (peak memory; the recipe's out-of-memory is a result); the pipeline on a
-# local Ray with GPU actors and one actor SIGKILLed; then drawn lengths and the HH spread, if time is left.
+# local Ray with GPU actors and one actor SIGKILLed; TRL's own reference precompute beside the torch engine at
+# 8B (the peers' GPU variant); then drawn lengths and the HH spread, if time is left.
 #
 #   bash benchmarks/gpu_run.sh          on the GPU machine; results in $OUT (default ./gpu-results)
 #   bash benchmarks/gpu_run.sh --tiny   the same steps on a CPU with the tiny shape: checks the script
@@ -13,7 +14,8 @@
 # gets the smaller of its own limit and what is left, most important first, so a cut loses the least. Every
 # result line is appended to $OUT as its method finishes: a timeout keeps what finished. steps.jsonl says how
 # each step ended. The pipeline step needs Ray: .gpu-bundle/ (../shared/tools/gpu-ray-bundle.sh) on the GPU
-# machine, the Python in use elsewhere. GPU_RUN_SKIP leaves out steps, by name ("core-1b") or kind ("extra").
+# machine, the Python in use elsewhere; the peers step needs TRL: .gpu-bundle/peers/ (gpu_peers_bundle.sh). GPU_RUN_SKIP
+# leaves out steps, by name ("core-1b") or kind ("extra").
 set -u
 tiny=0; [ "${1:-}" = --tiny ] && tiny=1
 export out=${OUT:-gpu-results} py=${PYTHON:-python3} tiny
@@ -61,6 +63,11 @@ PLAN
 cat > "$out/plan-long.jsonl" <<PLAN
 {"exact_lengths": true, "prompt_len": $long_prompt, "response_len": $long_response, "max_length": 40000, "token_budget": 32768, "check_pairs": 1, "naive_batch": 2, "methods": "torch,torch-flex,naive"}
 PLAN
+# TRL 1.16's DPOTrainer reference precompute (padded batches of 4 pairs, its fused LM head) against the engine,
+# on the same pairs in the same process (bench_scoring.py's trl method)
+cat > "$out/plan-peers.jsonl" <<PLAN
+{"lengths": "$uf", "token_budget": 32768, "methods": "torch,trl"}
+PLAN
 cat > "$out/plan-extra.jsonl" <<PLAN
 {"lengths": null, "token_budget": 32768, "methods": "naive,torch,torch-padded,torch-flex"}
 {"lengths": "$hh", "token_budget": 32768, "methods": "naive,torch,torch-padded,torch-flex"}
@@ -83,12 +90,23 @@ pipeline() {  # the pipeline on a local Ray, one policy actor SIGKILLed
   tail -c 6000 "$out/pipeline.err" > "$out/pipeline.err.tail"; rm -f "$out/pipeline.err"
   return "$rc"
 }
-export -f bench pipeline
+peers() {  # shape, pairs: TRL beside the engine; on the GPU machine TRL comes from .gpu-bundle/peers/
+  if [ "$tiny" = 0 ]; then
+    [ -d .gpu-bundle/peers ] || { echo "no .gpu-bundle/peers/: peers step not run" >&2; return 3; }
+    "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-peers .gpu-bundle/peers/*.whl \
+      2>>"$out/bench.err" || return 3
+    local bench_args="$bench_args --fallback-path /tmp/site-peers"
+  fi
+  bench "$1" "$2" "$out/plan-peers.jsonl"
+}
+export -f bench pipeline peers
 export pipeline_pairs
 
-# limits: 15 s for the peak, then 150 + 45 + 75 + 130 = 400 s for the four steps that matter most
+# limits: 15 s for the peak, then 150 + 45 + 75 + 130 = 400 s for the four steps that matter most; the peers
+# step (75 s) and the extra one run in what those leave (a second call runs them with GPU_RUN_SKIP)
 step "core-$big" 150 bench "$big" "$pairs_big" "$out/plan-core.jsonl"
 step "long-$big" 45 bench "$big" 2 "$out/plan-long.jsonl"
 [ -n "$small" ] && step "core-$small" 75 bench "$small" "$pairs_small" "$out/plan-core.jsonl"
 step pipeline "$pipeline_s" pipeline
+step "peers-$big" 75 peers "$big" "$pairs_big"
 step "extra-$big" 120 bench "$big" "$pairs_big" "$out/plan-extra.jsonl"

@@ -4,9 +4,9 @@ Each table: every method of the case with pairs/s, its speed-up over the naive t
 pairs in the same process (the recipe takes no token budget: a case without its own naive row uses the one
 measured on the same pairs at another budget), both utilisation figures (FLOPs actually needed, each prompt
 once, and the per-sequence equivalent), peak memory and the exactness check; a method that failed shows its
-error.
+error. TRL's precompute (gpu_run.sh's peers step) gets its own table with the engine it ran beside.
 
-    python benchmarks/tabulate.py gpu-results/bench.jsonl [more.jsonl ...]
+    python benchmarks/scoring_tables.py gpu-results/bench.jsonl [more.jsonl ...]
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import sys
 
 
 def case_of(row: dict) -> tuple:
-    """The rows measured together: same model, lengths, pairs, budget and LM-head chunk."""
-    chunk = (row.get("case") or {}).get("lm_head_chunk")
-    return row.get("model"), row.get("lengths"), row.get("pairs"), row.get("token_budget"), chunk
+    """The rows measured together: same model, lengths, pairs, budget, LM-head chunk and the plan line's methods
+    (gpu_run.sh's peers step measures the engine again beside TRL, in another process)."""
+    case = row.get("case") or {}
+    return (row.get("model"), row.get("lengths"), row.get("pairs"), row.get("token_budget"),
+            case.get("lm_head_chunk"), case.get("methods"))
 
 
 def percent(value) -> str:
@@ -26,10 +28,12 @@ def percent(value) -> str:
 
 
 def table(rows: list[dict], naive: float | None) -> str:
-    model, lengths, pairs, budget, chunk = case_of(rows[0])
+    model, lengths, pairs, budget, chunk, methods = case_of(rows[0])
     title = f"{model}, {pairs} pairs, lengths {lengths}, token budget {budget:,}"
     if chunk:
         title += f", lm_head_chunk {chunk:,}"
+    if methods and "trl" in methods.split(","):
+        title += f", {' and '.join(methods.split(','))} in one process"
     lines = [f"**{title}**", "",
              "| method | pairs/s | vs naive | of peak, each prompt once | of peak, per sequence | peak memory | "
              "max abs diff vs exact |", "|---|---|---|---|---|---|---|"]
