@@ -18,8 +18,8 @@ whole untimed pass first, which compiles their kernels for the batch shapes they
 engine; needs vllm), trl (TRL's own reference precompute: `DPOTrainer(precompute_ref_log_probs=True)` on the
 same pairs, given as token ids, `--trl-batch` pairs a batch; its row's `seconds` is the precompute alone and
 `setup_s` the rest of the trainer's construction, which hashes the model's weights). The engines are called on
-`--engine-batch` pairs at a time, as the pipeline calls them on one Ray batch at a time. A method that fails (out of memory, a kernel that will not compile) prints its error
-as its row and the others still run.
+`--engine-batch` pairs at a time, as the pipeline calls them on one Ray batch at a time. A method that fails
+(out of memory, a kernel that will not compile) prints its error as its row and the others still run.
 
 `--plan FILE` runs several cases on one model (built once): each JSON line of FILE sets some of the options
 below (`{"lengths": "...", "token_budget": 65536, "methods": "torch,torch-flex"}`), the rest keep their
