@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from mapray import columns as C
 from mapray import metrics
@@ -121,7 +122,7 @@ class Group:
     def size(self) -> int:
         return self.pool.explicit.count
 
-    def keeps(self, scores: np.ndarray, pair_ids: np.ndarray) -> np.ndarray:
+    def keeps(self, scores: np.ndarray, pair_ids: pa.Array) -> np.ndarray:
         if self.rule.rule == "threshold":
             return scores > self.rule.value
         if self.count == self.size:  # every row: no cut-off to compare with
@@ -138,12 +139,18 @@ class Group:
         return out
 
 
-def keeps_above(cutoff: tuple[float, str] | None, scores: np.ndarray, pair_ids: np.ndarray) -> np.ndarray:
-    """Rows at or above the cut-off row in (score descending, pair_id ascending); none without a cut-off."""
+def keeps_above(cutoff: tuple[float, str] | None, scores: np.ndarray, pair_ids: pa.Array) -> np.ndarray:
+    """Rows at or above the cut-off row in (score descending, pair_id ascending); none without a cut-off. Only
+    the rows tied with the cut-off's score compare their pair_ids (Arrow's byte order: the order the cut-off was
+    found in), so a block's ids are never made Python strings."""
     if cutoff is None:
         return np.zeros(len(scores), dtype=bool)
     score, pid = cutoff
-    return (scores > score) | ((scores == score) & (pair_ids <= pid))
+    keep = scores > score
+    tied = np.flatnonzero(scores == score)
+    if tied.size:
+        keep[tied] = pc.less_equal(pair_ids.take(pa.array(tied, pa.int64())), pid).to_numpy(zero_copy_only=False)
+    return keep
 
 
 def absent_quotas(sel: SelectionConfig, groups: dict) -> list[str]:

@@ -171,7 +171,8 @@ def selection_score(metric: str, columns: dict[str, np.ndarray], seed: int = 0) 
         m_ex = np.asarray(columns[C.EXPLICIT_MARGIN], dtype=np.float64)
         return FROM_MARGINS[metric](m_ex, np.asarray(columns[C.IMPLICIT_MARGIN], dtype=np.float64))
     if metric == "random":
-        return seeded_uniform(list(columns[C.PAIR_ID]), seed)
+        ids = columns[C.PAIR_ID]  # an Arrow column (the passes: converted only for this metric) or a list
+        return seeded_uniform(ids.to_pylist() if hasattr(ids, "to_pylist") else list(ids), seed)
     if metric not in columns:
         raise ValueError(f"unknown selection metric {metric!r}")
     return np.asarray(columns[metric], dtype=np.float64)

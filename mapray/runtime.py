@@ -79,6 +79,7 @@ def tune_ray_data(ctx: ray.data.DataContext) -> None:
     if sum(node["Alive"] for node in ray.nodes()) == 1:
         ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
         ctx.use_datasource_v2 = False
+        ctx.read_op_min_num_blocks = 2 * max(1, cpus)
 
 
 @contextlib.contextmanager

@@ -79,12 +79,13 @@ class Selection:
     duplicates: dict[str, str] = field(default_factory=dict, repr=False)
     groups: dict | None = None  # per-group selection (`config.by`): each group's value -> its `Group`
 
-    def keeps(self, scores: np.ndarray, pair_ids: np.ndarray, group_column=None) -> np.ndarray:
-        """Which of these pool rows are kept; `group_column`: their values of `config.by` (per-group)."""
+    def keeps(self, scores: np.ndarray, pair_ids: pa.Array, group_column=None) -> np.ndarray:
+        """Which of these pool rows are kept; `pair_ids`: theirs, an Arrow array; `group_column`: their values of
+        `config.by` (per-group)."""
         if self.groups is not None:
             keep = np.zeros(len(scores), dtype=bool)
             for value, at in rows_by_group(group_column).items():
-                keep[at] = self.groups[value].keeps(scores[at], pair_ids[at])
+                keep[at] = self.groups[value].keeps(scores[at], pair_ids.take(pa.array(at, pa.int64())))
             return keep
         rule, value = self.config.rule
         if rule == "threshold":
@@ -437,7 +438,7 @@ def mark(table: pa.Table, selection: Selection, key: str | None = None) -> pa.Ta
     table = add_scores(table, selection.pool, selection.alpha, selection.config, mask=~in_pool,
                        group_pools=selection.group_pools)
     pool_rows = np.flatnonzero(in_pool)  # a row set aside may have no pair_id to compare
-    ids = np.array(table.column(C.PAIR_ID).take(pool_rows).to_pylist(), dtype=object)
+    ids = table.column(C.PAIR_ID).take(pa.array(pool_rows, pa.int64()))
     keep = np.zeros(table.num_rows, dtype=bool)
     groups = table.column(selection.config.by).take(pool_rows) if selection.groups is not None else None
     keep[pool_rows] = selection.keeps(_numpy(table, SCORE)[pool_rows], ids, groups)
@@ -465,7 +466,7 @@ def add_scores(table: pa.Table, pool: metrics.PoolMoments, alpha: float, sel: Se
                 cols[C.MAP_Z][at] = metrics.map_z(m_ex[at], m_im[at], alpha, group_pools[value])
     for name, values in cols.items():
         table = C.set_column(table, name, pa.array(values, pa.float64(), mask=mask), pa.float64())
-    cols.update({C.EXPLICIT_MARGIN: m_ex, C.IMPLICIT_MARGIN: m_im, C.PAIR_ID: table.column(C.PAIR_ID).to_pylist()})
+    cols.update({C.EXPLICIT_MARGIN: m_ex, C.IMPLICIT_MARGIN: m_im, C.PAIR_ID: table.column(C.PAIR_ID)})
     return C.set_column(table, SCORE, metrics.selection_score(sel.metric, cols, sel.seed), pa.float64())
 
 

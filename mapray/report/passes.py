@@ -47,7 +47,7 @@ def columns(table: pa.Table, with_ids: bool = False) -> dict[str, np.ndarray]:
     for name in (C.SELECTED, FLIP):
         cols[name] = cols[name].astype(bool)
     if with_ids:
-        cols[C.PAIR_ID] = np.array(table.column(C.PAIR_ID).to_pylist(), dtype=object)
+        cols[C.PAIR_ID] = table.column(C.PAIR_ID)
     return cols
 
 
