@@ -348,7 +348,8 @@ class DiffConfig(Checked):
 class RayConfig(Checked):
     address: str | None = None  # None: connect to RAY_ADDRESS if set, else start an embedded local Ray
     num_cpus: int | None = None  # embedded Ray only
-    env_vars: dict[str, str] = field(default_factory=dict)  # passed to every worker (runtime_env)
+    # every worker's: a local Ray inherits them from the driver's environment, a cluster's job gets a runtime_env
+    env_vars: dict[str, str] = field(default_factory=dict)
 
     def check(self, key: Key) -> None:
         _at_least(key, {"num_cpus": self.num_cpus}, 1)

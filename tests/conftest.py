@@ -28,10 +28,9 @@ def local_ray():
     import ray
 
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")  # as mapray's own local Ray (runtime.py)
-        ray.init(address="local", num_cpus=2, include_dashboard=False,
-                 runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                                           "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2"}})
+        # the workers inherit this process's environment (the vLLM settings above), as with mapray's own local Ray
+        os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
 
