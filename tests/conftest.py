@@ -27,10 +27,12 @@ def tiny(tmp_path_factory) -> dict[str, str]:
 def local_ray():
     import ray
 
+    from mapray.runtime import LOCAL_SYSTEM_CONFIG
+
     if not ray.is_initialized():
         # the workers inherit this process's environment (the vLLM settings above), as with mapray's own local Ray
         os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _system_config=LOCAL_SYSTEM_CONFIG)
     yield ray
     ray.shutdown()
 
