@@ -167,31 +167,22 @@ def run_ray_data_llm(rows: list[dict], timed_twice: bool = True) -> dict:
 def run_trl(rows: list[dict]) -> dict:
     import torch
     import trl
+    from bench_scoring import timed_trl_precompute  # this folder's: the script's own, first on sys.path
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
     local = model_path()
     model = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32)
-    timed = {}
-    original = trl.DPOTrainer._precompute_ref_logps
-
-    def precompute(self, *args, **kwargs):
-        at = time.perf_counter()
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            timed["model_s"] = time.perf_counter() - at
-
-    trl.DPOTrainer._precompute_ref_logps = precompute
     args = trl.DPOConfig(output_dir="/tmp/bench-peers-trl", precompute_ref_log_probs=True, max_length=MAX_LENGTH,
                          bf16=False, use_cpu=True, report_to="none", per_device_train_batch_size=8,
                          precompute_ref_batch_size=8)
-    trainer = trl.DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=AutoTokenizer.from_pretrained(local))
+    with timed_trl_precompute() as precompute:
+        trainer = trl.DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(rows),
+                                 processing_class=AutoTokenizer.from_pretrained(local))
     ds = trainer.train_dataset
     sums = {i: (c, r) for i, c, r in zip(ds["id"], ds["ref_chosen_logps"], ds["ref_rejected_logps"])}
-    return {"end_to_end_s": time.perf_counter() - started, "sums": sums, **timed}
+    return {"end_to_end_s": time.perf_counter() - started, "sums": sums, "model_s": precompute["seconds"]}
 
 
 def one_tool(tool: str, n: int, out_dir: str) -> None:

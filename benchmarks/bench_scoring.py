@@ -33,6 +33,7 @@ allows) and `fraction_of_peak_shared` with each pair's prompt counted once (the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import platform
@@ -155,6 +156,30 @@ TORCH_VARIANTS = {  # method -> (prefix_sharing, packing, tree_attention)
 }
 
 
+@contextlib.contextmanager
+def timed_trl_precompute():
+    """Inside: TRL's reference precompute (`DPOTrainer._precompute_ref_logps`, which a trainer built with
+    `precompute_ref_log_probs=True` calls in its constructor) times itself; yields a dict whose "seconds" is its
+    last call's. TRL's own method is back in place on leaving."""
+    import trl
+
+    timing = {}
+    original = trl.DPOTrainer._precompute_ref_logps
+
+    def timed(self, *args, **kwargs):
+        at = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            timing["seconds"] = time.perf_counter() - at
+
+    trl.DPOTrainer._precompute_ref_logps = timed
+    try:
+        yield timing
+    finally:
+        trl.DPOTrainer._precompute_ref_logps = original
+
+
 def trl_precompute(model, args, seqs):
     """TRL's reference precompute as a DPO run makes it (`DPOTrainer(precompute_ref_log_probs=True)` runs it in
     its constructor: TRL's collator, padded batches of `--trl-batch` pairs, its fused chunked LM head), on the same
@@ -185,23 +210,12 @@ def trl_precompute(model, args, seqs):
                            max_length=args.max_length, bf16=cuda and args.dtype == "bfloat16", use_cpu=not cuda,
                            precompute_ref_log_probs=True, precompute_ref_batch_size=args.trl_batch,
                            per_device_train_batch_size=args.trl_batch, disable_tqdm=True)
-    warm_up = {}
-    original = trl.DPOTrainer._precompute_ref_logps
-
-    def precompute_timed(self, *a, **k):
-        at = time.perf_counter()
-        try:
-            return original(self, *a, **k)
-        finally:
-            warm_up["seconds"] = time.perf_counter() - at
-
-    trl.DPOTrainer._precompute_ref_logps = precompute_timed
     try:
-        built = time.perf_counter()
-        trainer = TokenIdsDPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows[:4]),
-                                     processing_class=tokenizer)
-        setup = time.perf_counter() - built - warm_up["seconds"]
-        trl.DPOTrainer._precompute_ref_logps = original
+        with timed_trl_precompute() as warm_up:
+            built = time.perf_counter()
+            trainer = TokenIdsDPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows[:4]),
+                                         processing_class=tokenizer)
+            setup = time.perf_counter() - built - warm_up["seconds"]
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -211,7 +225,6 @@ def trl_precompute(model, args, seqs):
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - at
     finally:
-        trl.DPOTrainer._precompute_ref_logps = original
         model.__dict__.pop("forward", None)  # TRL patched the shared model's forward (its fused LM head)
         model.eval()
     sums = [v for c, r in zip(ds["ref_chosen_logps"], ds["ref_rejected_logps"]) for v in (c, r)]
