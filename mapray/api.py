@@ -22,7 +22,15 @@ from dataclasses import dataclass
 from functools import partial
 
 from mapray import columns as C
-from mapray.config import RunConfig, SelectionConfig, check_alpha, check_scoring, configured_models, reward_models
+from mapray.config import (
+    RunConfig,
+    SelectionConfig,
+    check_alpha,
+    check_scoring,
+    colocates_models,
+    configured_models,
+    reward_models,
+)
 from mapray.ensemble import Combination, combine_rewards, combined_margins
 from mapray.errors import ConfigError
 from mapray.formats import RejectRow, detect_format
@@ -31,9 +39,18 @@ from mapray.models import check_model_path
 from mapray.normalize import Normalizer, NormalizeSpec
 from mapray.preflight import check_models
 from mapray.public_rows import TrlColumns, public_rows, reject_rows
-from mapray.runtime import LIGHT_TASK_CPUS, ensure_ray, map_stage, tune_ray_data, watched
+from mapray.runtime import LIGHT_TASK_CPUS, ensure_ray, map_actor_pool, map_stage, shared_pool, tune_ray_data, watched
 from mapray.selection import Selection, decide, mark
-from mapray.stages import LogprobStage, RewardStage, add_row_metrics, from_cache, policy_from_generation, reward_role
+from mapray.stages import (
+    LogprobStage,
+    ModelChain,
+    RewardStage,
+    Step,
+    add_row_metrics,
+    from_cache,
+    policy_from_generation,
+    reward_role,
+)
 
 log = logging.getLogger(__name__)
 __all__ = ["InputShape", "Scorer", "make_report", "select", "split_rejects"]
@@ -126,33 +143,47 @@ class Scorer:
         """The model stages and the per-row metrics over normalized rows; `caches`: each model stage's cache
         namespace and pick (`mapray.pipeline.cache_namespaces`), none outside a run with a cache; `complete`: the
         roles whose cached values cover every row (`mapray.pipeline.complete_namespaces`): their stages run from
-        the cache in light tasks, no actor started, no model loaded, no GPU held."""
-        cfg, caches = self.config, caches or {}
+        the cache in light tasks, no actor started, no model loaded, no GPU held. With the models colocated
+        (`RunConfig.colocate_models`) every step runs in one actor pool, unless no model needs to run at all."""
+        steps = self.model_steps(caches or {}, complete)
+        models = [step.model for step in steps if step.model is not None]
+        if models and colocates_models(self.config):
+            return map_actor_pool(ds, ModelChain, {"steps": steps, "cpus": shared_pool(models).cpus_per_actor},
+                                  shared_pool(models))
+        for step in steps:
+            if step.model is not None:
+                ds = map_stage(ds, step.fn, step.model, **step.kwargs)
+            else:
+                ds = ds.map_batches(step.fn, fn_kwargs=step.kwargs, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
+        return ds
 
-        def stage(ds, stage_cls, model, cache_role: str, **kwargs):
+    def model_steps(self, caches: dict, complete: frozenset[str]) -> list[Step]:
+        """The model pass in order: each reward model, their combination, the policy, the reference, the row
+        metrics. A model whose role is `complete` is a light step that reads its values from the cache."""
+        cfg = self.config
+
+        def stage(stage_cls, model, cache_role: str, **kwargs) -> Step:
             ns, pick = caches.get(cache_role, (None, None))
             kwargs.update(cache=ns, pick=pick)
             if cache_role in complete:
-                return ds.map_batches(from_cache, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS,
-                                      fn_kwargs={"stage_cls": stage_cls, "kwargs": {"cfg": model, **kwargs}})
-            return map_stage(ds, stage_cls, model, **kwargs)
+                return Step(from_cache, {"stage_cls": stage_cls, "kwargs": {"cfg": model, **kwargs}})
+            return Step(stage_cls, kwargs, model)
 
-        for _, name, model in reward_models(cfg):  # each its own actor pool; several are then combined
-            ds = stage(ds, RewardStage, model, reward_role(name), name=name)
+        # each reward model its own stage; several are then combined
+        steps = [stage(RewardStage, model, reward_role(name), name=name) for _, name, model in reward_models(cfg)]
         combination = Combination.of(cfg.reward)
         if combination is not None:
-            ds = ds.map_batches(combine_rewards, fn_kwargs={
-                "combination": combination, "set_aside": cfg.reward.on_sign_disagreement == "set_aside"},
-                batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
+            steps.append(Step(combine_rewards, {"combination": combination,
+                                                "set_aside": cfg.reward.on_sign_disagreement == "set_aside"}))
         if self.reuses_generation_logps:
-            ds = ds.map_batches(policy_from_generation, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
+            steps.append(Step(policy_from_generation, {}))
         else:
-            ds = stage(ds, LogprobStage, cfg.policy, "policy", role="policy")
+            steps.append(stage(LogprobStage, cfg.policy, "policy", role="policy"))
         if cfg.metric.needs_reference_model:
-            ds = stage(ds, LogprobStage, cfg.reference, "reference", role="reference")
-        return ds.map_batches(add_row_metrics, fn_kwargs={"metric": cfg.metric,
-                                                          "rewards_from_columns": cfg.reward.source == "columns"},
-                              batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
+            steps.append(stage(LogprobStage, cfg.reference, "reference", role="reference"))
+        steps.append(Step(add_row_metrics, {"metric": cfg.metric,
+                                            "rewards_from_columns": cfg.reward.source == "columns"}))
+        return steps
 
     def public(self, ds, shape: InputShape):
         """Scored internal rows -> public rows."""

@@ -371,6 +371,11 @@ class RunConfig(Checked):
     generation: GenerationConfig | None = None  # `mapray selfplay` / `evolve`; None: GenerationConfig()'s defaults
     evolve: EvolveConfig | None = None  # `mapray evolve`; None: EvolveConfig()'s defaults
     diff: DiffConfig | None = None  # compare the selection with the previous run's before publishing (nightly)
+    # the model pass's actors. None (the default): one actor pool runs every model of the run when each is a torch
+    # model asking no GPU and all ask the same number of actors (on CPUs one process then imports torch and
+    # transformers once, not once per model); True: one pool for every model all the same (GPU asks add up);
+    # False: a pool per model
+    colocate_models: bool | None = None
 
     def check(self, key: Key) -> None:
         """Between sections. A policy is not required here (a config may be built step by step in Python); the
@@ -380,6 +385,10 @@ class RunConfig(Checked):
         for name, model in configured_models(self):
             if name != "policy" or model.path:
                 model.check_in_run(lambda n, name=name: f"{key(name)}.{n}")
+        if self.colocate_models:
+            reason = colocation_blocker(self, needs_cpu=False)
+            if reason:
+                raise ConfigError(f"{key('colocate_models')}: {reason}")
 
 
 def check_scoring(cfg: RunConfig) -> RunConfig:
@@ -404,6 +413,28 @@ def configured_models(cfg: RunConfig) -> list[tuple[str, ModelConfig]]:
         models.append(("reference", cfg.reference))
     models.extend((key, model) for key, _, model in reward_models(cfg))
     return models
+
+
+def colocates_models(cfg: RunConfig) -> bool:
+    """Whether the model pass runs every model of `cfg` in one actor pool (`RunConfig.colocate_models`)."""
+    if cfg.colocate_models is not None:
+        return cfg.colocate_models
+    return len(configured_models(cfg)) > 1 and colocation_blocker(cfg, needs_cpu=True) is None
+
+
+def colocation_blocker(cfg: RunConfig, needs_cpu: bool) -> str | None:
+    """Why the models of `cfg` cannot share one actor pool (None: they can). vLLM engines keep their own actors:
+    each binds the process's threads (CPU) or takes a fraction of a GPU's memory for itself."""
+    models = configured_models(cfg)
+    for key, model in models:
+        if model.engine != "torch":
+            return f"{key}.engine is {model.engine}: only torch-engine models share an actor"
+        if needs_cpu and model.gpus_per_actor:
+            return f"{key}.gpus_per_actor is {model.gpus_per_actor:g}"
+    if len({model.actors for _, model in models}) > 1:
+        return "the models ask different numbers of actors (" + ", ".join(
+            f"{key}.actors={model.actors}" for key, model in models) + ")"
+    return None
 
 
 def reward_models(cfg: RunConfig) -> list[tuple[str, str | None, RewardModelConfig]]:

@@ -31,6 +31,7 @@ from mapray.config import (
     RewardConfig,
     RunConfig,
     SelectionConfig,
+    colocates_models,
     configured_models,
     reward_models,
     to_dict,
@@ -184,6 +185,7 @@ def score(cfg: RunConfig, extra: dict | None = None) -> dict:
                               {k: round(v, 3) for k, v in timings.items()}, layout.run_id, p.shape.format)
     manifest["resumed"], manifest["selection"] = resumed, selection.summary()
     manifest["from_cache_alone"] = sorted(complete)  # the models whose stage started no actor
+    manifest["models_colocated"] = colocates_models(cfg)  # one actor pool ran every model (`colocate_models`)
     manifest["warnings"] = manifest["warnings"] + selection.warnings
     if combined is not None:
         manifest["reward_combination"] = combination.summary(combined[1])

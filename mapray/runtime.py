@@ -6,6 +6,7 @@ pool, Ray Data's job checkpointing around the staged write, and a watchdog that 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -158,16 +159,30 @@ def check_local_cpus(num_cpus: float, models: list[ModelConfig]) -> None:
 
 def map_stage(ds, stage_cls, model: ModelConfig, **kwargs):
     """A model stage over `ds` on a fixed pool of `model.actors` actors, each loading the model once."""
+    return map_actor_pool(ds, stage_cls, {"cfg": model, **kwargs}, model)
+
+
+def map_actor_pool(ds, actor_cls, constructor_kwargs: dict, pool: ModelConfig):
+    """`actor_cls(**constructor_kwargs)` over `ds` on a fixed pool of `pool.actors` actors, each asking what
+    `pool` asks (CPUs, GPUs, a tensor-parallel group), batches of `pool.batch_size` rows."""
     placement = {}
-    if model.engine == "vllm" and model.tensor_parallel_size > 1:
+    if pool.engine == "vllm" and pool.tensor_parallel_size > 1:
         # vLLM's Ray executor places its shard workers in the placement group its caller runs in: each actor
         # gets a group of one GPU bundle per shard and holds no GPU itself
-        placement = {"num_gpus": 0, "ray_remote_args_fn": partial(_tensor_parallel_group, model)}
+        placement = {"num_gpus": 0, "ray_remote_args_fn": partial(_tensor_parallel_group, pool)}
     return ds.map_batches(
-        stage_cls, fn_constructor_kwargs={"cfg": model, **kwargs}, batch_format="pyarrow",
-        batch_size=model.batch_size, compute=ray.data.ActorPoolStrategy(size=model.actors),
-        num_cpus=model.cpus_per_actor, **({"num_gpus": model.gpus_per_actor} | placement),
+        actor_cls, fn_constructor_kwargs=constructor_kwargs, batch_format="pyarrow",
+        batch_size=pool.batch_size, compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        num_cpus=pool.cpus_per_actor, **({"num_gpus": pool.gpus_per_actor} | placement),
     )
+
+
+def shared_pool(models: list[ModelConfig]) -> ModelConfig:
+    """What one actor pool running every one of `models` asks (torch engines, the same number of actors): the
+    sum of their CPUs and GPUs, the smallest of their batch sizes (each model's memory bound holds)."""
+    return dataclasses.replace(models[0], batch_size=min(m.batch_size for m in models),
+                               cpus_per_actor=sum(m.cpus_per_actor for m in models),
+                               gpus_per_actor=sum(m.gpus_per_actor for m in models))
 
 
 def _tensor_parallel_group(model: ModelConfig) -> dict:

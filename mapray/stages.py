@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -240,6 +243,36 @@ class RewardStage(_ModelStage):
                                 pa.list_(pa.list_(pa.float64()))))
         for name, values, type_ in columns:
             table = C.set_column(table, name, values, type_)
+        return table
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the model pass: a model stage (`model` set: `fn` is its class, built once per actor with
+    `cfg=model` and `kwargs`) or a light function of a batch (`fn(table, **kwargs)`)."""
+
+    fn: Callable
+    kwargs: dict
+    model: ModelConfig | None = None
+
+
+class ModelChain:
+    """Every step of the model pass in one actor (`RunConfig.colocate_models`): each model stage built once here,
+    the light steps between them called in order, on each batch. One process imports torch and transformers
+    and holds one runtime for all the models, where a pool per model pays that per model."""
+
+    def __init__(self, steps: list[Step], cpus: float):
+        self.steps = [step.fn(cfg=step.model, **step.kwargs) if step.model is not None
+                      else partial(step.fn, **step.kwargs) for step in steps]
+        if all(step.model.device != "cuda" for step in steps if step.model is not None):
+            import torch
+
+            # each stage set the threads of its own share of the actor's CPUs; the stages run one at a time here
+            torch.set_num_threads(max(1, math.ceil(cpus)))
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        for step in self.steps:
+            table = step(table)
         return table
 
 

@@ -316,7 +316,11 @@ def test_publishing_on_s3_is_manifest_last_and_removes_staging(story):
 def test_the_output_on_s3_equals_a_local_run_of_the_same_config(story, tiny, local_ray):
     home = story["home"]
     models = {"policy": story["new_policy"], "reference": tiny["reference"], "reward": tiny["reward"]}
-    local = score(load_config(None, base=_config(str(home / "pairs.jsonl"), models, str(home / "local"), None)))
+    # a pool per model here, where the runs on s3 had every model in one pool (`colocate_models`' default on CPUs):
+    # the same values either way
+    config = {**_config(str(home / "pairs.jsonl"), models, str(home / "local"), None), "colocate_models": False}
+    local = score(load_config(None, base=config))
+    assert story["second"]["manifest"]["models_colocated"] and not local["models_colocated"]
     got = story["second"]
     manifest = got["manifest"]
     for key in ("counts", "selection", "pool_moments", "tokenization", "warnings"):
