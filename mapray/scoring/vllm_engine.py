@@ -27,6 +27,7 @@ def engine_kwargs(cfg: ModelConfig, local_path: str, max_model_len: int) -> dict
         "model": local_path, "dtype": cfg.dtype, "tensor_parallel_size": cfg.tensor_parallel_size,
         "max_model_len": max_model_len, "enable_prefix_caching": False, "seed": 0,
         "max_num_batched_tokens": max(cfg.max_num_batched_tokens, max_model_len),
+        "use_tqdm_on_load": False,  # a weight-loading bar per actor, interleaved on the driver's terminal
     }
     import torch
 
@@ -40,6 +41,10 @@ def engine_kwargs(cfg: ModelConfig, local_path: str, max_model_len: int) -> dict
 
 
 def start_engine(kwargs: dict, what: str):
+    import warnings
+
+    # vLLM's Triton dispatcher touches a deprecated torch attribute on import, once per actor: not the user's to act on
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_op` is deprecated", category=FutureWarning)
     from vllm import LLM
 
     try:
