@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mapray", description=__doc__)
     parser.add_argument("--version", action="version", version=f"mapray {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true",
-                        help="also print Ray's own logs (cluster start, every Ray Data execution's plan)")
+                        help="also print the INFO logs of Ray (cluster start, every Ray Data execution's plan) and of "
+                             "the other libraries")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     score = verbs.add_parser("score", help="score preference pairs and select by MAP")

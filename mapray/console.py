@@ -42,11 +42,15 @@ KNOWN_NOISE = (
 
 
 def setup(verbose: bool = False, whole_process: bool = True) -> None:
-    """The command line's console: mapray's own logging at INFO, Ray's at WARNING, known noise filtered out of
-    the process's stderr when the command owns the `whole_process`."""
+    """The command line's console: mapray's own logging at INFO, every other library's (Ray's too) at WARNING,
+    known noise filtered out of the process's stderr when the command owns the `whole_process`."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if verbose:
         return
+    # other libraries' INFO lines are theirs, not the user's (botocore's "Found credentials in environment
+    # variables" at each s3 read): only mapray's own loggers keep INFO
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("mapray").setLevel(logging.INFO)
     # the embedded Ray's start (`mapray.runtime`) takes this level for Ray's logger; Ray Data's has its own
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
