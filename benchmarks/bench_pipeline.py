@@ -9,6 +9,11 @@ one JSON line.
 
     python benchmarks/bench_pipeline.py --pairs 48 --modes bare:2,pipeline:1x1.5,bare:1,pipeline:1x1,pipeline:2x0.75
 
+`dpo-pools:AxC` and `dpo-shared:AxC` score DPO with the model as policy and as reference (`colocate_models`):
+a pool of A actors x C CPUs per model, or one pool whose actors hold both models (2C CPUs each).
+
+    python benchmarks/bench_pipeline.py --pairs 48 --modes dpo-pools:1x0.75,dpo-shared:1x0.75
+
 `model_pass_s` is the part that grows with the data (bare: model load, stage, metrics, write; pipeline: the same
 through the actor pool); the pipeline's other timings are fixed costs per run (Ray start, the staged normalize
 pass, the global pass).
@@ -30,7 +35,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 DATA = Path(__file__).resolve().parent.parent / "mapray" / "data" / "ultrafeedback-binarized-1000.jsonl"
 
 
-def config(args, actors: int, cpus: float, output: str):
+def config(args, actors: int, cpus: float, output: str, colocate: bool | None = None):
+    """SimPO on the policy alone; with `colocate` set, DPO with the same checkpoint as the reference too, its
+    models in one actor pool (True) or a pool each (False)."""
     from mapray.config import load_config
 
     base = {
@@ -42,6 +49,8 @@ def config(args, actors: int, cpus: float, output: str):
         "reward": {"source": "columns"},
         "metric": {"implicit": "simpo"},
     }
+    if colocate is not None:
+        base.update(reference=dict(base["policy"]), metric={"implicit": "dpo"}, colocate_models=colocate)
     return load_config(None, base=base)
 
 
@@ -72,12 +81,14 @@ def bare(args, threads: int, output: str) -> dict:
             "model_pass_s": round(time.perf_counter() - model_pass_at, 2)}
 
 
-def pipeline(args, actors: int, cpus: float, output: str) -> dict:
+def pipeline(args, actors: int, cpus: float, output: str, colocate: bool | None = None) -> dict:
     from mapray.pipeline import score
 
-    manifest = score(config(args, actors, cpus, output))
+    manifest = score(config(args, actors, cpus, output, colocate))
+    shared = manifest["models_colocated"]
     return {"scored": manifest["counts"]["scored"], "actors": actors, "cpus_per_actor": cpus,
-            "threads_per_actor": math.ceil(cpus),
+            "models": 1 if colocate is None else 2, "models_colocated": shared,
+            "threads_per_actor": math.ceil(2 * cpus if shared else cpus),
             **{k: round(manifest["timings"][k], 2)
                for k in ("start_s", "normalize_s", "model_pass_s", "global_pass_s")}}
 
@@ -89,6 +100,9 @@ def run_one(args) -> None:
     kind, _, shape = args.one.partition(":")
     if kind == "bare":
         row = bare(args, int(shape), output)
+    elif kind in ("dpo-pools", "dpo-shared"):
+        actors, cpus = shape.split("x")
+        row = pipeline(args, int(actors), float(cpus), output, colocate=kind == "dpo-shared")
     else:
         actors, cpus = shape.split("x")
         row = pipeline(args, int(actors), float(cpus), output)
@@ -108,7 +122,8 @@ def main() -> None:
     parser.add_argument("--token-budget", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--modes", default="bare:2,pipeline:1x1.5,bare:1,pipeline:1x1,pipeline:2x0.75",
-                        help="bare:THREADS and pipeline:ACTORSxCPUS_PER_ACTOR, comma-separated")
+                        help="bare:THREADS, pipeline:ACTORSxCPUS_PER_ACTOR, and dpo-pools:AxC / dpo-shared:AxC "
+                             "(policy and reference, a pool each or one pool for both), comma-separated")
     parser.add_argument("--workdir", default="/tmp/mapray-bench-pipeline")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run this mode in this process
     args = parser.parse_args()
