@@ -180,8 +180,8 @@ def test_from_dict_yields_only_declared_types(section, data):
     ("policy.=1", "--set policy.: empty key segment, expected key.sub=value"),
     ("=1", "--set '=1': expected key.sub=value"),
     ("policy.path.x=1", "--set policy.path.x: path is not a section"),
-    ("nosuch.x=1", "unknown config key nosuch (known: cache, colocate_models, diff, evolve, generation, input, metric, output, policy, "
-                   "ray, reference, reward, selection)"),
+    ("nosuch.x=1", "unknown config key nosuch (known: cache, colocate_models, diff, evolve, generation, input, "
+                   "metric, output, policy, ray, reference, reward, selection)"),
     ("policy.nosuch=1", "unknown config key policy.nosuch (known: "),
     ("ray.env_vars={A: {b: 1}}", "ray.env_vars.A: expected text or a number, got dict {'b': 1}"),
     ("ray.env_vars={A: true}", "ray.env_vars.A: expected text or a number, got bool True"),
