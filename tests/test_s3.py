@@ -286,9 +286,9 @@ def test_the_rescore_reads_the_reference_log_probs_from_the_cache_on_s3(story):
 
 
 def test_a_successful_run_prints_its_stages_and_summary_and_nothing_of_rays(story):
-    """What the terminal shows of a successful run (the rescore: its models in one actor pool, the cache on S3):
-    one line per stage, the summary last on stdout; no warning or error line, no weight-loading bar, no Ray Data
-    log, no other library's INFO line (botocore's at each s3 read)."""
+    """What the terminal shows of a successful run (the rescore: the new policy's actor, the reference and the
+    reward model from the cache on S3): one line per stage, the summary last on stdout; no warning or error line,
+    no weight-loading bar, no Ray Data log, no other library's INFO line (botocore's at each s3 read)."""
     stdout, stderr = story["console"]
     noise = [line for line in stderr.splitlines()
              if re.search(r"\b(WARNING|ERROR|Warning)\b|^\[\S+ \S+ [EW] \d+|Loading weights|core_worker|"
