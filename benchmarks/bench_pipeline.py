@@ -100,12 +100,10 @@ def run_one(args) -> None:
     kind, _, shape = args.one.partition(":")
     if kind == "bare":
         row = bare(args, int(shape), output)
-    elif kind in ("dpo-pools", "dpo-shared"):
+    else:  # pipeline (SimPO, the policy alone), dpo-pools or dpo-shared
         actors, cpus = shape.split("x")
-        row = pipeline(args, int(actors), float(cpus), output, colocate=kind == "dpo-shared")
-    else:
-        actors, cpus = shape.split("x")
-        row = pipeline(args, int(actors), float(cpus), output)
+        colocate = {"dpo-pools": False, "dpo-shared": True}.get(kind)
+        row = pipeline(args, int(actors), float(cpus), output, colocate)
     elapsed = time.perf_counter() - started
     row = {"mode": args.one, "device": platform.processor() or "cpu", "cpus": os.cpu_count(), "model": args.model,
            "dtype": args.dtype, "pairs": args.pairs, "seconds": round(elapsed, 2),
