@@ -158,6 +158,7 @@ def score(cfg: RunConfig, extra: dict | None = None) -> dict:
     with stage("model pass", total=staged_dataset(model_input).count_rows() - done_before):
         rows_path = layout.stage("rows", lambda path: model_pass(p, model_input, caches, complete, path),
                                  resumable=True)
+    check_every_row_written(layout, model_input, rows_path)
     scored_at = time.time()
     timings["model_pass_s"] = scored_at - model_pass_at  # model stages + row metrics + staged write
     import ray.data
@@ -217,6 +218,17 @@ def model_pass(p: Plan, model_input: str, caches: dict, complete: frozenset[str]
         # light too: a write's default whole CPU would wait beside the model actors until the pass ends
         p.scorer.score(normalized, caches, complete).write_parquet(path,
                                                                    ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
+
+
+def check_every_row_written(layout, model_input: str, rows_path: str) -> None:
+    """Stops a run whose staged rows are fewer than its input's rather than publish a pool short of them: a
+    checkpoint that records rows as written whose files are gone (a write's recovery that deleted them) would
+    otherwise drop those pairs from every output without a word. Counted from the files' footers."""
+    expected = staged_dataset(model_input).count_rows()
+    written = staged_dataset(rows_path).count_rows() if layout.has_parquet(rows_path) else 0
+    if written != expected:
+        raise ConfigError(f"the model pass staged {written} of {expected} rows at {rows_path} (its checkpoint "
+                          f"records rows whose files are gone): remove {layout.staged('')[:-1]} and run again")
 
 
 # what the selection's passes read of the staged rows (the rest only for the copies of a duplicated pair_id);

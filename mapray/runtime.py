@@ -197,12 +197,33 @@ def _tensor_parallel_group(model: ModelConfig) -> dict:
 
 # --- resuming: Ray Data's checkpoint records and recovers the writes; mapray skips the written rows itself ---
 
+_PENDING = ".pending.parquet"  # a write's id record before its commit (Ray Data's two-phase commit)
+
+
 def _committed_files(uri: str) -> tuple[object, list[str]]:
     fs, path = fsspec.core.url_to_fs(uri)
     if not fs.exists(path):
         return fs, []
     # a `.pending.parquet` records a write in progress: Ray Data deletes it and that write's files on recovery
-    return fs, [f for f in fs.find(path) if f.endswith(".parquet") and not f.endswith(".pending.parquet")]
+    return fs, [f for f in fs.find(path) if f.endswith(".parquet") and not f.endswith(_PENDING)]
+
+
+def _finish_cut_short_commits(uri: str) -> int:
+    """Ends the commits a crash cut short after their record landed; returns how many. Ray Data commits a write
+    by moving `X.pending.parquet` to `X.parquet`, which on object storage is a copy then a delete: killed between
+    the two, both records are there. Its recovery reads any pending record as a write that never finished and
+    deletes that write's data files, while the committed record still lists its rows as written, so the rerun
+    would skip rows that no longer exist. The copy is whole (an object appears complete or not at all) and the data
+    was written before the commit began, so the write is done: the pending record goes, as Ray Data's own commit
+    does when it finds both."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(path):
+        return 0
+    files = set(fs.find(path))
+    finished = [f for f in files if f.endswith(_PENDING) and f[:-len(_PENDING)] + ".parquet" in files]
+    for record in finished:
+        fs.rm(record)
+    return len(finished)
 
 
 def checkpointed_rows(uri: str) -> int:
@@ -245,6 +266,7 @@ def checkpointed(path: str, id_column: str):
     """Ray Data's own job checkpointing for the writes inside: each written row's id is recorded under `path`,
     and a rerun recovers the writes a crash cut short. Yields the function that drops the rows an earlier
     attempt wrote from a dataset, in a light task of its own."""
+    _finish_cut_short_commits(path)
     written = written_ids(path, id_column)  # committed before this attempt: what recovery keeps
     ctx = ray.data.DataContext.get_current()
     previous = ctx.checkpoint_config

@@ -15,6 +15,8 @@ import ray.data
 
 from mapray.config import ModelConfig
 from mapray.errors import ConfigError
+from mapray.outputs import OutputLayout
+from mapray.pipeline import check_every_row_written
 from mapray.runtime import RunStalled, check_local_cpus, checkpointed, checkpointed_rows, skip_written, watched
 
 
@@ -56,14 +58,35 @@ def test_a_rerun_recovers_cut_short_writes_and_skips_written_rows_without_ray_da
     pq.write_table(pa.table({"id": ["r4", "r5"]}), ckpt / "cut_000000.pending.parquet")
     pq.write_table(pa.table({"id": ["r4", "r5"], "attempt": ["cut", "cut"]}), rows / "cut_000000-0.parquet")
     assert checkpointed_rows(str(ckpt)) == 4  # a pending record is not a written row
+    # a commit the crash cut short on object storage: the record's copy into place landed, its delete did not
+    for record in ("moved_000000.parquet", "moved_000000.pending.parquet"):
+        pq.write_table(pa.table({"id": ["r6", "r7"]}), ckpt / record)
+    pq.write_table(pa.table({"id": ["r6", "r7"], "attempt": ["moved", "moved"]}), rows / "moved_000000-0.parquet")
+    assert checkpointed_rows(str(ckpt)) == 6
 
     stats = _write(tmp_path / "all.parquet", rows, ckpt, "second")
     written = pq.read_table(rows).to_pylist()
     assert collections.Counter(r["id"] for r in written) == collections.Counter(ids)  # each row once
-    assert {r["id"]: r["attempt"] for r in written} == {i: "first" if i in ids[:4] else "second" for i in ids}
+    kept = {"r0": "first", "r1": "first", "r2": "first", "r3": "first", "r6": "moved", "r7": "moved"}
+    assert {r["id"]: r["attempt"] for r in written} == {i: kept.get(i, "second") for i in ids}
     assert not list(ckpt.glob("*.pending.parquet")) and checkpointed_rows(str(ckpt)) == 10
     # Ray Data's own filter is a pool of 1-CPU actors: the skip runs in the read's task instead
     assert "CheckpointFilter" not in stats and "skip_written" in stats, stats
+
+
+def test_a_model_pass_short_of_rows_stops_the_run_before_anything_is_published(tmp_path):
+    layout = OutputLayout(str(tmp_path / "out"), run_id="r1")
+    model_input, rows = (Path(layout.staged(name)) for name in ("model_input", "rows"))
+    for folder in (model_input, rows):
+        folder.mkdir(parents=True)
+    check_every_row_written(layout, str(model_input), str(rows))  # an empty pool writes no file
+    for folder in (model_input, rows):
+        pq.write_table(pa.table({"id": ["a", "b", "c"]}), folder / "0.parquet")
+    check_every_row_written(layout, str(model_input), str(rows))
+    pq.write_table(pa.table({"id": ["d"]}), model_input / "1.parquet")
+    with pytest.raises(ConfigError, match=rf"the model pass staged 3 of 4 rows at {rows} .*: remove "
+                                          rf"{tmp_path}/out/_staging/r1 and run again"):
+        check_every_row_written(layout, str(model_input), str(rows))
 
 
 def _echo():
