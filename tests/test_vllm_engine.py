@@ -16,7 +16,7 @@ from mapray.scoring.torch_engine import TorchLogprobEngine, TorchRewardEngine  #
 from mapray.scoring.vllm_engine import VllmLogprobEngine, load_vllm_reward_engine  # noqa: E402
 from mapray.templates import PairEncoder  # noqa: E402
 from tests.conftest import N_GOOD, dpo_config  # noqa: E402
-from tests.test_torch_engine import TEXTS, _real_pairs, _sequences  # noqa: E402
+from tests.test_torch_engine import TEXTS, _sequences  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -64,19 +64,19 @@ def test_engine_start_failure_is_a_clear_error(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_vllm_equals_torch_on_real_rows(smollm2):
+def test_smollm2_vllm_equals_torch_on_real_rows(smollm2, smollm2_rows):
     # Against a float64 run of the same checkpoint, the torch engine's fp32 sums are off by < 5e-5 and vLLM-CPU's
     # by ~7e-6 per token (4e-3 over a 595-token response): vLLM's CPU kernels are the less exact fp32 path.
     # So the 1e-3 bound on sums holds for responses up to ~100 tokens; longer ones are checked per token.
-    tokenizer = AutoTokenizer.from_pretrained(smollm2)
-    short = [(p, r[:100]) for p, r in _real_pairs(tokenizer)]
-    long = _real_pairs(tokenizer)
-    cfg = ModelConfig(path=smollm2, engine="vllm", max_length=1024, token_budget=2048)
-    vllm_engine, torch_engine = VllmLogprobEngine(cfg, smollm2), TorchLogprobEngine(cfg, smollm2)
-    assert len(short) >= 8
-    assert vllm_engine.logprobs(short) == pytest.approx(torch_engine.logprobs(short), abs=1e-3)
-    for (_, r), v, t in zip(long, vllm_engine.logprobs(long), torch_engine.logprobs(long)):
-        assert abs(v - t) / len(r) < 2e-5
+    rows = smollm2_rows
+    got = VllmLogprobEngine(ModelConfig(path=smollm2, engine="vllm", max_length=1024, token_budget=2048),
+                            smollm2).logprobs(rows.seqs)
+    assert sum(len(r) <= 100 for _, r in rows.seqs) >= 8
+    for (_, r), v, t in zip(rows.seqs, got, rows.logps, strict=True):
+        if len(r) <= 100:
+            assert v == pytest.approx(t, abs=1e-3)
+        else:
+            assert abs(v - t) / len(r) < 2e-5
 
 
 def test_a_multi_label_head_on_vllm_gives_the_torch_engines_label_scores(tiny, tmp_path):
