@@ -307,18 +307,23 @@ def error_line(result) -> str:
     return errors[0].removeprefix("mapray: error: ")
 
 
-def test_cli_exits_2_with_one_line_for_bad_yaml(tmp_path):
+def test_cli_exits_2_with_one_line_for_bad_yaml(tmp_path, capsys):
+    """The command line's own parsing, called in this process (`run_cli` runs `python -m mapray` for the rest)."""
+    def error(*args: str) -> str:
+        assert cli.main(list(args)) == 2
+        captured = capsys.readouterr()
+        return error_line(subprocess.CompletedProcess(args, 2, captured.out, captured.err))
+
     cfg = tmp_path / "c.yaml"
     cfg.write_text("input: {uri: x}\noutput: o\npolicy: {path: p}\n")
-    result, _ = run_cli("score", "--config", str(cfg), "--set", "selection.ratio=[1")
-    assert result.stderr.strip() == ("mapray: error: --set selection.ratio: the value is not valid YAML: expected ',' "
-                                     "or ']', but got '<stream end>' (line 1, column 3)")
-    result, _ = run_cli("score", "--config", str(cfg), "--set", "selection.ratio=!!python/object/apply:os.system [x]")
-    assert error_line(result).startswith("--set selection.ratio: the value is not valid YAML: could not determine")
-    result, _ = run_cli("score", "--config", str(tmp_path))
-    assert error_line(result) == f"cannot read config {tmp_path}: Is a directory"
+    assert error("score", "--config", str(cfg), "--set", "selection.ratio=[1") == (
+        "--set selection.ratio: the value is not valid YAML: expected ',' or ']', but got '<stream end>' "
+        "(line 1, column 3)")
+    assert error("score", "--config", str(cfg), "--set", "selection.ratio=!!python/object/apply:os.system [x]") \
+        .startswith("--set selection.ratio: the value is not valid YAML: could not determine")
+    assert error("score", "--config", str(tmp_path)) == f"cannot read config {tmp_path}: Is a directory"
     cfg.write_bytes(b"input: {uri: x}\noutput: \xc3\x28\n")
-    assert error_line(run_cli("score", "--config", str(cfg))[0]).startswith(f"config {cfg} is not valid YAML: ")
+    assert error("score", "--config", str(cfg)).startswith(f"config {cfg} is not valid YAML: ")
 
 
 # --- item 5: the models against the config, before Ray starts -----------------------------------------------------
