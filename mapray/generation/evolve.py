@@ -2,7 +2,7 @@
 
 The prompts of round k ranked by their mean MAP (a Ray Data group-by over its scored/), the top fraction
 rewritten with each Evol-Instruct strategy by the policy (`mapray.generation.rewrites`: the templates and the
-filters), one rewrite each, on the sampler's actor pool; the rewrites that pass the filters are round k+1's
+filters), one rewrite each, sampled and filtered in the sampler's actors; the rewrites that pass are round k+1's
 prompts (<output>/evolved/, every rewrite kept with its original, strategy and the reason it was set aside), and
 the self-play round (`mapray.generation.run`) samples, scores and selects them. The manifest's `lineage` links
 the rounds.
@@ -27,8 +27,9 @@ from mapray.config import (
 )
 from mapray.errors import ConfigError
 from mapray.generation import rewrites as R
-from mapray.generation.prompts import LINEAGE
+from mapray.generation.prompts import LINEAGE, ROW_ID
 from mapray.generation.run import GENERATED, check, play_round, read_generation, sample_prompts
+from mapray.generation.stage import GenerateStage
 from mapray.inputs import read_staged
 from mapray.models import identify_model
 from mapray.outputs import OutputLayout, read_manifest
@@ -90,11 +91,11 @@ def evolve_prompts(cfg: RunConfig, source: str, source_run: str, settings: Evolv
     # is at least 2)
     rewriting = GenerationConfig(temperature=settings.temperature, top_p=1.0, max_tokens=settings.max_tokens,
                                  seed=(cfg.generation or GenerationConfig()).seed)
-    layout.stage(GENERATED, lambda path: sample_prompts(layout, generator, rewriting, n=1), resumable=True)
-    filtered = read_staged(layout.staged(GENERATED), num_cpus=LIGHT_TASK_CPUS).map_batches(
-        RewriteFilter, fn_constructor_kwargs={"rewards": [m for _, _, m in reward_models(cfg)], "settings": settings},
-        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=LIGHT_TASK_CPUS)
-    evolved = layout.stage(EVOLVED, filtered.write_parquet)
+    rewards = [m for _, _, m in reward_models(cfg)]
+    layout.stage(GENERATED, lambda path: sample_prompts(layout, generator, RewriteStage, sampling=rewriting,
+                                                        rewards=rewards, settings=settings), resumable=True)
+    evolved = layout.stage(EVOLVED, read_staged(layout.staged(GENERATED), num_cpus=LIGHT_TASK_CPUS)
+                           .drop_columns([ROW_ID]).write_parquet)
     errors = ray.data.read_parquet(evolved).select_columns(["evolve_error"]).to_pandas()["evolve_error"]
     info = {"key": key, "prompts_ranked": total, "prompts_rewritten": top, "rewrites": len(errors),
             "rewrites_kept": int(errors.isna().sum()), "rewrites_set_aside": int(errors.notna().sum())}
@@ -126,6 +127,20 @@ def _rewrite_requests(table: pa.Table, settings: EvolveConfig, round_: int) -> p
                          "input_raw": original, "evolved_from": pid, "evolve_strategy": strategy,
                          "evolve_round": round_, ROW_ID: uuid.uuid4().hex})
     return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+class RewriteStage:
+    """Rewrite requests -> evolved/ rows, in the sampler's actor: each request's one rewrite (`GenerateStage`,
+    n=1), then `RewriteFilter` on it. The filter's tokenizers load beside the sampler rather than in an actor
+    process of their own (importing transformers: 8 s of the tiny round's 59 here). Each row keeps its request's
+    ROW_ID, by which the checkpoint resumes a killed round."""
+
+    def __init__(self, cfg, sampling: GenerationConfig, rewards: list, settings: EvolveConfig):
+        self.sample = GenerateStage(cfg, sampling, n=1)
+        self.filter = RewriteFilter(rewards, settings)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return self.filter(self.sample(table)).append_column(ROW_ID, table.column(ROW_ID))
 
 
 class RewriteFilter:

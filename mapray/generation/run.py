@@ -114,7 +114,7 @@ def generate(cfg: RunConfig) -> dict:
         PromptReader(fmt, cfg.input.columns), batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS).write_parquet(path))
     before = checkpointed_rows(layout.staged("checkpoint"))
     sampling_at = time.time()
-    layout.stage(GENERATED, lambda path: sample_prompts(layout, generator, sampling), resumable=True)
+    layout.stage(GENERATED, lambda path: sample_prompts(layout, generator, sampling=sampling), resumable=True)
     # a crash while publishing may have moved the folder already: it is complete either way
     written = layout.staged(GENERATED) if layout.exists(layout.staged(GENERATED)) else layout.final(GENERATED)
     info = {"key": key, "format": fmt, "generator": {"configured": generator.path, **identity},
@@ -126,11 +126,13 @@ def generate(cfg: RunConfig) -> dict:
     return info
 
 
-def sample_prompts(layout: OutputLayout, generator, sampling: GenerationConfig, n: int | None = None) -> None:
-    """The staged prompts -> staged generated rows, on the generator's actor pool, resumable by row."""
+def sample_prompts(layout: OutputLayout, generator, stage=GenerateStage, **stage_kwargs) -> None:
+    """The staged prompts -> staged generated rows, on the generator's actor pool, resumable by row. `stage` is the
+    actor class (`GenerateStage(cfg, **stage_kwargs)`, or one that does more with its samples); its rows keep
+    ROW_ID, the checkpoint's key."""
     with checkpointed(layout.staged("checkpoint"), ROW_ID) as unwritten, watched():
         prompts = unwritten(read_staged(layout.staged("prompts"), num_cpus=LIGHT_TASK_CPUS))
-        map_stage(prompts, GenerateStage, generator, sampling=sampling, n=n) \
+        map_stage(prompts, stage, generator, **stage_kwargs) \
             .write_parquet(layout.staged(GENERATED), ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
 
 
