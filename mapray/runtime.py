@@ -24,6 +24,8 @@ from ray.data.context import ShuffleStrategy
 from mapray.config import ModelConfig, RayConfig
 from mapray.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 # Reading, normalizing and the per-row metrics are light, I/O-bound tasks: asking a whole CPU each would leave
 # them waiting behind the model actors on small machines (Ray Data budgets CPUs across operators).
 LIGHT_TASK_CPUS = 0.25
@@ -213,8 +215,8 @@ def _committed_files(uri: str) -> tuple[object, list[str]]:
     return fs, [f for f in fs.find(path) if f.endswith(".parquet") and not f.endswith(_PENDING)]
 
 
-def _finish_cut_short_commits(uri: str) -> int:
-    """Ends the commits a crash cut short after their record landed; returns how many. Ray Data commits a write
+def _finish_cut_short_commits(uri: str) -> None:
+    """Ends the commits a crash cut short after their record landed. Ray Data commits a write
     by moving `X.pending.parquet` to `X.parquet`, which on object storage is a copy then a delete: killed between
     the two, both records are there. Its recovery reads any pending record as a write that never finished and
     deletes that write's data files, while the committed record still lists its rows as written, so the rerun
@@ -223,12 +225,13 @@ def _finish_cut_short_commits(uri: str) -> int:
     does when it finds both."""
     fs, path = fsspec.core.url_to_fs(uri)
     if not fs.exists(path):
-        return 0
+        return
     files = set(fs.find(path))
     finished = [f for f in files if f.endswith(_PENDING) and f[:-len(_PENDING)] + ".parquet" in files]
     for record in finished:
         fs.rm(record)
-    return len(finished)
+    if finished:
+        log.info("resuming: %d write(s) the crash caught in their commit were complete, kept", len(finished))
 
 
 def checkpointed_rows(uri: str) -> int:
