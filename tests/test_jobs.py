@@ -1,8 +1,8 @@
 """jobs/score.py submitted for real: a Ray head on loopback, Ray's job submission client, outputs checked."""
 
+import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,41 +18,58 @@ from tests.conftest import UF
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """`n` distinct ports free now: probed with every socket held at once (probes one at a time can be handed
+    the same port twice, and `ray start` refuses a head whose ports collide)."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+
+
+PORTS = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+         "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")
+
+
+def _start_head(log: Path):
+    """`ray start --head --block` in its own process group (stopping it cannot touch the test session's own
+    local Ray), every port it opens picked free (the session's Ray already holds the defaults), its output in
+    `log`. Returns the process and a client of its job API once that answers, or None if the head exited first
+    (a port taken between the probe and the start)."""
+    from ray.job_submission import JobSubmissionClient
+
+    ports = dict(zip(PORTS, _free_ports(len(PORTS))))
+    bin_dir = Path(sys.executable).parent  # jobs run `python`: this environment's, as a cluster image's would
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    with open(log, "ab") as out:
+        head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                                 "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--include-dashboard", "true",
+                                 "--disable-usage-stats", *(f"--{name}={port}" for name, port in ports.items())],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while head.poll() is None:
+        try:
+            client = JobSubmissionClient(f"http://127.0.0.1:{ports['dashboard-port']}")
+            client.list_jobs()
+            return head, client
+        except Exception:
+            if time.monotonic() > deadline:
+                kill_with_its_local_ray(head)
+                raise
+            time.sleep(1)
+    return head, None
 
 
 @pytest.fixture
-def ray_head():
-    """A separate Ray head (`ray start --head --block` in its own process group, so stopping it cannot touch
-    the test session's own local Ray)."""
-    gcs, dashboard = _free_port(), _free_port()
-    # every port the head opens picked free: the test session's own local Ray already holds the defaults
-    ports = [f"--{name}={_free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
-        "node-manager-port", "object-manager-port", "ray-client-server-port")]
-    bin_dir = Path(sys.executable).parent  # jobs run `python`: this environment's, as a cluster image's would
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    ray_cli = str(bin_dir / "ray")
-    head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-                             "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-                             "--num-cpus", "2", "--include-dashboard", "true", "--disable-usage-stats", *ports],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    from ray.job_submission import JobSubmissionClient
-
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            client = JobSubmissionClient(f"http://127.0.0.1:{dashboard}")
-            client.list_jobs()
+def ray_head(tmp_path):
+    """A separate Ray head and a job client of it; started once more if it exits before answering."""
+    log = tmp_path / "ray-head.log"
+    for _ in range(2):
+        head, client = _start_head(log)
+        if client is not None:
             break
-        except Exception:
-            if time.monotonic() > deadline or head.poll() is not None:
-                os.killpg(head.pid, signal.SIGKILL)
-                raise
-            time.sleep(1)
+    assert client is not None, f"ray start --head exited ({head.returncode}): {log.read_text()[-3000:]}"
     yield client
     # the head and every process under it, SIGKILLed: after a SIGTERM `ray start --block` took 30 s to exit, and
     # nothing here needs a graceful stop
