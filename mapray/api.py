@@ -142,8 +142,9 @@ class Scorer:
     def score(self, ds, caches: dict | None = None, complete: frozenset[str] = frozenset()):
         """The model stages and the per-row metrics over normalized rows; `caches`: each model stage's cache
         namespace and pick (`mapray.pipeline.cache_namespaces`), none outside a run with a cache; `complete`: the
-        roles whose cached values cover every row (`mapray.pipeline.complete_namespaces`): their stages run from
-        the cache in light tasks, no actor started, no model loaded, no GPU held. With the models colocated
+        roles with no row to run their model on (`mapray.pipeline.complete_namespaces`: cached values cover every
+        row; `roles_without_rows`: none reaches the pass): their stages run in light tasks, no actor started, no
+        model loaded, no GPU held. With the models colocated
         (`RunConfig.colocate_models`) every step runs in one actor pool, unless no model needs to run at all."""
         steps = self.model_steps(caches or {}, complete)
         models = [step.model for step in steps if step.model is not None]
@@ -159,7 +160,7 @@ class Scorer:
 
     def model_steps(self, caches: dict, complete: frozenset[str]) -> list[Step]:
         """The model pass in order: each reward model, their combination, the policy, the reference, the row
-        metrics. A model whose role is `complete` is a light step that reads its values from the cache."""
+        metrics. A model whose role is `complete` is a light step that reads its values from the cache (if any)."""
         cfg = self.config
 
         def stage(stage_cls, model, cache_role: str, **kwargs) -> Step:

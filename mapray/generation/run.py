@@ -26,11 +26,11 @@ import fsspec
 from mapray.config import ColumnNames, GenerationConfig, InputConfig, RunConfig, configured_models, generator_config
 from mapray.errors import ConfigError
 from mapray.generation.prompts import ROW_ID, PromptReader, prompt_format
-from mapray.generation.stage import GenerateStage
+from mapray.generation.stage import GenerateStage, unsampled
 from mapray.inputs import InputFiles, discover, read_dataset, read_staged, sample_records
 from mapray.models import check_model_path, identify_model
 from mapray.outputs import OutputLayout, read_json
-from mapray.pipeline import score, staging_key
+from mapray.pipeline import score, staged_dataset, staging_key
 from mapray.preflight import check_causal_lm, check_chat_template, check_models, check_positions, read_model_files
 from mapray.runtime import (
     LIGHT_TASK_CPUS,
@@ -114,7 +114,9 @@ def generate(cfg: RunConfig) -> dict:
         PromptReader(fmt, cfg.input.columns), batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS).write_parquet(path))
     before = checkpointed_rows(layout.staged("checkpoint"))
     sampling_at = time.time()
-    layout.stage(GENERATED, lambda path: sample_prompts(layout, generator, sampling=sampling), resumable=True)
+    # every prompt set aside already (bad lines, an evolve round whose rewrites all failed): no sampler to start
+    stage = GenerateStage if prompts_to_sample(layout) else None
+    layout.stage(GENERATED, lambda path: sample_prompts(layout, generator, stage, sampling=sampling), resumable=True)
     # a crash while publishing may have moved the folder already: it is complete either way
     written = layout.staged(GENERATED) if layout.exists(layout.staged(GENERATED)) else layout.final(GENERATED)
     info = {"key": key, "format": fmt, "generator": {"configured": generator.path, **identity},
@@ -129,11 +131,23 @@ def generate(cfg: RunConfig) -> dict:
 def sample_prompts(layout: OutputLayout, generator, stage=GenerateStage, **stage_kwargs) -> None:
     """The staged prompts -> staged generated rows, on the generator's actor pool, resumable by row. `stage` is the
     actor class (`GenerateStage(cfg, **stage_kwargs)`, or one that does more with its samples); its rows keep
-    ROW_ID, the checkpoint's key."""
+    ROW_ID, the checkpoint's key. `stage` None: no prompt is to be sampled, and the rows get no samples in light
+    tasks (`unsampled`), with no actor and no model."""
     with checkpointed(layout.staged("checkpoint"), ROW_ID) as unwritten, watched():
         prompts = unwritten(read_staged(layout.staged("prompts"), num_cpus=LIGHT_TASK_CPUS))
-        map_stage(prompts, stage, generator, **stage_kwargs) \
-            .write_parquet(layout.staged(GENERATED), ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
+        rows = map_stage(prompts, stage, generator, **stage_kwargs) if stage is not None else prompts.map_batches(
+            unsampled, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
+        rows.write_parquet(layout.staged(GENERATED), ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
+
+
+def prompts_to_sample(layout: OutputLayout) -> int:
+    """The staged prompts no step has set aside, counted from the footers and one column on the driver."""
+    import pyarrow.compute as pc
+
+    count = staged_dataset(layout.staged("prompts")).count_rows(filter=pc.field("generation_error").is_null())
+    if not count:
+        log.info("every prompt was set aside before sampling: the generator is not loaded")
+    return count
 
 
 def generation_key(cfg: RunConfig, files: InputFiles, sampling: GenerationConfig, generator, sha: str) -> str:

@@ -55,6 +55,12 @@ class GenerateStage:
         return with_samples(table, errors, dict(zip(todo, samples)), seeds)
 
 
+def unsampled(table: pa.Table) -> pa.Table:
+    """Prompt rows that were all set aside before sampling, with `COLUMNS` empty: what `GenerateStage` writes for
+    them, in a light task (no generator loaded)."""
+    return with_samples(table, table.column("generation_error").to_pylist(), {}, {})
+
+
 def with_samples(table: pa.Table, errors: list, samples: dict[int, list], seeds: dict[int, int]) -> pa.Table:
     """The prompt rows with `COLUMNS` filled from each sampled row's samples; `errors` are the rows' reasons so
     far, and a row whose samples include an empty response gets one (its samples are kept, for the record)."""
