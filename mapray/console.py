@@ -2,8 +2,7 @@
 last, and nothing of Ray's that a user cannot act on.
 
 - Ray's and Ray Data's INFO logging (cluster start, every execution's plan, the non-interactive progress dump) is
-  turned down to warnings; `--verbose` keeps all of it. In an interactive terminal Ray Data's own progress bars
-  stay: they show rows, rate and ETA per operator; written to a file or a pipe they are off.
+  turned down to warnings, and Ray Data's progress bars are off; `--verbose` keeps all of it.
 - Known lines of Ray's own making that say nothing about the run (`KNOWN_NOISE`, each with its reason) are taken
   out of the process's stderr at the file-descriptor level: Ray core's C++ logs write there directly, below
   Python's logging. Everything else passes through unchanged.
@@ -57,13 +56,13 @@ def setup(verbose: bool = False, whole_process: bool = True) -> None:
     # a new local Ray turns on token authentication, its default, and warns that it did so (RAY_AUTH_MODE unset):
     # the embedded Ray is the default a user did not choose, and the warning is not theirs to act on
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    # Ray Data's bars are a terminal's; into a log (a job's, CI's) tqdm writes every redraw of them, as the
-    # Parquet reader's "dataset sampling" bar does at each read
-    if not sys.stderr.isatty():
-        from ray.util.debug import log_once
+    # one progress display per stage, mapray's (`stage`): Ray Data's bars, a bar per operator of each execution
+    # with its resources, wrap at a terminal's width and break up around those lines, and into a log (a job's,
+    # CI's) tqdm writes every redraw of them; `--verbose` keeps them
+    from ray.util.debug import log_once
 
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        log_once("ray_data_progress_manager_disabled")  # taken here: Ray Data would warn that they are off
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")  # taken here: Ray Data would warn that they are off
     if whole_process:
         _filter_stderr()
 

@@ -10,8 +10,8 @@
    token of a log-prob model; parameters counted on PyTorch's meta device from the checkpoint's config (no weights);
 4. time: FLOPs over (devices x measured peak x measured fraction of it) for a kind of device `MEASURED` holds, with
    the figure's source and date printed beside it; a kind without one gets FLOPs and tokens, and says so.
-Model loading and the run's fixed cost (Ray start, normalize, global pass) are not in it: `fixed_s` says what
-the measured kind's run paid beside its model pass.
+Model loading and the run's fixed cost (Ray start, normalize, global pass: seconds, whatever the pool) are not in
+it, and the printed estimate says so.
 """
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+import io
 import subprocess
 import sys
 
@@ -145,6 +146,26 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out == f"mapray {__version__}\n"
+
+
+def test_a_terminal_gets_one_progress_display_per_stage(monkeypatch):
+    """In a terminal as in a log: mapray's stage lines, not Ray Data's bars beside them (a bar per operator that
+    wraps at the terminal's width and breaks up around the lines); `--verbose` keeps Ray Data's bars."""
+    import ray.data
+
+    from mapray import console
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.setattr(ctx, "enable_progress_bars", True)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    console.setup(verbose=True, whole_process=False)
+    assert ctx.enable_progress_bars
+    console.setup(verbose=False, whole_process=False)
+    assert not ctx.enable_progress_bars
 
 
 def test_the_console_drops_only_the_known_lines_of_rays_making():

