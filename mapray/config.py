@@ -115,6 +115,15 @@ class ModelConfig(Checked):
                               f"({self.max_length})")
 
 
+# a model's settings that say how its pass runs, not what it computes: its values come out the same either way
+# (up to floating-point order), as the score cache takes them (`mapray.cache.namespace` keys on none of them), so
+# a run resumes across a change of them (`mapray.pipeline.computed_config`): after running out of memory with a
+# smaller batch_size, or on a cluster with more actors
+RUN_ONLY_MODEL_SETTINGS = ("token_budget", "lm_head_chunk", "prefix_sharing", "packing", "tree_attention",
+                           "batch_size", "actors", "cpus_per_actor", "gpus_per_actor", "tensor_parallel_size",
+                           "max_num_batched_tokens", "gpu_memory_utilization")
+
+
 @dataclass(frozen=True)
 class RewardModelConfig(ModelConfig):
     """A reward model: where and how it runs (`ModelConfig`), and how its scores make the run's reward."""

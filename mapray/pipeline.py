@@ -26,6 +26,7 @@ from mapray.cache import Namespace, namespace, write_generations
 from mapray.cache_lookup import attach_hits
 from mapray.changes import against_previous
 from mapray.config import (
+    RUN_ONLY_MODEL_SETTINGS,
     ConfigError,
     RayConfig,
     RewardConfig,
@@ -85,10 +86,22 @@ def plan(cfg: RunConfig) -> Plan:
 def run_key(cfg: RunConfig, files: InputFiles, models: dict) -> str:
     """Names the staging folder: the same config over the same input files (by name, size and modification
     time) and the same model contents resumes there; any change, a checkpoint rewritten in place included,
-    starts a fresh run."""
+    starts a fresh run, but for the settings that say how the run runs rather than what it computes
+    (`computed_config`)."""
     shas = {key: model["sha256"] for key, model in models.items()}
-    config = {k: v for k, v in to_dict(cfg).items() if k != "diff"}  # the diff reads the staged results only
-    return staging_key("run", {"config": config, "files": files.listing(), "models": shas})
+    return staging_key("run", {"config": computed_config(cfg), "files": files.listing(), "models": shas})
+
+
+def computed_config(cfg: RunConfig) -> dict:
+    """The config as far as it decides the run's values: without Ray's settings, the models' colocation, the diff
+    (it reads the staged results only) and each model's `RUN_ONLY_MODEL_SETTINGS` (batch sizes, actors and what
+    they hold, the engines' budgets and strategies). A run killed for memory resumes with a smaller batch_size."""
+    config = {k: v for k, v in to_dict(cfg).items() if k not in ("diff", "ray", "colocate_models")}
+    reward = config["reward"]
+    for model in (config["policy"], config["reference"], reward["model"], *reward["models"]):
+        for name in RUN_ONLY_MODEL_SETTINGS if model is not None else ():
+            del model[name]
+    return config
 
 
 def staging_key(kind: str, payload: dict) -> str:

@@ -30,6 +30,30 @@ def test_the_start_up_check_counts_the_actors_and_the_light_tasks_beside_them():
         check_local_cpus(2, [*three, ModelConfig(path="x", cpus_per_actor=0.25)])
 
 
+@pytest.mark.parametrize("change,resumes", [
+    # how the run runs: a run killed for memory resumes with a smaller batch, a run moved to a cluster with more
+    # actors and GPUs resumes there
+    (["policy.batch_size=8", "reference.batch_size=8", "reward.models=[{path: r, batch_size: 2}]"], True),
+    (["policy.actors=4", "policy.cpus_per_actor=0.5", "policy.gpus_per_actor=1", "reference.token_budget=4096"],
+     True),
+    (["policy.packing=false", "policy.prefix_sharing=false", "policy.tree_attention=flex", "policy.lm_head_chunk=64",
+      "reference.max_num_batched_tokens=4096", "reference.tensor_parallel_size=2",
+      "reference.gpu_memory_utilization=0.5"], True),
+    (["ray.address=ray://head:10001", "ray.env_vars={A: b}", "colocate_models=false", "diff={max_churn: 0.2}"], True),
+    # what it computes
+    (["policy.max_length=512"], False), (["reference.dtype=bfloat16"], False), (["policy.engine=vllm"], False),
+    (["policy.truncation_mode=keep_end"], False), (["metric.alpha=2.0"], False), (["input.limit=10"], False),
+    (["selection.ratio=0.2"], False), (["cache=/c"], False), (["reward.models=[{path: r, weight: 2}]"], False),
+])
+def test_a_run_resumes_across_settings_that_say_how_it_runs_not_what_it_computes(change, resumes):
+    from mapray.config import load_config
+    from mapray.pipeline import computed_config
+
+    base = ["input.uri=x", "output=/o", "policy.path=p", "reference.path=q", "metric.implicit=dpo",
+            "reward.source=model", "reward.models=[{path: r}]"]
+    assert (computed_config(load_config(None, base + change)) == computed_config(load_config(None, base))) == resumes
+
+
 def test_skip_written_keeps_only_the_rows_not_written():
     table = pa.table({"id": ["a", "b", None, "d"], "v": [1, 2, 3, 4]})
     kept = skip_written(table, "id", pa.array(["d", "a", "zz"]))

@@ -108,14 +108,14 @@ def mapray(*args: str, env: dict, **kwargs) -> subprocess.CompletedProcess:
 
 # --- the run story: killed, resumed, rescored with the cache on s3, against a local run ---
 
-def _config(inputs: str, models: dict, out: str, cache: str | None) -> dict:
-    """The suite's DPO run with these models, input, output and cache; batches of one row, so that the kill lands
-    between two checkpointed writes rather than after the last (with batches of 4 the tiny models' pass once
-    finished all 33 rows between the first commit and the kill: each commit on s3 is a few requests, each batch
-    of the tiny models a few milliseconds)."""
+def _config(inputs: str, models: dict, out: str, cache: str | None, batch_size: int = 1) -> dict:
+    """The suite's DPO run with these models, input, output and cache; batches of one row for the run that is
+    killed, so that the kill lands between two checkpointed writes rather than after the last (with batches of 4
+    the tiny models' pass once finished all 33 rows between the first commit and the kill: each commit on s3 is a
+    few requests, each batch of the tiny models a few milliseconds)."""
     config = dpo_config(models, inputs, out, cache=cache)
     for model in (config["policy"], config["reference"], config["reward"]["model"]):
-        model["batch_size"] = 1
+        model["batch_size"] = batch_size
     return config
 
 
@@ -221,6 +221,10 @@ def story(s3, tiny, tmp_path_factory):
         step["done_before"] = killed_after_first_write("score", config, s3.env, lambda: _committed_rows(fs, out))
         step["manifest_after_kill"] = fs.exists(f"{out}/manifest.json")
 
+        # the same command again, its batches of 8 rows: a setting of how the run runs, not of what it computes,
+        # so it resumes (as a run killed for memory resumes with a smaller batch)
+        config.write_text(json.dumps(_config(f"s3://{BUCKET}/in/pairs.jsonl", models, f"s3://{out}",
+                                             f"s3://{cache}", batch_size=8)))
         resumed = mapray("score", "--config", str(config), env=s3.env)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         step["first"] = read_output(fs, out)
@@ -322,7 +326,8 @@ def test_the_output_on_s3_equals_a_local_run_of_the_same_config(story, tiny, loc
     models = {"policy": story["new_policy"], "reference": tiny["reference"], "reward": tiny["reward"]}
     # a pool per model here, where the runs on s3 had every model in one pool (`colocate_models`' default on CPUs):
     # the same values either way
-    config = {**_config(str(home / "pairs.jsonl"), models, str(home / "local"), None), "colocate_models": False}
+    config = {**_config(str(home / "pairs.jsonl"), models, str(home / "local"), None, batch_size=8),
+              "colocate_models": False}
     local = score(load_config(None, base=config))
     assert story["second"]["manifest"]["models_colocated"] and not local["models_colocated"]
     got = story["second"]

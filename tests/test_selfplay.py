@@ -232,9 +232,9 @@ def _unloadable(path: str, dest) -> str:
 
 
 def test_a_pool_with_nothing_to_sample_or_score_loads_no_model(tiny, tmp_path, local_ray, caplog):
-    """Every prompt set aside before sampling (a blank prompt, a line that is not JSON, a prompt that is a number,
-    as an evolve round whose rewrites all failed has too): the round starts no sampler and its scoring pass no
-    model actor (the generator, policy, reference and reward model here would fail to load), and still publishes
+    """Every prompt set aside before sampling (a blank prompt, a line that is not JSON, a prompt that is a number;
+    the same holds for an evolve round whose rewrites all failed): the round starts no sampler and its scoring pass
+    no model actor (the generator, policy, reference and reward model here would fail to load), and still publishes
     every prompt in rejects/ with its reason and its line."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
