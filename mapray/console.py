@@ -37,6 +37,11 @@ KNOWN_NOISE = (
     # at the end of a pass Ray Data kills its idle actors; on a loaded machine the GCS's kill RPC can find one gone
     # already and logs it
     re.compile(rb"Failed to kill actor .*KillActor RPC failed"),
+    # vLLM's CPU backend, at each sampler's or scorer's engine start: the CPU torch wheel ships Triton, which vLLM
+    # then says it will not use, and its worker binds memory to its cores' NUMA node, which torch's C++ logs as a
+    # warning. Neither is the user's to act on (vLLM's own errors and warnings pass).
+    re.compile(rb"Triton is installed, but doesn't include CPU backend\. Disabling Triton\."),
+    re.compile(rb"Warning: NUMA binding: Using MEMBIND policy for memory allocation"),
 )
 
 

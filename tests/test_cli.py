@@ -176,7 +176,14 @@ def test_the_console_drops_only_the_known_lines_of_rays_making():
              b"and max_restarts > 0. If the arguments in the object store go out of scope or are lost, the actor "
              b"restart will fail.")
     assert console._noise(known)
+    for line in (b"\x1b[36m(MapWorker(MapBatches(GenerateStage)) pid=17842)\x1b[0m Triton is installed, but doesn't "
+                 b"include CPU backend. Disabling Triton.",
+                 b"\x1b[36m(MapWorker(MapBatches(GenerateStage)) pid=17842)\x1b[0m [W1207 01:19:36.618374282 "
+                 b"utils.cpp:68] Warning: NUMA binding: Using MEMBIND policy for memory allocation on the NUMA nodes "
+                 b"(0). Memory allocations will be strictly bound to these NUMA nodes."):  # vLLM's CPU backend
+        assert console._noise(line)
     for kept in (b"mapray: error: policy.path: model path does not exist: /x",
+                 b"(MapWorker(MapBatches(GenerateStage)) pid=1) WARNING [vllm] max_model_len is larger than ...",
                  b"Traceback (most recent call last):", b"core_worker.cc:1: Actor with class name: 'A' died"):
         assert not console._noise(kept)
     progress = {"name": "model pass", "total": 100, "rows": 25, "started": 0.0}

@@ -533,9 +533,12 @@ def test_selfplay_resumes_a_killed_generation_then_evolves_on_s3(s3, tiny, tmp_p
 
     run = mapray("selfplay", "--config", str(config), env=s3.env)  # the same command again
     assert run.returncode == 0, run.stderr[-3000:]
-    # the sampler's and scorers' actors print no weight-loading bar, no warning of vLLM's import and, once Ray
-    # Data ends them, no traceback of an engine process's resource tracker
-    assert not re.search(r"Loading safetensors|reduce_op|resource_tracker|Traceback", run.stderr), run.stderr[-3000:]
+    # the sampler's and scorers' actors print no weight-loading bar, no warning of vLLM's import or of its CPU
+    # backend and, once Ray Data ends them, no traceback of an engine process's resource tracker; the sampling
+    # has its stage line as the scoring's stages do
+    assert not re.search(r"Loading safetensors|reduce_op|resource_tracker|Traceback|Triton|NUMA", run.stderr), \
+        run.stderr[-3000:]
+    assert f"mapray: sampling: {len(lines) - before} rows in " in run.stderr, run.stderr[-3000:]
     marker = json.loads(fs.cat(f"{round0}/generated.json"))
     generated = pq.read_table(f"{round0}/generated", filesystem=fs)
     out = read_output(fs, round0)
@@ -574,6 +577,7 @@ def test_selfplay_resumes_a_killed_generation_then_evolves_on_s3(s3, tiny, tmp_p
     evolved_run = mapray("evolve", "--from", f"s3://{round0}", "--config", str(config), "--set",
                          f"output=s3://{round1}", env=s3.env)
     assert evolved_run.returncode == 0, evolved_run.stderr[-3000:]
+    assert "mapray: rewriting: " in evolved_run.stderr, evolved_run.stderr[-3000:]
     nxt = read_output(fs, round1)
     top = math.ceil(0.4 * len(scored))
     best = [r["prompt_id"] for r in sorted(scored, key=lambda r: (-r["map"], r["prompt_id"]))[:top]]

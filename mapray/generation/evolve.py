@@ -25,6 +25,7 @@ from mapray.config import (
     generator_config,
     reward_models,
 )
+from mapray.console import stage
 from mapray.errors import ConfigError
 from mapray.generation import rewrites as R
 from mapray.generation.prompts import LINEAGE, ROW_ID
@@ -34,7 +35,7 @@ from mapray.inputs import read_staged
 from mapray.models import identify_model
 from mapray.outputs import OutputLayout, read_manifest
 from mapray.pipeline import staging_key
-from mapray.runtime import LIGHT_TASK_CPUS, init_ray
+from mapray.runtime import LIGHT_TASK_CPUS, checkpointed_rows, init_ray
 from mapray.typed_config import to_dict
 
 EVOLVED = "evolved"
@@ -92,8 +93,9 @@ def evolve_prompts(cfg: RunConfig, source: str, source_run: str, settings: Evolv
     rewriting = GenerationConfig(temperature=settings.temperature, top_p=1.0, max_tokens=settings.max_tokens,
                                  seed=(cfg.generation or GenerationConfig()).seed)
     rewards = [m for _, _, m in reward_models(cfg)]
-    layout.stage(GENERATED, lambda path: sample_prompts(layout, generator, RewriteStage, sampling=rewriting,
-                                                        rewards=rewards, settings=settings), resumable=True)
+    with stage("rewriting", total=top * len(settings.strategies) - checkpointed_rows(layout.staged("checkpoint"))):
+        layout.stage(GENERATED, lambda path: sample_prompts(layout, generator, RewriteStage, sampling=rewriting,
+                                                            rewards=rewards, settings=settings), resumable=True)
     evolved = layout.stage(EVOLVED, read_staged(layout.staged(GENERATED), num_cpus=LIGHT_TASK_CPUS)
                            .drop_columns([ROW_ID]).write_parquet)
     errors = ray.data.read_parquet(evolved).select_columns(["evolve_error"]).to_pandas()["evolve_error"]

@@ -24,6 +24,7 @@ import time
 import fsspec
 
 from mapray.config import ColumnNames, GenerationConfig, InputConfig, RunConfig, configured_models, generator_config
+from mapray.console import stage
 from mapray.errors import ConfigError
 from mapray.generation.prompts import ROW_ID, PromptReader, prompt_format
 from mapray.generation.stage import GenerateStage, unsampled
@@ -110,13 +111,17 @@ def generate(cfg: RunConfig) -> dict:
         log.info("%s is current (same prompts, settings and generator): not sampled again", layout.final(GENERATED))
         return current
     init_ray(cfg.ray, [generator])
-    layout.stage("prompts", lambda path: read_dataset(files, cfg.input.limit, num_cpus=LIGHT_TASK_CPUS).map_batches(
-        PromptReader(fmt, cfg.input.columns), batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS).write_parquet(path))
+    with stage("prompts"):
+        layout.stage("prompts", lambda path: read_dataset(files, cfg.input.limit, num_cpus=LIGHT_TASK_CPUS)
+                     .map_batches(PromptReader(fmt, cfg.input.columns), batch_format="pyarrow",
+                                  num_cpus=LIGHT_TASK_CPUS).write_parquet(path))
     before = checkpointed_rows(layout.staged("checkpoint"))
     sampling_at = time.time()
     # every prompt set aside already (bad lines, an evolve round whose rewrites all failed): no sampler to start
-    stage = GenerateStage if prompts_to_sample(layout) else None
-    layout.stage(GENERATED, lambda path: sample_prompts(layout, generator, stage, sampling=sampling), resumable=True)
+    sampler = GenerateStage if prompts_to_sample(layout) else None
+    with stage("sampling", total=staged_dataset(layout.staged("prompts")).count_rows() - before):
+        layout.stage(GENERATED, lambda path: sample_prompts(layout, generator, sampler, sampling=sampling),
+                     resumable=True)
     # a crash while publishing may have moved the folder already: it is complete either way
     written = layout.staged(GENERATED) if layout.exists(layout.staged(GENERATED)) else layout.final(GENERATED)
     info = {"key": key, "format": fmt, "generator": {"configured": generator.path, **identity},
