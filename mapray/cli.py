@@ -168,7 +168,10 @@ def _report(args) -> int:
     given = {k: v for k, v in given.items() if v is not None}
     settings = ReportSettings(**given)  # checked before Ray starts
     if args.verb == "report":
-        numbers = report(args.output, settings)
+        from mapray.console import stage
+
+        with stage("report"):
+            numbers = report(args.output, settings)
     else:  # without flags, any report.json of the published run will do
         numbers = summary(args.output, settings if given else None)
     print(headline(numbers))
@@ -230,7 +233,10 @@ def _diff(args) -> int:
     from mapray.changes import check_churn, diff, summary
 
     build(DiffConfig, lambda name: "--" + name.replace("_", "-"), max_churn=args.max_churn, tolerance=args.tolerance)
-    numbers = diff(args.old, args.new, args.max_churn, args.tolerance)
+    from mapray.console import stage
+
+    with stage("diff"):
+        numbers = diff(args.old, args.new, args.max_churn, args.tolerance)
     print(summary(numbers))
     print(f"  diff: {numbers['new']['output']}/diff.json  {numbers['new']['output']}/diff/")
     check_churn(numbers, f"{numbers['new']['output']}/diff.json", "--max-churn")
@@ -243,8 +249,11 @@ def _compact(cache_uri: str) -> int:
 
     spaces = namespaces_under(cache_uri)
     init_ray(RayConfig(), [])
+    from mapray.console import stage
+
     for ns in spaces:
-        merged = compact(ns)
+        with stage(f"compacting {ns.id}", quiet=True):  # its line below says what it did
+            merged = compact(ns)
         print(f"{ns.id}: {f'{merged} generations merged into one' if merged else 'nothing to merge'}")
     return 0
 

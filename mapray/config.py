@@ -117,11 +117,20 @@ class ModelConfig(Checked):
 
 # a model's settings that say how its pass runs, not what it computes: its values come out the same either way
 # (up to floating-point order), as the score cache takes them (`mapray.cache.namespace` keys on none of them), so
-# a run resumes across a change of them (`mapray.pipeline.computed_config`): after running out of memory with a
-# smaller batch_size, or on a cluster with more actors
+# a run resumes across a change of them (`computed_settings`): after running out of memory with a smaller
+# batch_size, or on a cluster with more actors. Not gpus_per_actor: with device auto it moves the model between
+# CPU and GPU, whose values differ by more than that.
 RUN_ONLY_MODEL_SETTINGS = ("token_budget", "lm_head_chunk", "prefix_sharing", "packing", "tree_attention",
-                           "batch_size", "actors", "cpus_per_actor", "gpus_per_actor", "tensor_parallel_size",
-                           "max_num_batched_tokens", "gpu_memory_utilization")
+                           "batch_size", "actors", "cpus_per_actor", "tensor_parallel_size", "max_num_batched_tokens",
+                           "gpu_memory_utilization")
+
+
+def computed_settings(model: dict | None) -> dict | None:
+    """A model's settings (as `to_dict` gives them) as far as they decide its values: what the keys of resumable
+    passes hash (a run's staging, the samples of self-play, an evolve round)."""
+    if model is None:
+        return None
+    return {k: v for k, v in model.items() if k not in RUN_ONLY_MODEL_SETTINGS}
 
 
 @dataclass(frozen=True)

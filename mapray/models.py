@@ -39,6 +39,7 @@ _CONTENT_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja"
 _VERSION_FIELDS = ("ETag", "etag", "md5Hash", "generation", "VersionId", "mtime", "LastModified",
                    "last_modified", "updated", "modified", "created")
 _MEMO_FORMAT = 1  # part of every memo key: a change to what is hashed must not reuse older memos
+_GGUF_CONVERSION = 1  # part of a dequantized checkpoint's key: a change to `_dequantized` converts afresh
 # a file modified this close to its hashing may be rewritten within the same mtime tick (coarse on some
 # filesystems), unseen by its stat: such a hash is used but not remembered (git's "racy" entries)
 _SETTLE_NS = 2_000_000_000
@@ -107,9 +108,14 @@ def _copy_remote(uri: str, listing: list | None = None) -> str:
 
 def _dequantized(gguf: Path) -> str:
     """GGUF -> fp32 HF checkpoint (transformers reads GGUF but refuses to save a GGUF-loaded model), keyed by the
-    file's content: the same file installed elsewhere (a new virtual environment, a copy) finds the checkpoint
-    converted before instead of paying the conversion and its disk again."""
-    target = cache_root() / "gguf" / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
+    file's content and what converts it (transformers' version, `_GGUF_CONVERSION`): the same file installed
+    elsewhere (a new virtual environment, a copy) finds the checkpoint converted before instead of paying the
+    conversion and its disk again; an upgraded transformers converts afresh."""
+    from importlib.metadata import version
+
+    converter = f"{_GGUF_CONVERSION}:{version('transformers')}"
+    key = hashlib.sha256(f"{file_sha256(gguf)}:{converter}".encode()).hexdigest()[:16]
+    target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
     if (target / "config.json").exists():
         return str(target)
     import torch

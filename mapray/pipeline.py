@@ -26,13 +26,13 @@ from mapray.cache import Namespace, namespace, write_generations
 from mapray.cache_lookup import attach_hits
 from mapray.changes import against_previous
 from mapray.config import (
-    RUN_ONLY_MODEL_SETTINGS,
     ConfigError,
     RayConfig,
     RewardConfig,
     RunConfig,
     SelectionConfig,
     colocates_models,
+    computed_settings,
     configured_models,
     reward_models,
     to_dict,
@@ -93,14 +93,19 @@ def run_key(cfg: RunConfig, files: InputFiles, models: dict) -> str:
 
 
 def computed_config(cfg: RunConfig) -> dict:
-    """The config as far as it decides the run's values: without Ray's settings, the models' colocation, the diff
-    (it reads the staged results only) and each model's `RUN_ONLY_MODEL_SETTINGS` (batch sizes, actors and what
-    they hold, the engines' budgets and strategies). A run killed for memory resumes with a smaller batch_size."""
-    config = {k: v for k, v in to_dict(cfg).items() if k not in ("diff", "ray", "colocate_models")}
+    """The config as far as it decides the run's values: without where Ray runs and on how many CPUs (its
+    workers' environment stays in), the models' colocation, the diff (it reads the staged results only) and each
+    model's `RUN_ONLY_MODEL_SETTINGS` (batch sizes, actors, the engines' budgets and strategies). A run killed
+    for memory resumes with a smaller batch_size."""
+    config = {k: v for k, v in to_dict(cfg).items() if k not in ("diff", "colocate_models")}
+    config["ray"] = {"env_vars": config["ray"]["env_vars"]}
+    for key in ("policy", "reference"):
+        config[key] = computed_settings(config[key])
     reward = config["reward"]
-    for model in (config["policy"], config["reference"], reward["model"], *reward["models"]):
-        for name in RUN_ONLY_MODEL_SETTINGS if model is not None else ():
-            del model[name]
+    reward["model"], reward["models"] = computed_settings(reward["model"]), [computed_settings(m)
+                                                                             for m in reward["models"]]
+    if config["generation"] is not None:
+        config["generation"]["model"] = computed_settings(config["generation"]["model"])
     return config
 
 
@@ -164,7 +169,8 @@ def score(cfg: RunConfig, extra: dict | None = None) -> dict:
     caches = cache_namespaces(cfg, p.models)
     with stage("cache lookup", quiet=not caches):
         model_input = look_up_cached(layout, caches)
-        complete = complete_namespaces(model_input, caches) | roles_without_rows(cfg, model_input)
+        from_cache = complete_namespaces(model_input, caches)
+        complete = from_cache | roles_without_rows(cfg, model_input)
     timings["cache_lookup_s"] = time.time() - started - timings["start_s"] - timings["normalize_s"]
     done_before = checkpointed_rows(layout.staged("checkpoint"))
     model_pass_at = time.time()
@@ -199,7 +205,7 @@ def score(cfg: RunConfig, extra: dict | None = None) -> dict:
     manifest = build_manifest(cfg, p.models, counts, moments(selection), p.scorer.warnings,
                               {k: round(v, 3) for k, v in timings.items()}, layout.run_id, p.shape.format)
     manifest["resumed"], manifest["selection"] = resumed, selection.summary()
-    manifest["from_cache_alone"] = sorted(complete & caches.keys())  # models whose every value the cache held
+    manifest["from_cache_alone"] = sorted(from_cache)  # the models whose every value the cache held
     manifest["models_colocated"] = colocates_models(cfg)  # one actor pool ran every model (`colocate_models`)
     manifest["warnings"] = manifest["warnings"] + selection.warnings
     if combined is not None:
@@ -306,13 +312,13 @@ def complete_namespaces(model_input: str, caches: dict) -> frozenset[str]:
 def roles_without_rows(cfg: RunConfig, model_input: str) -> frozenset[str]:
     """Every model's role when no row reaches the model pass (each was set aside before it: an input of bad
     rows, an evolve round whose rewrites all failed): their stages run in light tasks as a complete cache's do,
-    so no model loads, no actor starts and no GPU is held to score nothing. Counted from the footers and one
-    column, on the driver."""
+    so no actor loads a model and no GPU is held to score nothing. The driver reads one column until it finds a
+    row that reaches the pass (the first, in a pool of good rows)."""
     import pyarrow.compute as pc
 
-    if staged_dataset(model_input).count_rows(filter=pc.field(C.REJECT).is_null()):
+    if staged_dataset(model_input).head(1, columns=[C.REJECT], filter=pc.field(C.REJECT).is_null()).num_rows:
         return frozenset()
-    log.info("every row was set aside before the model pass: no model is loaded")
+    log.info("every row was set aside before the model pass: no model actor starts")
     return frozenset([reward_role(name) for _, name, _ in reward_models(cfg)] + ["policy", "reference"])
 
 
@@ -337,14 +343,16 @@ def reselect(uri: str, sel: SelectionConfig, alpha: float | None = None, combine
 
     layout = OutputLayout(uri)
     started = time.time()
-    scored = ray.data.read_parquet(layout.final("scored"))  # one read for both passes (its files sampled once)
-    narrow, combined = combined_margins(scored.select_columns(
-        [C.PAIR_ID, C.EXPLICIT_MARGIN, C.IMPLICIT_MARGIN] + group_columns(sel)
-        + (combination.columns if combination else [])), combination)
-    selection = decide(narrow, sel, alpha)
-    # the MAP forms and `selected` are computed again, with this alpha
-    counts = write_results(scored, partial(remarked, selection=selection, combined=combined), selection, layout,
-                           rejects=False)
+    with stage("selection and outputs") as progress:
+        scored = ray.data.read_parquet(layout.final("scored"))  # one read for both passes (files sampled once)
+        narrow, combined = combined_margins(scored.select_columns(
+            [C.PAIR_ID, C.EXPLICIT_MARGIN, C.IMPLICIT_MARGIN] + group_columns(sel)
+            + (combination.columns if combination else [])), combination)
+        selection = decide(narrow, sel, alpha)
+        # the MAP forms and `selected` are computed again, with this alpha
+        counts = write_results(scored, partial(remarked, selection=selection, combined=combined), selection, layout,
+                               rejects=False)
+        progress["rows"] = counts["scored"]
     counts.update(input=previous["counts"]["input"], rejected=previous["counts"]["rejected"],
                   rejected_by_code=previous["counts"].get("rejected_by_code", {}))
     config = dict(previous["config"], selection=to_dict(sel))

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -21,6 +22,14 @@ def tiny(tmp_path_factory) -> dict[str, str]:
     from mapray.testing.tiny_models import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.mktemp("tiny"))
+
+
+def unloadable_copy(path: str, dest: Path) -> str:
+    """A copy of a tiny checkpoint whose weights file is garbage: any process that loads it fails (a run that
+    must not load a model uses it)."""
+    shutil.copytree(path, dest)
+    (Path(dest) / "model.safetensors").write_bytes(b"\0" * 64)
+    return str(dest)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from mapray.inputs import InputFiles, sample_records
 from mapray.normalize import Normalizer, NormalizeSpec, infer_own_schema, raw_json
 from mapray.pipeline import score
 from mapray.reasons import code_of
+from tests.conftest import unloadable_copy
 
 
 def m(role, content):
@@ -160,6 +161,29 @@ def test_malformed_rows_are_set_aside_with_their_reason(fmt, tmp_path, tiny, loc
     assert all(r["raw"] for r in rejects)  # the raw row travels with each reject
     scored = pq.read_table(tmp_path / "out" / "scored").column("pair_id").to_pylist()
     assert sorted(scored) == sorted(r["id"] for r in good)
+
+
+def test_an_input_of_bad_rows_starts_no_model_actor_with_a_cache_and_several_reward_models(tmp_path, tiny,
+                                                                                              local_ray):
+    """Every line set aside at the normalize step: the model pass runs its stages in light tasks (the policy, the
+    reference and both reward models here would fail to load), finds nothing in the cache to count as its own,
+    and publishes every line in rejects/."""
+    models = {role: unloadable_copy(tiny[role], tmp_path / role) for role in ("policy", "reference", "reward")}
+    lines = [b"{not json", json.dumps({"id": "x", "prompt": "q"}).encode(), b"null"]
+    (tmp_path / "bad.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    model = {"max_length": 128, "token_budget": 2048, "cpus_per_actor": 0.25}
+    cfg = load_config(None, base={
+        "input": {"uri": str(tmp_path / "bad.jsonl"), "format": "standard", "columns": {"id": "id"}},
+        "output": str(tmp_path / "out"), "cache": str(tmp_path / "cache"), "metric": {"implicit": "dpo"},
+        "policy": dict(model, path=models["policy"]), "reference": dict(model, path=models["reference"]),
+        "reward": {"source": "model", "models": [dict(model, path=models["reward"], name="a"),
+                                                 dict(model, path=models["reward"], name="b")]}})
+    manifest = score(cfg)
+    assert manifest["counts"]["input"] == manifest["counts"]["rejected"] == len(lines)
+    assert manifest["counts"]["scored"] == 0 and manifest["from_cache_alone"] == []  # the cache held nothing
+    rejects = pq.read_table(tmp_path / "out" / "rejects").to_pylist()
+    assert sorted(r["source"].rsplit(":", 1)[1] for r in rejects) == ["1", "2", "3"]
+    assert all(r["reason_code"] != "other" for r in rejects)
 
 
 # issue 9: values no Parquet file holds, anywhere in a row or a file, and valid rows that bad rows must not change.

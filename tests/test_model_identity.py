@@ -2,6 +2,7 @@
 
 import builtins
 import hashlib
+import importlib.metadata
 import json
 import os
 import struct
@@ -217,7 +218,8 @@ def test_listing_reads_version_fields_not_bytes():
 
 def test_a_gguf_file_is_converted_once_whatever_its_path(cache, tmp_path, opened, caplog):
     """The dequantized checkpoint is keyed by the GGUF's bytes: the same file in a new virtual environment (another
-    path, another mtime) finds it; a changed file does not. The bytes are hashed once per path and stat."""
+    path, another mtime) finds it; a changed file does not, nor does another transformers (its key names the
+    version). The bytes are hashed once per path and stat."""
     caplog.set_level("INFO", logger="mapray")
     data = b"GGUF v1" * 1000
     first, moved = tmp_path / "venv1" / "m.gguf", tmp_path / "venv2" / "m.gguf"
@@ -226,7 +228,9 @@ def test_a_gguf_file_is_converted_once_whatever_its_path(cache, tmp_path, opened
         file.write_bytes(data)
     then = time.time_ns() - HOUR_NS
     os.utime(first, ns=(then, then))
-    converted = cache / "gguf" / f"m-{hashlib.sha256(data).hexdigest()[:16]}"
+    converter = f"{models._GGUF_CONVERSION}:{importlib.metadata.version('transformers')}"
+    key = hashlib.sha256(f"{hashlib.sha256(data).hexdigest()}:{converter}".encode()).hexdigest()[:16]
+    converted = cache / "gguf" / f"m-{key}"
     converted.mkdir(parents=True)
     (converted / "config.json").write_text("{}")  # as a first run left it: no conversion runs below
     assert models.resolve_model_path(str(first)) == str(converted)

@@ -32,15 +32,16 @@ def test_the_start_up_check_counts_the_actors_and_the_light_tasks_beside_them():
 
 @pytest.mark.parametrize("change,resumes", [
     # how the run runs: a run killed for memory resumes with a smaller batch, a run moved to a cluster with more
-    # actors and GPUs resumes there
+    # actors resumes there
     (["policy.batch_size=8", "reference.batch_size=8", "reward.models=[{path: r, batch_size: 2}]"], True),
-    (["policy.actors=4", "policy.cpus_per_actor=0.5", "policy.gpus_per_actor=1", "reference.token_budget=4096"],
-     True),
+    (["policy.actors=4", "policy.cpus_per_actor=0.5", "reference.token_budget=4096"], True),
     (["policy.packing=false", "policy.prefix_sharing=false", "policy.tree_attention=flex", "policy.lm_head_chunk=64",
       "reference.max_num_batched_tokens=4096", "reference.tensor_parallel_size=2",
       "reference.gpu_memory_utilization=0.5"], True),
-    (["ray.address=ray://head:10001", "ray.env_vars={A: b}", "colocate_models=false", "diff={max_churn: 0.2}"], True),
-    # what it computes
+    (["ray.address=ray://head:10001", "ray.num_cpus=8", "colocate_models=false", "diff={max_churn: 0.2}"], True),
+    (["generation.model={path: g, batch_size: 4, actors: 2}"], False),  # another generator (below: its batch)
+    # what it computes: a GPU in place of the CPU (device auto), the workers' environment (TF32, a vLLM backend)
+    (["policy.gpus_per_actor=1"], False), (["ray.env_vars={NVIDIA_TF32_OVERRIDE: '0'}"], False),
     (["policy.max_length=512"], False), (["reference.dtype=bfloat16"], False), (["policy.engine=vllm"], False),
     (["policy.truncation_mode=keep_end"], False), (["metric.alpha=2.0"], False), (["input.limit=10"], False),
     (["selection.ratio=0.2"], False), (["cache=/c"], False), (["reward.models=[{path: r, weight: 2}]"], False),
@@ -52,6 +53,31 @@ def test_a_run_resumes_across_settings_that_say_how_it_runs_not_what_it_computes
     base = ["input.uri=x", "output=/o", "policy.path=p", "reference.path=q", "metric.implicit=dpo",
             "reward.source=model", "reward.models=[{path: r}]"]
     assert (computed_config(load_config(None, base + change)) == computed_config(load_config(None, base))) == resumes
+
+
+def test_self_play_samples_resume_across_the_same_settings(tmp_path):
+    """The samples' key (the generator: the policy's settings unless generation.model is set) leaves out the same
+    settings as a run's; a scoring run with one reward model too."""
+    from mapray.config import GenerationConfig, generator_config, load_config
+    from mapray.generation.run import generation_key
+    from mapray.inputs import discover
+    from mapray.pipeline import computed_config
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "Name a prime."}\n')
+    base = [f"input.uri={tmp_path / 'p.jsonl'}", "output=/o", "policy.path=p", "reward.source=model",
+            "reward.model.path=r"]
+
+    def key(*change: str) -> str:
+        cfg = load_config(None, base + list(change))
+        return generation_key(cfg, discover(cfg.input), GenerationConfig(), generator_config(cfg), "sha")
+
+    assert key("policy.batch_size=2", "policy.gpu_memory_utilization=0.5") == key()
+    assert key("policy.max_length=512") != key() and key("policy.gpus_per_actor=1") != key()
+    assert key("generation.model={path: p, batch_size: 4}") == key("generation.model={path: p}")
+    same = computed_config(load_config(None, base + ["reward.model.batch_size=1", "reward.model.actors=3"]))
+    assert same == computed_config(load_config(None, base))
+    assert computed_config(load_config(None, base + ["reward.model.max_length=64"])) != computed_config(
+        load_config(None, base))
 
 
 def test_skip_written_keeps_only_the_rows_not_written():

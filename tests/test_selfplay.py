@@ -5,8 +5,6 @@ prompts usually lives: tests/test_s3.py."""
 
 import io
 import json
-import shutil
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,7 +24,7 @@ from mapray.inputs import LINE
 from mapray.normalize import Normalizer, NormalizeSpec
 from mapray.public_rows import TrlColumns, public_rows, reject_rows
 from mapray.stages import policy_from_generation
-from tests.conftest import HH, UF
+from tests.conftest import HH, UF, unloadable_copy
 from tests.test_input_properties import ANY_JSON, RUN
 
 USER = [{"role": "user", "content": "Name a prime."}]
@@ -224,13 +222,6 @@ def test_selfplay_checks_what_only_it_needs_before_anything_runs(tiny, tmp_path)
     check(load_config(None, with_reward))
 
 
-def _unloadable(path: str, dest) -> str:
-    """A copy of a tiny checkpoint whose weights file is garbage: any process that loads it fails."""
-    shutil.copytree(path, dest)
-    (Path(dest) / "model.safetensors").write_bytes(b"\0" * 64)
-    return str(dest)
-
-
 def test_a_pool_with_nothing_to_sample_or_score_loads_no_model(tiny, tmp_path, local_ray, caplog):
     """Every prompt set aside before sampling (a blank prompt, a line that is not JSON, a prompt that is a number;
     the same holds for an evolve round whose rewrites all failed): the round starts no sampler and its scoring pass
@@ -241,7 +232,7 @@ def test_a_pool_with_nothing_to_sample_or_score_loads_no_model(tiny, tmp_path, l
 
     from mapray.generation.run import selfplay
 
-    models = {role: _unloadable(tiny[role], tmp_path / role) for role in ("policy", "reference", "reward")}
+    models = {role: unloadable_copy(tiny[role], tmp_path / role) for role in ("policy", "reference", "reward")}
     with pytest.raises(SafetensorError, match="deserializing header"):  # the control: these weights do not load
         AutoModelForCausalLM.from_pretrained(models["policy"])
     lines = [json.dumps({"id": "a", "prompt": "  "}), "{not json", json.dumps({"id": "c", "prompt": 5})]
@@ -253,8 +244,8 @@ def test_a_pool_with_nothing_to_sample_or_score_loads_no_model(tiny, tmp_path, l
                              "policy.cpus_per_actor=0.5", "reference.cpus_per_actor=0.5"])
     with caplog.at_level("INFO", logger="mapray"):
         manifest = selfplay(cfg)
-    assert "every prompt was set aside before sampling: the generator is not loaded" in caplog.text
-    assert "every row was set aside before the model pass: no model is loaded" in caplog.text
+    assert "every prompt was set aside before sampling: no sampler starts" in caplog.text
+    assert "every row was set aside before the model pass: no model actor starts" in caplog.text
     generation = manifest["generation"]
     assert (generation["prompts"], generation["set_aside"], generation["samples"]) == (3, 3, 0)
     assert manifest["counts"]["input"] == manifest["counts"]["rejected"] == 3 and manifest["counts"]["scored"] == 0

@@ -22,6 +22,7 @@ from mapray.config import (
     GenerationConfig,
     InputConfig,
     RunConfig,
+    computed_settings,
     generator_config,
     reward_models,
 )
@@ -73,21 +74,22 @@ def evolve_prompts(cfg: RunConfig, source: str, source_run: str, settings: Evolv
     sha = identify_model(generator.path)["sha256"]
     key = staging_key("evolve", {"source": source_run, "settings": to_dict(settings), "sha": sha,
                                  "seed": (cfg.generation or GenerationConfig()).seed,
-                                 "reward": [to_dict(m) for _, _, m in reward_models(cfg)]})
+                                 "reward": [computed_settings(to_dict(m)) for _, _, m in reward_models(cfg)]})
     current = read_generation(cfg.output, EVOLVED)
     if current is not None and current["key"] == key:
         return current
     layout = OutputLayout(cfg.output, run_id=key)
-    ranked = ray.data.read_parquet(scored).select_columns(["prompt_id", "prompt", C.MAP]) \
-        .groupby("prompt_id").map_groups(_mean_map, batch_format="pyarrow").materialize()  # counted, then sorted
-    total = ranked.count()
-    if not total:
-        raise ConfigError(f"evolve: {source} has no scored prompt to rewrite")
-    top = max(1, math.ceil(settings.top_fraction * total))
-    best = ranked.sort([C.MAP, "prompt_id"], descending=[True, False]).limit(top)
-    requests = best.map_batches(_rewrite_requests, fn_kwargs={"settings": settings, "round_": round_},
-                                batch_format="pyarrow")
-    layout.stage("prompts", requests.write_parquet)
+    with stage("ranking prompts"):
+        ranked = ray.data.read_parquet(scored).select_columns(["prompt_id", "prompt", C.MAP]) \
+            .groupby("prompt_id").map_groups(_mean_map, batch_format="pyarrow").materialize()  # counted, sorted
+        total = ranked.count()
+        if not total:
+            raise ConfigError(f"evolve: {source} has no scored prompt to rewrite")
+        top = max(1, math.ceil(settings.top_fraction * total))
+        best = ranked.sort([C.MAP, "prompt_id"], descending=[True, False]).limit(top)
+        requests = best.map_batches(_rewrite_requests, fn_kwargs={"settings": settings, "round_": round_},
+                                    batch_format="pyarrow")
+        layout.stage("prompts", requests.write_parquet)
     # one rewrite per request: `n=1` goes to the sampler, not into a GenerationConfig (whose n, samples to pair,
     # is at least 2)
     rewriting = GenerationConfig(temperature=settings.temperature, top_p=1.0, max_tokens=settings.max_tokens,

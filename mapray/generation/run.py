@@ -23,7 +23,15 @@ import time
 
 import fsspec
 
-from mapray.config import ColumnNames, GenerationConfig, InputConfig, RunConfig, configured_models, generator_config
+from mapray.config import (
+    ColumnNames,
+    GenerationConfig,
+    InputConfig,
+    RunConfig,
+    computed_settings,
+    configured_models,
+    generator_config,
+)
 from mapray.console import stage
 from mapray.errors import ConfigError
 from mapray.generation.prompts import ROW_ID, PromptReader, prompt_format
@@ -118,7 +126,7 @@ def generate(cfg: RunConfig) -> dict:
     before = checkpointed_rows(layout.staged("checkpoint"))
     sampling_at = time.time()
     # every prompt set aside already (bad lines, an evolve round whose rewrites all failed): no sampler to start
-    sampler = GenerateStage if prompts_to_sample(layout) else None
+    sampler = GenerateStage if any_prompt_to_sample(layout) else None
     with stage("sampling", total=staged_dataset(layout.staged("prompts")).count_rows() - before):
         layout.stage(GENERATED, lambda path: sample_prompts(layout, generator, sampler, sampling=sampling),
                      resumable=True)
@@ -145,22 +153,25 @@ def sample_prompts(layout: OutputLayout, generator, stage=GenerateStage, **stage
         rows.write_parquet(layout.staged(GENERATED), ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
 
 
-def prompts_to_sample(layout: OutputLayout) -> int:
-    """The staged prompts no step has set aside, counted from the footers and one column on the driver."""
+def any_prompt_to_sample(layout: OutputLayout) -> bool:
+    """Whether a staged prompt is left that no step has set aside: the driver reads one column until it finds one
+    (the first, in a pool of good prompts)."""
     import pyarrow.compute as pc
 
-    count = staged_dataset(layout.staged("prompts")).count_rows(filter=pc.field("generation_error").is_null())
-    if not count:
-        log.info("every prompt was set aside before sampling: the generator is not loaded")
-    return count
+    error = pc.field("generation_error")
+    if staged_dataset(layout.staged("prompts")).head(1, columns=["generation_error"], filter=error.is_null()).num_rows:
+        return True
+    log.info("every prompt was set aside before sampling: no sampler starts")
+    return False
 
 
 def generation_key(cfg: RunConfig, files: InputFiles, sampling: GenerationConfig, generator, sha: str) -> str:
     """What the samples depend on: the input files (name, size, time), how prompts are read, the sampling
-    settings, the generator's content and settings. Not the reward model, the metric or the selection."""
+    settings, the generator's content and the settings that decide its values (`computed_settings`: a sampling
+    killed for memory resumes with a smaller batch_size). Not the reward model, the metric or the selection."""
     drawn = {k: v for k, v in to_dict(sampling).items() if k not in ("reuse_logps", "model")}  # scoring's, generator's
     return staging_key("gen", {"input": to_dict(cfg.input), "files": files.listing(), "sampling": drawn,
-                               "generator": {**to_dict(generator), "path": None}, "sha": sha})
+                               "generator": computed_settings({**to_dict(generator), "path": None}), "sha": sha})
 
 
 def generation_counts(uri: str) -> dict:
