@@ -231,10 +231,9 @@ _SELFPLAY_INPUT = {"input": {"uri": "(the previous round's output)"}}
 def _diff(args) -> int:
     """Prints the diff's summary; a churn above --max-churn is raised after it (exit 3)."""
     from mapray.changes import check_churn, diff, summary
-
-    build(DiffConfig, lambda name: "--" + name.replace("_", "-"), max_churn=args.max_churn, tolerance=args.tolerance)
     from mapray.console import stage
 
+    build(DiffConfig, lambda name: "--" + name.replace("_", "-"), max_churn=args.max_churn, tolerance=args.tolerance)
     with stage("diff"):
         numbers = diff(args.old, args.new, args.max_churn, args.tolerance)
     print(summary(numbers))
@@ -245,12 +244,11 @@ def _diff(args) -> int:
 
 def _compact(cache_uri: str) -> int:
     from mapray.cache import compact, namespaces_under
+    from mapray.console import stage
     from mapray.runtime import init_ray
 
     spaces = namespaces_under(cache_uri)
     init_ray(RayConfig(), [])
-    from mapray.console import stage
-
     for ns in spaces:
         with stage(f"compacting {ns.id}", quiet=True):  # its line below says what it did
             merged = compact(ns)
