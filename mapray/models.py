@@ -184,28 +184,36 @@ def identify_model(path: str) -> dict:
 
 def model_identity(local_dir: str) -> dict:
     """Path plus the SHA-256 of `content_sha256`, remembered under the folder and its files' stat."""
-    started = time.time_ns()
-    key = _local_key(Path(local_dir))
-    found = _recall(key)
-    if found is None:
-        found = {"path": local_dir, "sha256": content_sha256(local_dir)}
-        newest = max((mtime for *_, mtime in key["files"]), default=0)
-        # a file that changed while it was read, or may change unseen within its mtime tick, is not remembered
-        if _local_key(Path(local_dir)) == key and newest < started - _SETTLE_NS:
-            _remember(key, found)
-    return {"path": local_dir, "sha256": found["sha256"]}
+    root = Path(local_dir)
+    sha = _remembered_sha256(lambda: _local_key(root), lambda: content_sha256(local_dir), local_dir)
+    return {"path": local_dir, "sha256": sha}
 
 
 def file_sha256(file: Path) -> str:
     """The SHA-256 of one file's bytes, remembered under its path and stat as a checkpoint's is."""
+    def key() -> dict:
+        st = file.stat()
+        return {"format": _MEMO_FORMAT, "file": str(file.resolve()),
+                "files": [[file.name, st.st_size, st.st_ino, st.st_mtime_ns]]}
+
+    def digest() -> str:
+        with open(file, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+    return _remembered_sha256(key, digest, str(file))
+
+
+def _remembered_sha256(key_of, digest, path: str) -> str:
+    """`digest()`, remembered under `key_of()` (a stat key whose "files" end with each file's mtime): recalled
+    when the key is unchanged, else computed and remembered, unless a file changed while it was read or may
+    change unseen within its mtime tick."""
     started = time.time_ns()
-    st = file.stat()
-    key = {"format": _MEMO_FORMAT, "file": str(file.resolve()), "stat": [st.st_size, st.st_ino, st.st_mtime_ns]}
+    key = key_of()
     found = _recall(key)
     if found is None:
-        with open(file, "rb") as f:
-            found = {"path": str(file), "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
-        if st.st_mtime_ns < started - _SETTLE_NS and file.stat().st_mtime_ns == st.st_mtime_ns:
+        found = {"path": path, "sha256": digest()}
+        newest = max((mtime for *_, mtime in key["files"]), default=0)
+        if key_of() == key and newest < started - _SETTLE_NS:
             _remember(key, found)
     return found["sha256"]
 

@@ -169,12 +169,13 @@ def score(cfg: RunConfig, extra: dict | None = None) -> dict:
     caches = cache_namespaces(cfg, p.models)
     with stage("cache lookup", quiet=not caches):
         model_input = look_up_cached(layout, caches)
-        from_cache = complete_namespaces(model_input, caches)
-        complete = from_cache | roles_without_rows(cfg, model_input)
+        staged = staged_dataset(model_input)  # listed once: the counts below and the model pass's total
+        from_cache = complete_namespaces(staged, caches)
+        complete = from_cache | roles_without_rows(cfg, staged)
     timings["cache_lookup_s"] = time.time() - started - timings["start_s"] - timings["normalize_s"]
     done_before = checkpointed_rows(layout.staged("checkpoint"))
     model_pass_at = time.time()
-    pool = staged_dataset(model_input).count_rows()
+    pool = staged.count_rows()
     with stage("model pass", total=pool - done_before):
         rows_path = layout.stage("rows", lambda path: model_pass(p, model_input, caches, complete, path),
                                  resumable=True)
@@ -293,30 +294,29 @@ def look_up_cached(layout: OutputLayout, caches: dict) -> str:
     return layout.stage("looked_up", attach)
 
 
-def complete_namespaces(model_input: str, caches: dict) -> frozenset[str]:
+def complete_namespaces(rows, caches: dict) -> frozenset[str]:
     """The roles whose cached values cover every row a model would score (the rows nothing set aside before the
     model pass): a nightly rescore where only the policy changed starts no actor for the others, and on a
     cluster holds no GPU for them. Counted from the staged rows' footers and two columns, on the driver (a
     filter, not the rows). A row a model sets aside itself (too long for it, ...) is never cached: its stage
-    runs as usual to say why."""
+    runs as usual to say why. `rows`: the staged model input (`staged_dataset`)."""
     import pyarrow.compute as pc
 
     if not caches:
         return frozenset()
-    rows = staged_dataset(model_input)
     good = pc.field(C.REJECT).is_null()
     return frozenset(role for role, (ns, _) in caches.items() if ns.value_column in rows.schema.names
                      and rows.count_rows(filter=good & pc.field(ns.value_column).is_null()) == 0)
 
 
-def roles_without_rows(cfg: RunConfig, model_input: str) -> frozenset[str]:
+def roles_without_rows(cfg: RunConfig, rows) -> frozenset[str]:
     """Every model's role when no row reaches the model pass (each was set aside before it: an input of bad
     rows, an evolve round whose rewrites all failed): their stages run in light tasks as a complete cache's do,
     so no actor loads a model and no GPU is held to score nothing. The driver reads one column until it finds a
-    row that reaches the pass (the first, in a pool of good rows)."""
+    row that reaches the pass (the first, in a pool of good rows). `rows`: the staged model input."""
     import pyarrow.compute as pc
 
-    if staged_dataset(model_input).head(1, columns=[C.REJECT], filter=pc.field(C.REJECT).is_null()).num_rows:
+    if rows.head(1, columns=[C.REJECT], filter=pc.field(C.REJECT).is_null()).num_rows:
         return frozenset()
     log.info("every row was set aside before the model pass: no model actor starts")
     return frozenset([reward_role(name) for _, name, _ in reward_models(cfg)] + ["policy", "reference"])

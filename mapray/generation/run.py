@@ -126,8 +126,9 @@ def generate(cfg: RunConfig) -> dict:
     before = checkpointed_rows(layout.staged("checkpoint"))
     sampling_at = time.time()
     # every prompt set aside already (bad lines, an evolve round whose rewrites all failed): no sampler to start
-    sampler = GenerateStage if any_prompt_to_sample(layout) else None
-    with stage("sampling", total=staged_dataset(layout.staged("prompts")).count_rows() - before):
+    prompts = staged_dataset(layout.staged("prompts"))  # listed once for both
+    sampler = GenerateStage if any_prompt_to_sample(prompts) else None
+    with stage("sampling", total=prompts.count_rows() - before):
         layout.stage(GENERATED, lambda path: sample_prompts(layout, generator, sampler, sampling=sampling),
                      resumable=True)
     # a crash while publishing may have moved the folder already: it is complete either way
@@ -153,13 +154,13 @@ def sample_prompts(layout: OutputLayout, generator, stage=GenerateStage, **stage
         rows.write_parquet(layout.staged(GENERATED), ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
 
 
-def any_prompt_to_sample(layout: OutputLayout) -> bool:
-    """Whether a staged prompt is left that no step has set aside: the driver reads one column until it finds one
-    (the first, in a pool of good prompts)."""
+def any_prompt_to_sample(prompts) -> bool:
+    """Whether a staged prompt (`prompts`: the staged prompts' `staged_dataset`) is left that no step has set
+    aside: the driver reads one column until it finds one (the first, in a pool of good prompts)."""
     import pyarrow.compute as pc
 
     error = pc.field("generation_error")
-    if staged_dataset(layout.staged("prompts")).head(1, columns=["generation_error"], filter=error.is_null()).num_rows:
+    if prompts.head(1, columns=["generation_error"], filter=error.is_null()).num_rows:
         return True
     log.info("every prompt was set aside before sampling: no sampler starts")
     return False
