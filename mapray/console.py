@@ -119,7 +119,10 @@ def stage(name: str, total: int | None = None, quiet: bool = False):
     last line with rows and time when the stage ends (`quiet`: no last line). `total`: the rows the stage will
     see, for the ETA; None when unknown."""
     ctx = ray.data.DataContext.get_current()
-    progress = {"name": name, "total": total, "rows": 0, "started": time.monotonic()}
+    started = time.monotonic()
+    # `printed`: when the stage last printed, whichever of its executions did (several can run at once: one line
+    # per interval for the stage, not one per execution)
+    progress = {"name": name, "total": total, "rows": 0, "started": started, "printed": started}
     # a Dataset runs with a copy of the context it was made in: the copy holds the stage's key, the counters stay
     # here in the driver
     key = id(progress)
@@ -144,15 +147,14 @@ class _StageProgress(ExecutionCallback):
 
     def before_execution_starts(self, executor) -> None:
         self.progress = _STAGES.get(executor._data_context.get_config(_STAGE_KEY, None))
-        self.printed = time.monotonic()
 
     def on_execution_step(self, executor) -> None:
         if not self.progress:
             return
         self._count(executor)
         now = time.monotonic()
-        if now - self.printed >= PROGRESS_EVERY_S and self.progress["rows"]:
-            self.printed = now
+        if now - self.progress["printed"] >= PROGRESS_EVERY_S and self.progress["rows"]:
+            self.progress["printed"] = now
             print(progress_line(self.progress, now), file=sys.stderr, flush=True)
 
     def after_execution_succeeds(self, executor) -> None:

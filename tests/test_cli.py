@@ -168,6 +168,36 @@ def test_a_terminal_gets_one_progress_display_per_stage(monkeypatch):
     assert not ctx.enable_progress_bars
 
 
+def test_a_stage_prints_one_progress_line_per_interval_however_many_executions_it_runs(monkeypatch, capsys):
+    """Two Ray Data executions of one stage step at once (the demo's model pass printed each line twice): one
+    line per `PROGRESS_EVERY_S` for the stage."""
+    import ray.data
+
+    from mapray import console
+
+    clock = [100.0]
+    monkeypatch.setattr(console.time, "monotonic", lambda: clock[0])
+
+    class Executor:  # what the callback reads of Ray Data's executor: its context and its operators
+        _topology: dict = {}
+
+        def __init__(self):
+            self._data_context = ray.data.DataContext.get_current().copy()
+
+    with console.stage("model pass", total=64) as progress:
+        callbacks = [console._StageProgress(), console._StageProgress()]
+        for callback in callbacks:
+            callback.before_execution_starts(Executor())
+        progress["rows"] = 16
+        for step in (5.0, console.PROGRESS_EVERY_S, console.PROGRESS_EVERY_S + 1, 2 * console.PROGRESS_EVERY_S):
+            clock[0] = 100.0 + step
+            for callback in callbacks:
+                callback.on_execution_step(Executor())
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["mapray: model pass: 16/64 rows, 1.1 rows/s, ETA 45 s",
+                     "mapray: model pass: 16/64 rows, 0.5 rows/s, ETA 90 s", "mapray: model pass: 16 rows in 30.0 s"]
+
+
 def test_the_console_drops_only_the_known_lines_of_rays_making():
     from mapray import console
 
